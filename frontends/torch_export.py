@@ -1,0 +1,143 @@
+"""torch frontend: capture a model with torch.export and write ONNX through the dynamo exporter.
+
+Sources: a local Hugging Face model folder (``config.json`` + weights), a ``.gguf`` file (dequantized to
+fp32 by transformers), or — from Python — any ``nn.Module`` with example inputs. The causal-LM export
+takes ``input_ids [batch, seq]`` and returns ``logits [batch, seq, vocab]`` with both axes dynamic; the
+tokenizer is written beside the model as ``<model>.tokenizer/`` so later steps find it. The file is
+written to a temporary name and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+
+from ..ir.errors import LlmqError
+
+__all__ = ["export_hf", "export_module", "load_hf", "tokenizer_dir_for"]
+
+logger = logging.getLogger(__name__)
+
+LARGE = 1800 << 20  # parameters above this many bytes go to external data
+
+
+def tokenizer_dir_for(model_path: str) -> str:
+    stem = os.path.splitext(os.path.abspath(model_path))[0]
+    return stem + ".tokenizer"
+
+
+def load_hf(source: str):
+    """(model, tokenizer or None) from a HF folder or a .gguf file, fp32, eval mode, no hub access."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.exists(source):
+        raise LlmqError(f"model not found: {source}", "give a local HF model folder or a .gguf file")
+    kwargs = {"dtype": torch.float32}
+    if os.path.isfile(source):
+        if not source.endswith(".gguf"):
+            raise LlmqError(f"{source} is neither a HF model folder nor a .gguf file",
+                            "for an ONNX file use llmq-compile directly")
+        folder, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(source)), os.path.basename(source)
+    else:
+        folder = source
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise LlmqError(f"{source} has no config.json: not a Hugging Face model folder",
+                            "give the folder that holds config.json and the weights")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except Exception as exc:
+        raise LlmqError(f"cannot load the model from {source}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                        "check that the folder or file is complete") from exc
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    except Exception as exc:  # a model without a tokenizer can still be exported
+        logger.warning("no tokenizer found with the model (%s); pass --tokenizer to later steps", type(exc).__name__)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+class _LogitsOnly:
+    """Wraps a causal LM so the export takes input_ids and returns logits only."""
+
+    def __new__(cls, model):
+        import torch
+
+        class LogitsOnly(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids):
+                return self.inner(input_ids=input_ids, use_cache=False).logits
+
+        return LogitsOnly(model)
+
+
+def export_module(module, example_inputs: tuple, output: str, input_names: list, output_names: list,
+                  dynamic_shapes=None, opset: int = 21, metadata: dict | None = None) -> str:
+    """Export any ``nn.Module`` to ``output`` (dynamo exporter); returns the path written."""
+    import onnx
+    import torch
+
+    module.eval()
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    out_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".llmq-export-", dir=out_dir)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, example_inputs, dynamo=True, opset_version=opset,
+                                        input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes, verbose=False, report=False)
+        model = program.model_proto if params < LARGE else None
+        name = os.path.basename(output)
+        if model is not None:
+            for key, value in sorted((metadata or {}).items()):
+                model.metadata_props.add(key=key, value=str(value))
+            onnx.save_model(model, os.path.join(tmp, name))
+        else:
+            program.save(os.path.join(tmp, name), external_data=True)
+            model = onnx.load(os.path.join(tmp, name), load_external_data=False)
+            for key, value in sorted((metadata or {}).items()):
+                model.metadata_props.add(key=key, value=str(value))
+            onnx.save_model(model, os.path.join(tmp, name))
+        for entry in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, entry), os.path.join(out_dir, entry if entry != name else os.path.basename(output)))
+    except LlmqError:
+        raise
+    except Exception as exc:
+        raise LlmqError(f"torch export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                        "rerun with --debug for the exporter's trace") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def export_hf(source: str, output: str, opset: int = 21) -> dict:
+    """Export a HF folder or .gguf file to ``output``; returns {model, tokenizer, vocab_size}."""
+    import torch
+
+    model, tokenizer = load_hf(source)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    example = torch.randint(0, min(vocab, 1000), (2, 16), generator=torch.Generator().manual_seed(0))
+    dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("seq", min=2, max=1 << 16)}}
+    meta = {"llmq.source": os.path.basename(os.path.normpath(source)), "llmq.vocab_size": vocab,
+            "llmq.architecture": type(model).__name__}
+    with torch.no_grad():
+        export_module(_LogitsOnly(model), (example,), output, ["input_ids"], ["logits"], dims, opset, meta)
+    tok_dir = None
+    if tokenizer is not None:
+        tok_dir = tokenizer_dir_for(output)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        tokenizer.save_pretrained(tok_dir)
+    return {"model": output, "tokenizer": tok_dir, "vocab_size": vocab}

@@ -1,0 +1,204 @@
+"""The graph handle every pass works on: an onnx-graphsurgeon graph plus what gs drops.
+
+onnx-graphsurgeon keeps nodes, tensors and attributes but not node ``metadata_props`` nor model-level
+metadata; :class:`Graph` keeps them beside the gs graph, records which pass created each node and
+initializer (provenance), and offers a networkx view for analysis. Conversion to and from
+``onnx.ModelProto`` is called only by ``frontends/`` and ``backends/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+__all__ = ["Graph", "ConstantView", "TRANSPARENT_OPS"]
+
+logger = logging.getLogger(__name__)
+
+# Ops that move or re-type a tensor without changing its values' meaning for quantization.
+TRANSPARENT_OPS = frozenset({"Identity", "Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Flatten"})
+
+PROVENANCE_KEY = "llmq.pass"
+
+
+@dataclass(frozen=True)
+class ConstantView:
+    """A constant reached through value-preserving ops: the stored tensor and the ops applied to it."""
+
+    tensor: gs.Constant
+    chain: tuple  # the gs nodes between the stored constant and the consumer, nearest-to-constant first
+
+    @property
+    def transposed(self) -> bool:
+        return any(n.op == "Transpose" for n in self.chain)
+
+    @property
+    def quantized(self) -> bool:
+        return any(n.op == "DequantizeLinear" for n in self.chain)
+
+
+@dataclass
+class Graph:
+    """A gs graph with model-level facts, node metadata and provenance."""
+
+    gs: gs.Graph
+    opset: int
+    ir_version: int
+    model_metadata: dict = field(default_factory=dict)
+    node_metadata: dict = field(default_factory=dict)  # node name -> {key: value}
+    other_opsets: dict = field(default_factory=dict)  # domain -> version (non-default domains)
+    _names: itertools.count = field(default_factory=itertools.count, repr=False)
+    _nx: nx.DiGraph | None = field(default=None, repr=False)
+
+    # ---- conversion (called by frontends/ and backends/ only) ----
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> "Graph":
+        opset, others = 0, {}
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                opset = imp.version
+            else:
+                others[imp.domain] = imp.version
+        node_md = {n.name: {p.key: p.value for p in n.metadata_props}
+                   for n in model.graph.node if n.name and len(n.metadata_props)}
+        graph = gs.import_onnx(model)
+        return cls(gs=graph, opset=opset, ir_version=model.ir_version,
+                   model_metadata={p.key: p.value for p in model.metadata_props},
+                   node_metadata=node_md, other_opsets=others)
+
+    def to_model(self) -> onnx.ModelProto:
+        self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+        self.gs.opset = self.opset
+        model = gs.export_onnx(self.gs, do_type_check=True)
+        del model.opset_import[:]
+        model.opset_import.append(onnx.helper.make_opsetid("", self.opset))
+        for domain, version in sorted(self.other_opsets.items()):
+            model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+        model.ir_version = max(self.ir_version, 10 if self.opset >= 21 else self.ir_version)
+        for node in model.graph.node:
+            for key, value in sorted(self.node_metadata.get(node.name, {}).items()):
+                node.metadata_props.add(key=key, value=value)
+        for init in model.graph.initializer:
+            for key, value in sorted(self.node_metadata.get(init.name, {}).items()):
+                init.metadata_props.add(key=key, value=value)
+        for key, value in sorted(self.model_metadata.items()):
+            model.metadata_props.add(key=key, value=value)
+        return model
+
+    # ---- navigation ----
+    def touch(self) -> None:
+        """Forget cached analyses after a structural change."""
+        self._nx = None
+
+    def tensors(self) -> dict:
+        return self.gs.tensors()
+
+    @staticmethod
+    def producer(tensor: gs.Tensor):
+        return tensor.inputs[0] if tensor.inputs else None
+
+    def nx(self) -> nx.DiGraph:
+        """Node-level DiGraph (nodes are gs node names), cached until :meth:`touch`."""
+        if self._nx is None:
+            g = nx.DiGraph()
+            for node in self.gs.nodes:
+                g.add_node(node.name, op=node.op)
+            for node in self.gs.nodes:
+                for out in node.outputs:
+                    for consumer in out.outputs:
+                        g.add_edge(node.name, consumer.name, tensor=out.name)
+            self._nx = g
+        return self._nx
+
+    def node_by_name(self) -> dict:
+        return {n.name: n for n in self.gs.nodes}
+
+    def constant_through(self, tensor: gs.Tensor, max_hops: int = 4) -> ConstantView | None:
+        """The constant behind ``tensor`` if it is a constant seen through TRANSPARENT_OPS."""
+        chain = []
+        for _ in range(max_hops + 1):
+            if isinstance(tensor, gs.Constant):
+                return ConstantView(tensor, tuple(reversed(chain)))
+            node = self.producer(tensor)
+            if node is None or node.op not in TRANSPARENT_OPS | {"DequantizeLinear"}:
+                return None
+            if node.op in ("Reshape", "DequantizeLinear") and not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
+                return None
+            chain.append(node)
+            tensor = node.inputs[0]
+        return None
+
+    @staticmethod
+    def materialize(view: ConstantView) -> np.ndarray:
+        """Apply the view's chain to the stored constant, giving the value the consumer sees."""
+        value = np.asarray(view.tensor.values)
+        for node in view.chain:
+            if node.op == "Transpose":
+                perm = node.attrs.get("perm")
+                value = np.transpose(value, perm) if perm is not None else value.T
+            elif node.op == "Reshape":
+                value = value.reshape(np.asarray(node.inputs[1].values))
+            elif node.op == "DequantizeLinear":
+                value = _dequantize(value, node)
+            elif node.op == "Cast":
+                value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+            elif node.op in ("Squeeze", "Unsqueeze", "Flatten"):
+                raise NotImplementedError(f"materialize through {node.op}")
+        return value
+
+    # ---- building (every creation is tagged with the pass that made it) ----
+    def unique_name(self, base: str) -> str:
+        taken = self.tensors()
+        names = {n.name for n in self.gs.nodes}
+        while True:
+            candidate = f"{base}_{next(self._names)}"
+            if candidate not in taken and candidate not in names:
+                return candidate
+
+    def tag(self, name: str, pass_name: str) -> None:
+        self.node_metadata.setdefault(name, {})[PROVENANCE_KEY] = pass_name
+
+    def make_constant(self, base: str, values: np.ndarray, pass_name: str, export_dtype=None) -> gs.Constant:
+        name = self.unique_name(base)
+        const = gs.Constant(name, np.ascontiguousarray(values), export_dtype=export_dtype)
+        self.tag(name, pass_name)
+        return const
+
+    def make_node(self, op: str, inputs: list, out_base: str, pass_name: str, attrs: dict | None = None,
+                  out_dtype=None, out_shape=None, domain: str | None = None) -> gs.Variable:
+        """Append a node with one output; returns that output."""
+        out = gs.Variable(self.unique_name(out_base), dtype=out_dtype, shape=out_shape)
+        node = gs.Node(op=op, name=self.unique_name(f"{pass_name}/{op}"), attrs=attrs or {},
+                       inputs=list(inputs), outputs=[out], domain=domain)
+        self.gs.nodes.append(node)
+        self.tag(node.name, pass_name)
+        self.touch()
+        return out
+
+    def provenance(self) -> dict:
+        """name -> pass for every node and initializer a pass created."""
+        return {k: v[PROVENANCE_KEY] for k, v in self.node_metadata.items() if PROVENANCE_KEY in v}
+
+
+def _dequantize(q: np.ndarray, node: gs.Node) -> np.ndarray:
+    scale = np.asarray(node.inputs[1].values, dtype=np.float32)
+    zp = np.asarray(node.inputs[2].values).astype(np.float32) if len(node.inputs) > 2 else np.zeros_like(scale)
+    axis = node.attrs.get("axis", 1)
+    block = node.attrs.get("block_size", 0)
+    x = q.astype(np.float32)
+    if scale.ndim == 0:
+        return (x - zp) * scale
+    axis = axis % q.ndim
+    if block:
+        scale = np.repeat(scale, block, axis=axis)[tuple(slice(0, d) for d in q.shape)]
+        zp = np.repeat(zp, block, axis=axis)[tuple(slice(0, d) for d in q.shape)]
+        return (x - zp) * scale
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    return (x - zp.reshape(shape)) * scale.reshape(shape)

@@ -1,0 +1,204 @@
+"""The pass contract and the pass manager.
+
+A pass is a small named object: ``run(graph, ctx) -> PassResult(modified, stats)``, with frozen typed
+options, a ``phase`` (passes must run in non-decreasing phase order: transforms, then quantization, then
+lowering; checked when the pipeline is built, not discovered at run time), the analyses it ``requires``
+and whether it changes activation values (which invalidates calibration statistics). Passes keep no
+state between runs. The manager times each pass, optionally verifies the graph after each one that
+changed it (``onnx.checker`` + strict shape inference), dumps the graph after each such pass, and on a
+failure leaves the graph as it stood before the failing pass as a reproducer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import onnx
+
+from .errors import LlmqError, PassError, UsageError
+from .graph import Graph
+from .structure import Structure, discover
+
+__all__ = ["Pass", "PassResult", "PassContext", "PassManager", "PHASES", "save_model"]
+
+logger = logging.getLogger(__name__)
+
+PHASES = {"transform": 10, "quantize": 20, "lower": 30}
+TWO_GB = 2**31 - 1
+
+
+def save_model(model: onnx.ModelProto, path: str, external: bool | None = None) -> list:
+    """Save ``model`` to ``path``; weights go to ``<name>.data`` beside it when large. Returns the files."""
+    if external is None:
+        external = model.ByteSize() > TWO_GB - (64 << 20) if _fits_bytesize(model) else True
+    if external:
+        location = os.path.basename(path) + ".data"
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        return [path, os.path.join(os.path.dirname(path), location)]
+    onnx.save_model(model, path)
+    return [path]
+
+
+def _fits_bytesize(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:  # protobuf refuses to size a message over 2 GB
+        return False
+
+
+@dataclass(frozen=True)
+class PassResult:
+    modified: bool
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What passes share within one compile: structure, calibration statistics, layer records.
+
+    ``stats_provider(graph, tensor_names) -> {name: TensorStats}`` is given by the driver; statistics are
+    cached until a pass that changes activations invalidates them, so no pass reads stale ones.
+    """
+
+    exclude: Callable[[str, str], bool] = lambda name, node: False
+    stats_provider: Callable | None = None
+    layers: dict = field(default_factory=dict)  # layer name -> {key: value}
+    declined: list = field(default_factory=list)  # {pass, where, reason}
+    notes: list = field(default_factory=list)
+    _structure: Structure | None = None
+    _stats: dict = field(default_factory=dict)
+    stats_collections: int = 0
+
+    def structure(self, graph: Graph) -> Structure:
+        if self._structure is None:
+            self._structure = discover(graph)
+        return self._structure
+
+    def activation_stats(self, graph: Graph, names: list) -> dict:
+        missing = [n for n in names if n not in self._stats]
+        if missing:
+            if self.stats_provider is None:
+                raise LlmqError("this recipe needs calibration statistics but no calibration data was given",
+                                "pass --calib-data or use a weight-only recipe")
+            self._stats.update(self.stats_provider(graph, missing))
+            self.stats_collections += 1
+        return {n: self._stats[n] for n in names}
+
+    def invalidate(self, activations: bool) -> None:
+        self._structure = None
+        if activations:
+            self._stats.clear()
+
+    def record(self, layer: str, **values) -> None:
+        self.layers.setdefault(layer, {}).update(values)
+
+    def decline(self, pass_name: str, where: str, reason: str) -> None:
+        self.declined.append({"pass": pass_name, "where": where, "reason": reason})
+
+
+class Pass:
+    """Base class: subclasses set ``name``, ``phase``, ``Options`` and implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    phase: ClassVar[str] = "transform"
+    changes_activations: ClassVar[bool] = True
+    requires_stats: ClassVar[bool] = False
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, options=None, **kwargs):
+        if options is None:
+            fields = {f.name for f in dataclasses.fields(self.Options)}
+            unknown = sorted(set(kwargs) - fields)
+            if unknown:
+                raise UsageError(f"pass '{self.name}' has no option(s) {', '.join(unknown)}",
+                                 f"its options are: {', '.join(sorted(fields)) or 'none'}")
+            try:
+                options = self.Options(**kwargs)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"pass '{self.name}': bad options: {exc}") from exc
+        self.options = options
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
+        return f"{self.name}({opts})"
+
+
+@dataclass
+class PassManager:
+    passes: list
+    verify: bool = False
+    dump_dir: str | None = None
+    progress: Callable[[str], None] | None = None
+
+    def __post_init__(self):
+        last = None
+        for p in self.passes:
+            if p.phase not in PHASES:
+                raise UsageError(f"pass '{p.name}' has unknown phase '{p.phase}'")
+            if last is not None and PHASES[p.phase] < PHASES[last.phase]:
+                raise UsageError(f"pipeline order: '{p.name}' ({p.phase}) cannot run after '{last.name}' ({last.phase})",
+                                 "list transforms first, then quantization, then lowering")
+            last = p
+
+    def describe(self) -> str:
+        return " -> ".join(p.describe() for p in self.passes)
+
+    def run(self, graph: Graph, ctx: PassContext) -> list:
+        records = []
+        for index, p in enumerate(self.passes):
+            if self.progress:
+                self.progress(p.name)
+            started = time.perf_counter()
+            try:
+                result = p.run(graph, ctx)
+            except LlmqError:
+                self._reproducer(graph, index, p)
+                raise
+            except Exception as exc:
+                self._reproducer(graph, index, p)
+                raise PassError(p.name, f"{type(exc).__name__}: {exc}") from exc
+            seconds = time.perf_counter() - started
+            if result.modified:
+                graph.touch()
+                ctx.invalidate(activations=p.changes_activations)
+                if self.verify:
+                    self._verify(graph, p)
+                if self.dump_dir:
+                    self._dump(graph, f"{index + 1:02d}-{p.name}.onnx")
+            records.append({"pass": p.name, "options": p.describe(), "modified": result.modified,
+                            "seconds": round(seconds, 3), "stats": result.stats})
+            logger.info("%s: modified=%s in %.2fs %s", p.name, result.modified, seconds, result.stats)
+        return records
+
+    def _verify(self, graph: Graph, p: Pass) -> None:
+        model = graph.to_model()
+        try:
+            if _fits_bytesize(model) and model.ByteSize() < TWO_GB:
+                onnx.checker.check_model(model)
+                onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        except Exception as exc:
+            raise PassError(p.name, f"graph no longer valid after this pass: {exc}") from exc
+
+    def _dump(self, graph: Graph, filename: str) -> None:
+        os.makedirs(self.dump_dir, exist_ok=True)
+        save_model(graph.to_model(), os.path.join(self.dump_dir, filename))
+
+    def _reproducer(self, graph: Graph, index: int, p: Pass) -> None:
+        if self.dump_dir:
+            try:
+                self._dump(graph, f"failed-in-{index + 1:02d}-{p.name}.onnx")
+            except Exception:  # the reproducer is best effort; the original error matters more
+                logger.warning("could not write the reproducer for %s", p.name)

@@ -1,0 +1,371 @@
+"""Structural discovery: what a quantizer needs to know about an LLM graph, from its shape alone.
+
+Dynamo exports name weights ``val_127``; nothing here reads a name. A *linear* is a MatMul or Gemm
+whose weight is a constant (directly or through Transpose/Reshape/Cast of one). Roles come from the
+graph around it:
+
+* attention: each Softmax is traced back to its score ``MatMul(Q, Kᵀ)`` and forward to ``MatMul(P, V)``;
+  the linears feeding Q, K and V are ``q``, ``k``, ``v`` (one linear feeding all three is ``qkv``), the
+  linear fed by ``P·V`` is ``o``;
+* MLP: linears sharing a normalised input outside attention are ``gate``/``up`` (SwiGLU: the gate's output
+  goes through Sigmoid/SiLU) or ``fc1`` (one linear followed by an activation); the linear whose input
+  derives from them is ``down``/``fc2``;
+* ``lm_head``: the linear whose output reaches a graph output; ``tied`` when its weight is the embedding's.
+
+Producers: RMSNorm and LayerNorm, as single ops or decomposed (a ReduceMean upstream of a Mul by a
+1-D constant, with a Sub for LayerNorm). A linear that fits none of these keeps role ``unknown`` and a
+reason: it is reported, never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import TRANSPARENT_OPS, ConstantView, Graph
+
+__all__ = ["Linear", "Norm", "Structure", "discover"]
+
+logger = logging.getLogger(__name__)
+
+NORM_OPS = {"LayerNormalization": "layernorm", "RMSNormalization": "rmsnorm",
+            "SimplifiedLayerNormalization": "rmsnorm", "SkipSimplifiedLayerNormalization": "rmsnorm",
+            "SkipLayerNormalization": "layernorm"}
+ACTIVATION_OPS = {"Sigmoid", "Gelu", "FastGelu", "Erf", "Tanh", "Relu", "Silu", "QuickGelu", "BiasGelu"}
+# ops a backward trace may cross without losing track of the data (shape inputs are never followed)
+DATA_INPUT0_OPS = TRANSPARENT_OPS | {"QuantizeLinear", "DequantizeLinear", "Slice", "Expand", "Split", "Gather", "Tile", "Pad", "Dropout"}
+STOP_OPS = {"Shape", "Size", "Softmax", "ConstantOfShape", "Range"}
+
+
+@dataclass
+class Norm:
+    kind: str  # 'rmsnorm' | 'layernorm'
+    node: gs.Node  # the node producing the normalised output (fused op, or the Mul/Add by gamma/beta)
+    weight: gs.Constant | None
+    bias: gs.Constant | None
+
+
+@dataclass
+class Linear:
+    node: gs.Node
+    weight: ConstantView
+    act: gs.Tensor
+    in_features: int
+    out_features: int
+    weight_axis: int  # output-channel axis of the weight as the op consumes it
+    role: str = "unknown"
+    layer: int | None = None
+    name: str = ""
+    producer: str = "other"  # rmsnorm | layernorm | activation | attention | embedding | other
+    norm: Norm | None = None
+    tied_embedding: bool = False
+    reason: str = ""
+
+    @property
+    def act_quantized(self) -> bool:
+        producer = Graph.producer(self.act)
+        return producer is not None and producer.op == "DequantizeLinear"
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass
+class Structure:
+    linears: list = field(default_factory=list)
+    attention: list = field(default_factory=list)  # dicts: layer, softmax, q, k, v, o (node names)
+    residual_adds: list = field(default_factory=list)
+    embedding: gs.Node | None = None
+    vocab_size: int | None = None
+
+    def by_node(self) -> dict:
+        return {lin.node.name: lin for lin in self.linears}
+
+    def summary(self) -> dict:
+        roles: dict = {}
+        for lin in self.linears:
+            roles[lin.role] = roles.get(lin.role, 0) + 1
+        return {"linears": len(self.linears), "roles": roles, "attention_blocks": len(self.attention),
+                "residual_adds": len(self.residual_adds), "vocab_size": self.vocab_size,
+                "unclassified": [{"node": lin.node.name, "reason": lin.reason}
+                                 for lin in self.linears if lin.role == "unknown"]}
+
+
+def _find_linear(graph: Graph, node: gs.Node) -> Linear | None:
+    if node.op == "MatMul" and len(node.inputs) == 2:
+        if graph.constant_through(node.inputs[0]) is not None:
+            return None
+        view = graph.constant_through(node.inputs[1])
+        if view is None:
+            return None
+        shape = _consumed_shape(graph, view)
+        if shape is None or len(shape) != 2:
+            return None
+        return Linear(node, view, node.inputs[0], int(shape[0]), int(shape[1]), weight_axis=1)
+    if node.op == "Gemm":
+        view = graph.constant_through(node.inputs[1])
+        if view is None or graph.constant_through(node.inputs[0]) is not None:
+            return None
+        if node.attrs.get("transA", 0):
+            return None
+        shape = _consumed_shape(graph, view)
+        if shape is None or len(shape) != 2:
+            return None
+        if node.attrs.get("transB", 0):
+            return Linear(node, view, node.inputs[0], int(shape[1]), int(shape[0]), weight_axis=0)
+        return Linear(node, view, node.inputs[0], int(shape[0]), int(shape[1]), weight_axis=1)
+    return None
+
+
+def _consumed_shape(graph: Graph, view: ConstantView):
+    if not view.chain:
+        return tuple(view.tensor.shape)
+    try:
+        return Graph.materialize(view).shape
+    except NotImplementedError:
+        return None
+
+
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def _skip_transparent_back(tensor: gs.Tensor) -> gs.Node | None:
+    node = Graph.producer(tensor)
+    while node is not None and node.op in TRANSPARENT_OPS | QDQ_OPS:
+        node = Graph.producer(node.inputs[0])
+    return node
+
+
+def _ancestor_ops(node: gs.Node, depth: int) -> set:
+    ops, frontier, seen = set(), [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for t in n.inputs:
+                p = Graph.producer(t)
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    ops.add(p.op)
+                    nxt.append(p)
+        frontier = nxt
+    return ops
+
+
+def _classify_norm(graph: Graph, tensor: gs.Tensor) -> Norm | None:
+    node = _skip_transparent_back(tensor)
+    if node is None:
+        return None
+    if node.op in NORM_OPS:
+        w = node.inputs[1] if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant) else None
+        b = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
+        return Norm(NORM_OPS[node.op], node, w, b)
+    bias = None
+    if node.op == "Add":
+        consts = [t for t in node.inputs if isinstance(t, gs.Constant) and t.values.ndim == 1]
+        others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+        if len(consts) != 1 or len(others) != 1:
+            return None
+        bias = consts[0]
+        inner = Graph.producer(others[0])
+        if inner is None or inner.op != "Mul":
+            return None
+        node_for_bias = node
+        node = inner
+    if node.op != "Mul":
+        return None
+    consts = [t for t in node.inputs if isinstance(t, gs.Constant) and t.values.ndim == 1]
+    others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+    if len(consts) != 1 or len(others) != 1 or Graph.producer(others[0]) is None:
+        return None
+    ops = _ancestor_ops(node, 6)
+    if "ReduceMean" not in ops or not ops & {"Sqrt", "Reciprocal", "Div", "Rsqrt", "Pow"}:
+        return None
+    kind = "layernorm" if ("Sub" in ops or bias is not None) else "rmsnorm"
+    return Norm(kind, node_for_bias if bias is not None else node, consts[0], bias)
+
+
+def _trace_back_to_linears(start: gs.Tensor, linear_nodes: set, limit: int = 64) -> list:
+    """Linears reached walking data edges backward from ``start``, stopping at each linear found."""
+    found, queue, seen = [], deque([start]), set()
+    steps = 0
+    while queue and steps < limit:
+        tensor = queue.popleft()
+        node = Graph.producer(tensor)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        steps += 1
+        if node.name in linear_nodes:
+            found.append(node)
+            continue
+        if node.op in STOP_OPS:
+            continue
+        inputs = node.inputs[:1] if node.op in DATA_INPUT0_OPS else node.inputs
+        for t in inputs:
+            if not isinstance(t, gs.Constant):
+                queue.append(t)
+    return found
+
+
+def _forward(tensor: gs.Tensor, through: set) -> list:
+    """Consumers of ``tensor``, looking through ops in ``through``."""
+    out, queue = [], deque([tensor])
+    while queue:
+        for consumer in queue.popleft().outputs:
+            if consumer.op in through:
+                queue.extend(consumer.outputs)
+            else:
+                out.append(consumer)
+    return out
+
+
+def _attention_blocks(graph: Graph, linear_nodes: set) -> list:
+    blocks = []
+    score_ops = {"Mul", "Div", "Add", "Where", "Cast", "Sub"}
+    for sm in [n for n in graph.gs.nodes if n.op == "Softmax"]:
+        qk = Graph.producer(sm.inputs[0])
+        while qk is not None and qk.op in score_ops:
+            nxt = [Graph.producer(t) for t in qk.inputs if not isinstance(t, gs.Constant)]
+            nxt = [p for p in nxt if p is not None and (p.op == "MatMul" or p.op in score_ops)]
+            qk = next((p for p in nxt if p.op == "MatMul"), nxt[0] if nxt else None)
+        if qk is None or qk.op != "MatMul":
+            continue
+        pv = next((c for c in _forward(sm.outputs[0], {"IsNaN", "Where", "Cast", "Dropout"} | TRANSPARENT_OPS | QDQ_OPS)
+                   if c.op == "MatMul"), None)
+        if pv is None:
+            continue
+        q = _trace_back_to_linears(qk.inputs[0], linear_nodes)
+        k = _trace_back_to_linears(qk.inputs[1], linear_nodes)
+        v = _trace_back_to_linears(pv.inputs[1], linear_nodes)
+        o = [c for c in _forward(pv.outputs[0], TRANSPARENT_OPS | QDQ_OPS) if c.name in linear_nodes]
+        blocks.append({"softmax": sm, "q": q, "k": k, "v": v, "o": o})
+    return blocks
+
+
+def discover(graph: Graph) -> Structure:
+    """Find the linears of ``graph`` and what each one is."""
+    graph.gs.toposort()
+    order = {id(n): i for i, n in enumerate(graph.gs.nodes)}
+    linears = [lin for lin in (_find_linear(graph, n) for n in graph.gs.nodes) if lin is not None]
+    by_name = {lin.node.name: lin for lin in linears}
+    names = set(by_name)
+    st = Structure(linears=linears)
+
+    gathers = [n for n in graph.gs.nodes if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant)
+               and n.inputs[0].values.ndim == 2 and not isinstance(n.inputs[1], gs.Constant)]
+    if gathers:
+        st.embedding = gathers[0]
+        st.vocab_size = int(gathers[0].inputs[0].shape[0])
+
+    blocks = _attention_blocks(graph, names)
+    blocks.sort(key=lambda b: order[id(b["softmax"])])
+    softmax_pos = [order[id(b["softmax"])] for b in blocks]
+    for layer, b in enumerate(blocks):
+        entry = {"layer": layer, "softmax": b["softmax"].name}
+        fused = {n.name for n in b["q"]} & {n.name for n in b["k"]} & {n.name for n in b["v"]}
+        for role in ("q", "k", "v", "o"):
+            for n in b[role]:
+                lin = by_name[n.name]
+                if lin.role not in ("unknown", role):
+                    continue
+                lin.role = "qkv" if n.name in fused else role
+                lin.layer = layer
+                entry.setdefault(lin.role, []).append(n.name)
+        st.attention.append(entry)
+
+    def layer_of(node) -> int | None:
+        pos = order[id(node)]
+        before = [i for i, p in enumerate(softmax_pos) if p < pos]
+        return before[-1] if before else None
+
+    # producers and MLP roles
+    groups: dict = {}
+    for lin in linears:
+        norm = _classify_norm(graph, lin.act)
+        if norm is not None:
+            lin.producer, lin.norm = norm.kind, norm
+        groups.setdefault(lin.act.name, []).append(lin)
+    for members in groups.values():  # one group per activation tensor: q/k/v, gate/up, ...
+        free = [m for m in members if m.role == "unknown"]
+        if not free or free[0].norm is None:
+            continue
+        activated = [m for m in free if any(c.op in ACTIVATION_OPS for c in _forward(m.node.outputs[0], TRANSPARENT_OPS | QDQ_OPS))]
+        if len(free) == 2 and len(activated) == 1:
+            gate = activated[0]
+            up = free[0] if free[1] is gate else free[1]
+            gate.role, up.role = "gate", "up"
+        elif len(free) == 1 and activated:
+            free[0].role = "fc1"
+        for m in free:
+            if m.role != "unknown":
+                m.layer = layer_of(m.node)
+    for lin in linears:
+        if lin.role != "unknown":
+            continue
+        sources = {by_name[n.name].role for n in _trace_back_to_linears(lin.act, names)}
+        producer = _skip_transparent_back(lin.act)
+        if lin.producer == "other" and producer is not None and (producer.op in ACTIVATION_OPS or producer.op == "Mul"):
+            lin.producer = "activation"
+        if sources and sources <= {"gate", "up"} and "up" in sources:
+            lin.role = "down"
+        elif sources == {"fc1"}:
+            lin.role = "fc2"
+        if lin.role != "unknown":
+            lin.layer = layer_of(lin.node)
+
+    # lm_head: output reaches a graph output through transparent ops
+    outputs = {t.name for t in graph.gs.outputs}
+    for lin in linears:
+        reach = [lin.node.outputs[0]]
+        while reach and reach[-1].name not in outputs:
+            nxt = [c for c in reach[-1].outputs if c.op in TRANSPARENT_OPS]
+            reach = [nxt[0].outputs[0]] if len(nxt) == 1 and len(reach[-1].outputs) == 1 else []
+        if reach and lin.role == "unknown":
+            lin.role = "lm_head"
+            lin.tied_embedding = st.embedding is not None and lin.weight.tensor is st.embedding.inputs[0]
+
+    for lin in linears:
+        if lin.role == "o":
+            lin.producer = "attention"
+        if lin.role == "unknown":
+            lin.reason = lin.reason or _why_unknown(lin)
+            lin.name = f"unknown.{lin.node.name}"
+        elif lin.role == "lm_head":
+            lin.name = "lm_head"
+        else:
+            block = "attn" if lin.role in ("q", "k", "v", "qkv", "o") else "mlp"
+            lin.name = f"layers.{lin.layer}.{block}.{lin.role}"
+
+    for node in graph.gs.nodes:
+        if node.op != "Add" or len(node.inputs) != 2:
+            continue
+        for t in node.inputs:
+            p = _skip_transparent_back(t)
+            if p is not None and p.name in by_name and by_name[p.name].role in ("o", "down", "fc2"):
+                st.residual_adds.append({"add": node.name, "after": by_name[p.name].name})
+    _warn_duplicates(st)
+    return st
+
+
+def _why_unknown(lin: Linear) -> str:
+    if lin.producer in ("rmsnorm", "layernorm"):
+        return f"fed by a {lin.producer} but matches no attention or MLP pattern"
+    return "its input and output match no attention, MLP or LM-head pattern"
+
+
+def _warn_duplicates(st: Structure) -> None:
+    seen: dict = {}
+    for lin in st.linears:
+        if lin.name in seen:
+            lin.name = f"{lin.name}#{seen[lin.name]}"
+        seen[lin.name.split('#')[0]] = seen.get(lin.name.split('#')[0], 0) + 1
+
+
+def weight_matrix(lin: Linear) -> np.ndarray:
+    """The weight as the op consumes it ([K, N] for MatMul, [N, K] for Gemm transB=1)."""
+    return Graph.materialize(lin.weight)

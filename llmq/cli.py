@@ -1,0 +1,171 @@
+"""Command-line entry points: ``llmq-export``, ``llmq-compile``, ``llmq-eval``.
+
+Every user-facing problem is one line on stderr (``<prog>: error: <what>; <what to do>``) and a
+non-zero exit; ``--debug`` shows the traceback instead. Progress goes to stderr; ``--quiet`` silences it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+
+__all__ = ["compile_main", "export_main", "eval_main"]
+
+
+def _run(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
+    args = parser.parse_args(argv)
+    level = logging.ERROR if getattr(args, "quiet", False) else (logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    logging.basicConfig(level=level, format=f"{prog}: %(levelname)s: %(message)s")
+    for noisy in ("transformers", "torch", "onnxscript", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+    from .ir.errors import LlmqError
+
+    try:
+        return body(args) or 0
+    except LlmqError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an llmq bug or an unforeseen environment problem
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress or warnings")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log each step")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+# ---------------------------------------------------------------- llmq-export
+def export_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llmq-export", description="Export a HF model folder or a .gguf file to ONNX (input_ids -> logits).")
+    p.add_argument("source", help="local Hugging Face model folder or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (the tokenizer goes beside it as <name>.tokenizer/)")
+    p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _common(p)
+
+    def body(args):
+        from .frontends.torch_export import export_hf
+        from .ir.errors import LlmqError
+
+        if os.path.exists(args.output) and not args.overwrite:
+            raise LlmqError(f"{args.output} already exists", "pass --overwrite to replace it")
+        info = export_hf(args.source, args.output, opset=args.opset)
+        if not args.quiet:
+            print(f"wrote {info['model']} ({os.path.getsize(info['model']) / 1e6:.1f} MB, vocab {info['vocab_size']})"
+                  + (f" and {info['tokenizer']}" if info["tokenizer"] else ""))
+
+    return _run("llmq-export", p, body, argv)
+
+
+# ---------------------------------------------------------------- llmq-compile
+def compile_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llmq-compile", description="Quantize an ONNX LLM with a recipe.")
+    p.add_argument("model", nargs="?", help="input .onnx model")
+    p.add_argument("--recipe", default="w8a8", help="built-in recipe name or a .yaml path (default w8a8)")
+    p.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
+    p.add_argument("-o", "--output", default="out", help="output folder (default out/)")
+    p.add_argument("--calib-data", help="calibration text (.txt, .jsonl with 'text') or .npz of input_ids")
+    p.add_argument("--calib-samples", type=int, help="calibration windows (default: the recipe's)")
+    p.add_argument("--calib-seq-len", type=int, help="tokens per calibration window (default: the recipe's)")
+    p.add_argument("--tokenizer", help="HF tokenizer folder (default: <model>.tokenizer beside the model)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep matching layers in float (glob over names like layers.0.mlp.down or node names; repeatable)")
+    p.add_argument("--backend", default="qdq", choices=["qdq", "onnxruntime", "tensorrt"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dump-dir", help="write the graph after each pass that changed it here")
+    p.add_argument("--verify", action="store_true", help="check the graph (onnx.checker + shape inference) after each pass")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _common(p)
+
+    def body(args):
+        from .recipes import list_recipes
+
+        if args.list_recipes:
+            for name, desc in list_recipes().items():
+                print(f"{name:<12} {desc}")
+            return 0
+        if not args.model:
+            p.error("the model argument is required")
+        from .compile import compile as run_compile
+
+        result = run_compile(args.model, args.recipe, args.output, calib=args.calib_data, tokenizer=args.tokenizer,
+                             calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                             exclude=tuple(args.exclude), backend=args.backend, overwrite=args.overwrite,
+                             dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet)
+        if args.json:
+            json.dump(result.report, sys.stdout, indent=1, default=str)
+            print()
+        elif not args.quiet:
+            print(result.report["summary"])
+            t = result.report["times"]
+            print(f"wrote {result.paths['model']} in {t['total_s']:.1f} s (peak RSS {result.report['peak_rss_mb']:.0f} MB); "
+                  f"report: {result.paths['report']}")
+
+    return _run("llmq-compile", p, body, argv)
+
+
+# ---------------------------------------------------------------- llmq-eval
+def eval_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llmq-eval", description="Perplexity and prefill throughput of an ONNX LLM in ONNX Runtime.")
+    p.add_argument("model", help=".onnx model (input_ids -> logits)")
+    p.add_argument("--text", required=True, help="evaluation text file (e.g. wiki.test.raw)")
+    p.add_argument("--tokenizer", help="HF tokenizer folder (default: <model>.tokenizer beside the model)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+                   help="ONNX Runtime accuracy level for 4-bit MatMulNBits fusion (default 0: float activations)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _common(p)
+
+    def body(args):
+        from .evaluate import perplexity, read_eval_text, token_windows
+        from .frontends.onnx_loader import load_onnx
+        from .frontends.torch_export import tokenizer_dir_for
+        from .ir.errors import LlmqError
+        from .tokenizer import check_tokenizer, resolve_tokenizer
+
+        model = load_onnx(args.model)
+        vocab = _vocab_of(model)
+        del model
+        tok_path = resolve_tokenizer(args.tokenizer, tokenizer_dir_for(args.model))
+        if tok_path is None:
+            raise LlmqError("no tokenizer: none given and none beside the model", "pass --tokenizer <HF dir>")
+        tok = check_tokenizer(tok_path, vocab)
+        windows = token_windows(tok, read_eval_text(args.text), args.seq_len, args.windows)
+        progress = None
+        if not args.quiet:
+            from tqdm.auto import tqdm
+
+            progress = lambda it: tqdm(it, desc="evaluating", leave=False, dynamic_ncols=True)  # noqa: E731
+        result = perplexity(args.model, windows, args.accuracy_level, progress, args.threads)
+        result["model"] = args.model
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print(f"{args.model}: perplexity {result['perplexity']:.3f} over {result['windows']} × {result['seq_len']} tokens; "
+                  f"prefill {result['prefill_tokens_per_s']:.0f} tokens/s")
+
+    return _run("llmq-eval", p, body, argv)
+
+
+def _vocab_of(model) -> int | None:
+    for prop in model.metadata_props:
+        if prop.key == "llmq.vocab_size":
+            return int(prop.value)
+    out = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
+    return out[-1].dim_value if out and out[-1].HasField("dim_value") else None

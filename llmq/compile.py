@@ -1,0 +1,206 @@
+"""The compile driver: load → discover → calibrate → run the recipe's pipeline → lower → write.
+
+Output folder (written under a temporary name and renamed, so a failure leaves nothing half-written):
+``model.onnx`` (+ ``model.onnx.data`` when over 2 GB), ``report.json``, ``recipe.yaml``, and the
+tokenizer as ``model.tokenizer/`` when one was found. The model records the recipe, pipeline and llmq
+version in ``metadata_props``; the same input, recipe and calibration data give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__
+from .backends import onnxruntime as ort_backend
+from .backends.qdq import check_tensorrt_rules
+from .calib.collect import collect_stats, run_with_outputs
+from .calib.data import load_calibration
+from .frontends.onnx_loader import load_graph
+from .frontends.torch_export import tokenizer_dir_for
+from .ir.errors import LlmqError
+from .ir.passes import PassContext, PassManager, save_model
+from .ir.structure import discover
+from .recipes import Recipe, load_recipe
+from .report import int8_act_mac_fraction, layer_sqnr, layer_table, summary_text
+from .tokenizer import check_tokenizer, resolve_tokenizer
+
+__all__ = ["compile", "CompileResult", "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("qdq", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class CompileResult:
+    output_dir: str
+    paths: dict  # role -> path
+    report: dict
+
+
+def _progress(quiet: bool, desc: str):
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, calib: str | None = None,
+            tokenizer: str | None = None, calib_samples: int | None = None, calib_seq_len: int | None = None,
+            exclude: tuple = (), backend: str = "qdq", overwrite: bool = False, dump_dir: str | None = None,
+            verify: bool = False, quiet: bool = False, sqnr: bool = True) -> CompileResult:
+    """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``.
+
+    ``calib``: a .txt/.jsonl/.npz file (default: built-in text); ``tokenizer``: a HF tokenizer folder
+    (default: ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names.
+    Returns the written paths and the report (also written as ``report.json``).
+    """
+    t0 = time.perf_counter()
+    times = {}
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if backend not in BACKENDS:
+        raise LlmqError(f"unknown backend '{backend}'", f"choose one of {', '.join(BACKENDS)}")
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not overwrite:
+        raise LlmqError(f"output folder {output} already exists", "pass --overwrite to replace it, or choose another -o")
+    pipeline = PassManager(recipe.build(), verify=verify, dump_dir=dump_dir,
+                           progress=None if quiet else lambda name: logger.info("running %s", name))
+
+    graph = load_graph(model, recipe.opset)
+    structure = discover(graph)
+    if not structure.linears:
+        raise LlmqError(f"{model} has no quantizable linear layer (MatMul/Gemm with a constant weight)",
+                        "nothing to compile: check that this is the model you meant")
+    times["load_s"] = time.perf_counter() - t0
+
+    tok_path = resolve_tokenizer(tokenizer, tokenizer_dir_for(model))
+    tok = check_tokenizer(tok_path, structure.vocab_size) if tok_path else None
+    patterns = tuple(recipe.exclude) + tuple(exclude)
+    ctx = PassContext(exclude=lambda name, node: any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node, p)
+                                                    for p in patterns))
+    batches = None
+    if recipe.needs_calibration or (sqnr and (calib or tok)):
+        t = time.perf_counter()
+        samples = calib_samples or recipe.calib_samples
+        seq_len = calib_seq_len or recipe.calib_seq_len
+        try:
+            batches = load_calibration(calib, tok, samples, seq_len, structure.vocab_size)
+        except LlmqError:
+            if recipe.needs_calibration:
+                raise
+            logger.warning("no usable calibration text: the report will have no per-layer SQNR")
+        times["calib_data_s"] = time.perf_counter() - t
+    if batches is not None:
+        progress = _progress(quiet, "calibrating")
+        ctx.stats_provider = lambda g, names: collect_stats(g, names, [b[None] for b in batches], progress)
+
+    sample = {}
+    if sqnr and batches is not None:
+        t = time.perf_counter()
+        wanted = sorted({lin.act.name for lin in structure.linears})
+        run_with_outputs(graph, wanted, [batches[:1]], lambda n, v: sample.__setitem__(n, v[0]))
+        times["sqnr_sample_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    records = pipeline.run(graph, ctx)
+    times["passes_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sqnr_values = layer_sqnr(structure, graph, sample) if sample else {}
+    sample.clear()
+    times["sqnr_s"] = time.perf_counter() - t
+    rows = layer_table(structure, ctx.layers, sqnr_values)
+
+    graph.model_metadata.update({"llmq.version": __version__, "llmq.recipe": recipe.name,
+                                 "llmq.recipe_yaml": recipe.source_text, "llmq.pipeline": pipeline.describe(),
+                                 "llmq.backend": backend, "llmq.source_model": os.path.basename(model)})
+    if structure.vocab_size:
+        graph.model_metadata["llmq.vocab_size"] = str(structure.vocab_size)
+    violations = check_tensorrt_rules(graph)
+
+    out_parent = os.path.dirname(output)
+    os.makedirs(out_parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=out_parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        t = time.perf_counter()
+        model_path = os.path.join(tmp, "model.onnx")
+        files = save_model(graph.to_model(), model_path)
+        del graph
+        backend_info = {"name": backend, "tensorrt_rule_violations": violations}
+        if backend == "onnxruntime":
+            backend_info.update(ort_backend.check_with_onnxruntime(model_path))
+        elif backend == "tensorrt":
+            from .backends.tensorrt import build_engine
+
+            backend_info.update(build_engine(model_path, os.path.join(tmp, "model.engine")))
+        with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as fh:
+            fh.write(recipe.source_text)
+        if tok_path:
+            shutil.copytree(tok_path, os.path.join(tmp, "model.tokenizer"))
+        times["write_s"] = time.perf_counter() - t
+        times["total_s"] = time.perf_counter() - t0
+        quantized_w = sum(1 for r in rows if r.get("weight_bits"))
+        quantized_a = sum(1 for r in rows if r.get("act_bits"))
+        report = {
+            "llmq_version": __version__, "model": os.path.basename(model), "recipe": recipe.to_dict(),
+            "pipeline": pipeline.describe(), "backend": backend_info, "structure": structure.summary(),
+            "passes": records, "declined": ctx.declined, "layers": rows,
+            "calibration": None if batches is None else {
+                "source": calib or "built-in default text", "samples": int(batches.shape[0]),
+                "seq_len": int(batches.shape[1]), "collections": ctx.stats_collections},
+            "totals": {"linears": len(rows), "quantized_weights": quantized_w, "quantized_activations": quantized_a,
+                       "int8_act_mac_fraction": round(int8_act_mac_fraction(rows), 4),
+                       "worst_sqnr_db": min(sqnr_values.values()) if sqnr_values else None},
+            "times": {k: round(v, 2) for k, v in times.items()},
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "files": {os.path.basename(f): os.path.getsize(f) for f in files},
+        }
+        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=1, default=_json_default)
+        if os.path.exists(output):
+            old = output + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    paths = {"model": os.path.join(output, "model.onnx"), "report": os.path.join(output, "report.json"),
+             "recipe": os.path.join(output, "recipe.yaml")}
+    if len(files) > 1:
+        paths["external_data"] = os.path.join(output, os.path.basename(files[1]))
+    if tok_path:
+        paths["tokenizer"] = os.path.join(output, "model.tokenizer")
+    report["summary"] = summary_text(report)
+    return CompileResult(output, paths, report)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

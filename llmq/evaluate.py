@@ -1,0 +1,73 @@
+"""Evaluation: perplexity over non-overlapping windows, and prefill throughput, in ONNX Runtime.
+
+Preprocessing follows the common WikiText-2 practice: CRLF → LF, the file joined as it stands,
+tokenised once without special tokens, cut into consecutive windows of ``seq_len`` tokens; the loss of
+each window predicts tokens 2..seq_len from the ones before (``seq_len − 1`` predictions per window).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+from .backends.onnxruntime import DEFAULT_ACCURACY_LEVEL, make_session
+from .ir.errors import LlmqError
+
+__all__ = ["perplexity", "read_eval_text", "token_windows"]
+
+logger = logging.getLogger(__name__)
+
+
+def read_eval_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise LlmqError(f"evaluation text not found: {path}", "check the --text path")
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        return fh.read().replace("\r\n", "\n")
+
+
+def token_windows(tokenizer, text: str, seq_len: int, windows: int | None) -> np.ndarray:
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    available = len(ids) // seq_len
+    if available == 0:
+        raise LlmqError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}",
+                        "give a longer text or a smaller --seq-len")
+    n = available if windows is None else min(windows, available)
+    if windows is not None and windows > available:
+        logger.warning("the text holds only %d windows of %d tokens", available, seq_len)
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    x = logits.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(x - m).sum(axis=-1)) + m[..., 0]
+    picked = np.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    return float((logz - picked).sum())
+
+
+def perplexity(model_path: str, windows: np.ndarray, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+               progress=None, threads: int | None = None) -> dict:
+    """Perplexity of ``model_path`` over ``windows`` ([n, seq_len] int64), with prefill tokens/s."""
+    session = make_session(model_path, accuracy_level, threads=threads)
+    input_name = session.get_inputs()[0].name
+    total_nll, count, seconds = 0.0, 0, 0.0
+    iterator = progress(range(len(windows))) if progress else range(len(windows))
+    for i in iterator:
+        batch = windows[i:i + 1]
+        started = time.perf_counter()
+        (logits,) = session.run(None, {input_name: batch})[:1]
+        seconds += time.perf_counter() - started
+        if not np.all(np.isfinite(logits)):
+            total_nll = math.inf
+        else:
+            total_nll += _nll(logits[0, :-1], batch[0, 1:])
+        count += batch.shape[1] - 1
+    ppl = math.exp(total_nll / count) if math.isfinite(total_nll) else math.inf
+    return {"perplexity": ppl, "windows": int(len(windows)), "seq_len": int(windows.shape[1]),
+            "tokens": int(windows.size), "seconds": round(seconds, 3),
+            "prefill_tokens_per_s": round(windows.size / seconds, 1) if seconds else None,
+            "accuracy_level": accuracy_level}

@@ -1,0 +1,128 @@
+"""Recipes: YAML files naming a pipeline of passes and their options.
+
+A recipe has ``name``, ``description``, ``opset``, optional ``calibration`` (``samples``, ``seq_len``),
+optional ``exclude`` (glob patterns over layer names like ``layers.3.mlp.down`` or ONNX node names) and
+``passes``: a list whose items are a pass name or ``{pass-name: {option: value}}``. Unknown keys are an
+error, never ignored. Built-in recipes ship in ``llmq/recipes/``; a path to a ``.yaml`` file gives a
+user's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import yaml
+
+from ..ir.errors import LlmqError
+from ..passes import REGISTRY
+
+__all__ = ["Recipe", "list_recipes", "load_recipe"]
+
+TOP_KEYS = {"name", "description", "opset", "calibration", "exclude", "passes"}
+CALIB_KEYS = {"samples", "seq_len"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    opset: int
+    passes: tuple  # ((pass_name, {options}), ...)
+    calib_samples: int = 16
+    calib_seq_len: int = 512
+    exclude: tuple = ()
+    source_text: str = field(default="", compare=False)
+
+    def build(self) -> list:
+        return [REGISTRY[name](**dict(options)) for name, options in self.passes]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(getattr(REGISTRY[name], "requires_stats", False) for name, _ in self.passes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source_text")
+        d["passes"] = [{name: dict(options)} for name, options in self.passes]
+        d["exclude"] = list(self.exclude)
+        return d
+
+
+def _builtin_dir():
+    return resources.files("llmq.recipes")
+
+
+def list_recipes() -> dict:
+    """name -> description of every built-in recipe."""
+    out = {}
+    for entry in sorted(_builtin_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            data = yaml.safe_load(entry.read_text(encoding="utf-8"))
+            out[data["name"]] = " ".join(str(data.get("description", "")).split())
+    return out
+
+
+def load_recipe(spec: str) -> Recipe:
+    """A built-in recipe by name, or a user's recipe from a ``.yaml`` path."""
+    if spec.endswith((".yaml", ".yml")) or os.sep in spec:
+        if not os.path.isfile(spec):
+            raise LlmqError(f"recipe file not found: {spec}", "check the path")
+        with open(spec, encoding="utf-8") as fh:
+            text, origin = fh.read(), spec
+    else:
+        entry = _builtin_dir() / f"{spec}.yaml"
+        if not entry.is_file():
+            raise LlmqError(f"unknown recipe '{spec}'",
+                            f"choose one of {', '.join(list_recipes())} (llmq-compile --list-recipes) or give a .yaml path")
+        text, origin = entry.read_text(encoding="utf-8"), f"built-in recipe {spec}"
+    return parse_recipe(text, origin)
+
+
+def parse_recipe(text: str, origin: str) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise LlmqError(f"{origin}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise LlmqError(f"{origin}: a recipe must be a YAML mapping")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise LlmqError(f"{origin}: unknown recipe key(s) {', '.join(unknown)}", f"allowed keys: {', '.join(sorted(TOP_KEYS))}")
+    for key in ("name", "passes"):
+        if key not in data:
+            raise LlmqError(f"{origin}: recipe has no '{key}'")
+    calib = data.get("calibration") or {}
+    if not isinstance(calib, dict) or set(calib) - CALIB_KEYS:
+        raise LlmqError(f"{origin}: unknown calibration key(s) {', '.join(sorted(set(calib) - CALIB_KEYS))}",
+                        f"allowed: {', '.join(sorted(CALIB_KEYS))}")
+    passes = []
+    for item in data["passes"] or []:
+        if isinstance(item, str):
+            name, options = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            name, options = next(iter(item.items()))
+            options = options or {}
+        else:
+            raise LlmqError(f"{origin}: each pass is a name or a one-key mapping {{name: {{options}}}}, got {item!r}")
+        if name not in REGISTRY:
+            raise LlmqError(f"{origin}: unknown pass '{name}'", f"known passes: {', '.join(sorted(REGISTRY))}")
+        if not isinstance(options, dict):
+            raise LlmqError(f"{origin}: options of pass '{name}' must be a mapping")
+        passes.append((name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))))
+    exclude = data.get("exclude") or []
+    if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+        raise LlmqError(f"{origin}: 'exclude' must be a list of patterns")
+    recipe = Recipe(name=str(data["name"]), description=" ".join(str(data.get("description", "")).split()),
+                    opset=int(data.get("opset", 21)), passes=tuple(passes),
+                    calib_samples=int(calib.get("samples", 16)), calib_seq_len=int(calib.get("seq_len", 512)),
+                    exclude=tuple(exclude), source_text=text)
+    if recipe.opset < 21:
+        raise LlmqError(f"{origin}: opset {recipe.opset} is below 21, which llmq's Q/DQ output needs")
+    try:
+        recipe.build()  # option errors surface now, naming the pass
+    except LlmqError as exc:
+        raise LlmqError(f"{origin}: {exc.message}", exc.hint) from exc
+    return recipe

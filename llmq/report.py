@@ -1,0 +1,102 @@
+"""The compile report: per-layer facts (role, scales, ranges, SQNR), totals, times, and a text summary.
+
+Per-layer SQNR is measured on one calibration batch, layer by layer in isolation: the layer's float
+input ``x`` (from the float model) and float weight ``W`` give ``y = x·W``; the quantized layer as the
+output graph computes it gives ``ŷ = DQ(Q(x))·DQ(W_q)``; ``SQNR = 10·log10(Σy² / Σ(y − ŷ)²)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .ir.graph import Graph
+from .ir.structure import Structure, weight_matrix
+from .passes.qdq_math import fake_quant, sqnr_db
+
+__all__ = ["layer_table", "layer_sqnr", "summary_text", "int8_act_mac_fraction"]
+
+
+def _act_fake_quant(node: gs.Node, x: np.ndarray) -> np.ndarray:
+    dq = Graph.producer(node.inputs[0])
+    if dq is None or dq.op != "DequantizeLinear":
+        return x
+    q = Graph.producer(dq.inputs[0])
+    if q is None or q.op != "QuantizeLinear":
+        return x
+    scale = np.asarray(q.inputs[1].values, dtype=np.float32)
+    zp = q.inputs[2].values if len(q.inputs) > 2 else np.int8(0)
+    bits = 8 if np.asarray(zp).dtype in (np.int8, np.uint8) else 16
+    return fake_quant(x, scale, None, bits, narrow=False)
+
+
+def layer_sqnr(before: Structure, after: Graph, sample: dict) -> dict:
+    """name -> SQNR (dB) for every linear of ``before`` that ``after`` quantized."""
+    nodes = after.node_by_name()
+    out = {}
+    for lin in before.linears:
+        node = nodes.get(lin.node.name)
+        x = sample.get(lin.act.name)
+        if node is None or x is None:
+            continue
+        view = after.constant_through(node.inputs[1])
+        w_q = Graph.materialize(view) if view is not None and view.quantized else None
+        act_q = Graph.producer(node.inputs[0]) is not None and Graph.producer(node.inputs[0]).op == "DequantizeLinear"
+        if w_q is None and not act_q:
+            continue
+        w = weight_matrix(lin).astype(np.float32)
+        x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        w_eff = w_q if w_q is not None else w
+        if lin.node.op == "Gemm" and lin.weight_axis == 0:
+            w, w_eff = w.T, w_eff.T
+        y = x2 @ w
+        y_hat = _act_fake_quant(node, x2) @ w_eff
+        out[lin.name] = round(sqnr_db(y, y_hat), 2)
+    return out
+
+
+def int8_act_mac_fraction(rows: list) -> float:
+    total = sum(r["macs_per_token"] for r in rows)
+    q = sum(r["macs_per_token"] for r in rows if r.get("act_bits"))
+    return q / total if total else 0.0
+
+
+def layer_table(structure: Structure, records: dict, sqnr: dict) -> list:
+    rows = []
+    for lin in structure.linears:
+        row = {"name": lin.name, "node": lin.node.name, "role": lin.role, "layer": lin.layer,
+               "producer": lin.producer, "in_features": lin.in_features, "out_features": lin.out_features,
+               "macs_per_token": lin.macs_per_token}
+        if lin.role == "lm_head":
+            row["tied_embedding"] = lin.tied_embedding
+        if lin.role == "unknown":
+            row["reason"] = lin.reason
+        row.update(records.get(lin.name, {}))
+        if lin.name in sqnr:
+            row["sqnr_db"] = sqnr[lin.name]
+        rows.append(row)
+    return rows
+
+
+def summary_text(report: dict, worst: int = 10) -> str:
+    t = report["totals"]
+    lines = [f"recipe {report['recipe']['name']}: {t['quantized_weights']}/{t['linears']} linears with quantized weights, "
+             f"{t['quantized_activations']} with INT8 activations ({100 * t['int8_act_mac_fraction']:.1f} % of linear MACs)"]
+    ranked = [r for r in report["layers"] if "sqnr_db" in r and math.isfinite(r["sqnr_db"])]
+    ranked.sort(key=lambda r: r["sqnr_db"])
+    if ranked:
+        lines.append(f"worst {min(worst, len(ranked))} layers by output SQNR (dB):")
+        for r in ranked[:worst]:
+            extra = f"  act amax {r['act_amax']:.3g} (outlier ratio {r['act_outlier_ratio']:.1f})" if "act_amax" in r else ""
+            lines.append(f"  {r['name']:<24} {r['sqnr_db']:7.2f}{extra}")
+    if report.get("declined"):
+        reasons: dict = {}
+        for d in report["declined"]:
+            reasons.setdefault((d["pass"], d["reason"]), []).append(d["where"])
+        for (p, why), where in sorted(reasons.items()):
+            lines.append(f"{p} left {len(where)} linear(s) alone: {why} ({', '.join(where[:4])}{', …' if len(where) > 4 else ''})")
+    for problem in report["backend"].get("tensorrt_rule_violations", [])[:5]:
+        lines.append(f"TensorRT rule: {problem['node']}: {problem['rule']}")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Benchmark of the spine on the real model: fp32 vs w8a16 vs w8a8, side by side, in one run.
+
+Exports SmolLM2-135M (once, cached in --artifacts), compiles each recipe in a subprocess (wall time and
+peak RSS measured per compile), evaluates WikiText-2 perplexity and ONNX Runtime prefill tokens/s, and
+prints the table plus the worst layers by SQNR. A benchmark, not a test: it asserts nothing.
+
+    python tools/bench_spine.py --windows 40 --recipes w8a16 w8a8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_measured(cmd: list) -> tuple:
+    """Run ``cmd``; return (wall seconds, peak RSS MB of that process)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024.0
+
+
+def size_mb(folder_or_file: str) -> float:
+    if os.path.isfile(folder_or_file):
+        return os.path.getsize(folder_or_file) / 1e6
+    return sum(os.path.getsize(os.path.join(folder_or_file, f)) for f in os.listdir(folder_or_file)
+               if f.startswith("model.onnx")) / 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="artifacts")
+    ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "shared", "data", "wikitext2", "wiki.test.raw"))
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--recipes", nargs="+", default=["w8a16", "w8a8"])
+    ap.add_argument("--calib-data", default=None, help="calibration text (default: llmq's built-in text)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from llmq.frontends.packaged import packaged_gguf
+
+    os.makedirs(args.artifacts, exist_ok=True)
+    fp32 = os.path.join(args.artifacts, "smollm2.onnx")
+    rows = []
+    if not os.path.exists(fp32):
+        print(f"exporting SmolLM2-135M to {fp32} ...", flush=True)
+        secs, rss = run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", fp32, "--quiet"])
+        print(f"  export: {secs:.1f} s, peak RSS {rss:.0f} MB", flush=True)
+    models = [("fp32", fp32, None, None, None)]
+    for recipe in args.recipes:
+        out = os.path.join(args.artifacts, f"smollm2-{recipe}")
+        cmd = [sys.executable, "-m", "llmq", "compile", fp32, "--recipe", recipe, "-o", out, "--overwrite", "--quiet"]
+        if args.calib_data:
+            cmd += ["--calib-data", args.calib_data]
+        print(f"compiling {recipe} ...", flush=True)
+        secs, rss = run_measured(cmd)
+        models.append((recipe, os.path.join(out, "model.onnx"), secs, rss, out))
+
+    from llmq.evaluate import perplexity, read_eval_text, token_windows
+    from llmq.frontends.torch_export import tokenizer_dir_for
+    from llmq.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir_for(fp32))
+    windows = token_windows(tok, read_eval_text(args.text), args.seq_len, args.windows)
+    base = None
+    for name, path, secs, rss, out in models:
+        print(f"evaluating {name} on {len(windows)} × {args.seq_len} ...", flush=True)
+        res = perplexity(path, windows)
+        base = base or res["perplexity"]
+        row = {"model": name, "perplexity": round(res["perplexity"], 3),
+               "delta_pct": round(100 * (res["perplexity"] / base - 1), 2),
+               "prefill_tokens_per_s": res["prefill_tokens_per_s"],
+               "size_mb": round(size_mb(path if out is None else out), 1),
+               "compile_s": None if secs is None else round(secs, 1),
+               "compile_peak_rss_mb": None if rss is None else round(rss)}
+        if out:
+            with open(os.path.join(out, "report.json")) as fh:
+                report = json.load(fh)
+            row["int8_act_mac_fraction"] = report["totals"]["int8_act_mac_fraction"]
+            ranked = sorted((r for r in report["layers"] if r.get("sqnr_db") is not None), key=lambda r: r["sqnr_db"])
+            row["worst_layers"] = [(r["name"], r["sqnr_db"]) for r in ranked[:10]]
+        rows.append(row)
+
+    print()
+    print(f"SmolLM2-135M, WikiText-2 test, {len(windows)} windows × {args.seq_len} tokens, ONNX Runtime CPU")
+    print(f"{'model':<8} {'ppl':>9} {'Δ%':>8} {'prefill tok/s':>14} {'size MB':>9} {'compile s':>10} {'peak RSS MB':>12} {'INT8-act MACs':>14}")
+    for r in rows:
+        frac = r.get("int8_act_mac_fraction")
+        print(f"{r['model']:<8} {r['perplexity']:>9.3f} {r['delta_pct']:>+8.2f} {r['prefill_tokens_per_s']:>14.0f} "
+              f"{r['size_mb']:>9.1f} {r['compile_s'] if r['compile_s'] is not None else '—':>10} "
+              f"{r['compile_peak_rss_mb'] if r['compile_peak_rss_mb'] is not None else '—':>12} "
+              f"{'—' if frac is None else f'{100 * frac:.1f} %':>14}")
+    for r in rows:
+        if r.get("worst_layers"):
+            print(f"\n{r['model']}: worst 10 layers by output SQNR (dB): "
+                  + ", ".join(f"{n} {s:.1f}" for n, s in r["worst_layers"]))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
