@@ -141,6 +141,15 @@ def _skip_transparent_back(tensor: gs.Tensor) -> gs.Node | None:
     return node
 
 
+def _through_qdq(tensor: gs.Tensor) -> gs.Tensor:
+    """The float tensor behind ``DequantizeLinear(QuantizeLinear(x))`` (``tensor`` itself otherwise)."""
+    node = Graph.producer(tensor)
+    while node is not None and node.op in QDQ_OPS and not isinstance(node.inputs[0], gs.Constant):
+        tensor = node.inputs[0]
+        node = Graph.producer(tensor)
+    return tensor
+
+
 def _ancestor_ops(node: gs.Node, depth: int) -> set:
     ops, frontier, seen = set(), [node], set()
     for _ in range(depth):
@@ -224,6 +233,21 @@ def _forward(tensor: gs.Tensor, through: set) -> list:
     return out
 
 
+def _reaches_activation(tensor: gs.Tensor, linear_nodes: set, depth: int = 6) -> bool:
+    """Whether a nonlinearity (Sigmoid, Tanh, Erf, Gelu, ...) follows within ``depth`` ops, before any linear."""
+    frontier = [tensor]
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            for consumer in t.outputs:
+                if consumer.op in ACTIVATION_OPS:
+                    return True
+                if consumer.name not in linear_nodes and consumer.op not in STOP_OPS:
+                    nxt.extend(consumer.outputs)
+        frontier = nxt
+    return False
+
+
 def _attention_blocks(graph: Graph, linear_nodes: set) -> list:
     blocks = []
     score_ops = {"Mul", "Div", "Add", "Where", "Cast", "Sub"}
@@ -289,12 +313,12 @@ def discover(graph: Graph) -> Structure:
         norm = _classify_norm(graph, lin.act)
         if norm is not None:
             lin.producer, lin.norm = norm.kind, norm
-        groups.setdefault(lin.act.name, []).append(lin)
+        groups.setdefault(_through_qdq(lin.act).name, []).append(lin)
     for members in groups.values():  # one group per activation tensor: q/k/v, gate/up, ...
         free = [m for m in members if m.role == "unknown"]
         if not free or free[0].norm is None:
             continue
-        activated = [m for m in free if any(c.op in ACTIVATION_OPS for c in _forward(m.node.outputs[0], TRANSPARENT_OPS | QDQ_OPS))]
+        activated = [m for m in free if _reaches_activation(m.node.outputs[0], names)]
         if len(free) == 2 and len(activated) == 1:
             gate = activated[0]
             up = free[0] if free[1] is gate else free[1]

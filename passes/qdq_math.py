@@ -72,10 +72,14 @@ def add_dequantize(graph: Graph, q_const: gs.Constant, scale: np.ndarray, axis: 
                            out_dtype=np.float32, out_shape=list(q_const.shape))
 
 
-def add_qdq_pair(graph: Graph, x: gs.Tensor, scale: float, pass_name: str, base: str) -> gs.Variable:
-    """``DequantizeLinear(QuantizeLinear(x, scale, int8 0))`` per tensor; returns the float output."""
+def add_qdq_pair(graph: Graph, x: gs.Tensor, scale: float, pass_name: str, base: str, consumers: int = 1) -> list:
+    """One ``QuantizeLinear(x, scale, int8 0)`` and ``consumers`` DequantizeLinear nodes reading it.
+
+    Each consumer gets its own DQ: ONNX Runtime fuses a DQ into an integer kernel only when the DQ
+    feeds a single node (TensorRT accepts either form). Returns the DQ outputs.
+    """
     s = graph.make_constant(f"{base}_scale", np.asarray(scale, dtype=np.float32), pass_name)
     z = graph.make_constant(f"{base}_zero_point", np.asarray(0, dtype=np.int8), pass_name)
     q = graph.make_node("QuantizeLinear", [x, s, z], f"{base}_q", pass_name, out_dtype=np.int8, out_shape=x.shape)
-    return graph.make_node("DequantizeLinear", [q, s, z], f"{base}_dq", pass_name,
-                           out_dtype=np.float32, out_shape=x.shape)
+    return [graph.make_node("DequantizeLinear", [q, s, z], f"{base}_dq", pass_name, out_dtype=np.float32,
+                            out_shape=x.shape) for _ in range(consumers)]

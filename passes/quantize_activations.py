@@ -1,8 +1,8 @@
 """Static per-tensor activation quantization of linear inputs: ``X ≈ DQ(Q(X, s), s)``, ``s = amax / 127``.
 
 ``amax`` comes from calibration statistics of the float graph through an observer (minmax, percentile,
-mse, entropy). One Q/DQ pair is inserted per distinct activation tensor and feeds every selected linear
-that reads it (q/k/v share one pair, gate/up another), following the TensorRT placement rule: quantize
+mse, entropy). One QuantizeLinear is inserted per distinct activation tensor (q/k/v share one, gate/up another)
+and one DequantizeLinear per selected linear reading it, following the TensorRT placement rule: quantize
 the inputs of weighted ops, not their outputs. Zero point int8 0 (symmetric).
 """
 
@@ -71,8 +71,8 @@ class QuantizeActivationsPass(Pass):
                 for lin in group:
                     ctx.decline(self.name, lin.name, "calibrated activation range is zero")
                 continue
-            dq = add_qdq_pair(graph, group[0].act, rng / qmax(o.bits), self.name, f"{group[0].name}.input")
-            for lin in group:
+            dqs = add_qdq_pair(graph, group[0].act, rng / qmax(o.bits), self.name, f"{group[0].name}.input", len(group))
+            for lin, dq in zip(group, dqs):
                 lin.node.inputs[0] = dq
                 ch = st.channel_absmax
                 ctx.record(lin.name, act_bits=o.bits, act_observer=o.observer, act_amax=rng,
