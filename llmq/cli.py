@@ -100,7 +100,7 @@ def compile_main(argv=None) -> int:
             return 0
         if not args.model:
             p.error("the model argument is required")
-        from .compile import compile as run_compile
+        from .driver import compile as run_compile
 
         result = run_compile(args.model, args.recipe, args.output, calib=args.calib_data, tokenizer=args.tokenizer,
                              calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,

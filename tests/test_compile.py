@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_VOCAB
 
 import llmq
-from llmq.compile import compile as llmq_compile
+from llmq.driver import compile as llmq_compile
 
 
 def _logits(path, ids):

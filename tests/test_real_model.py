@@ -53,7 +53,7 @@ def test_structure_of_the_real_model(smollm2):
 
 
 def test_w8a16_within_one_percent(smollm2, windows, fp32_ppl, tmp_path):
-    from llmq.compile import compile as llmq_compile
+    from llmq.driver import compile as llmq_compile
     from llmq.evaluate import perplexity
 
     assert 20 < fp32_ppl < 60
@@ -64,7 +64,7 @@ def test_w8a16_within_one_percent(smollm2, windows, fp32_ppl, tmp_path):
 
 
 def test_w8a8_compiles_loads_and_is_finite(smollm2, windows, tmp_path):
-    from llmq.compile import compile as llmq_compile
+    from llmq.driver import compile as llmq_compile
     from llmq.evaluate import perplexity
 
     result = llmq_compile(smollm2, "w8a8", str(tmp_path / "w8a8"), backend="onnxruntime", quiet=True)

@@ -132,6 +132,14 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     if structure.vocab_size:
         graph.model_metadata["llmq.vocab_size"] = str(structure.vocab_size)
     violations = check_tensorrt_rules(graph)
+    lowering = []
+    if backend == "onnxruntime":
+        from .backends.ort_lowering import LowerToIntegerMatMulPass
+
+        t = time.perf_counter()
+        lowering = PassManager([LowerToIntegerMatMulPass()], verify=verify,
+                               dump_dir=os.path.join(dump_dir, "backend") if dump_dir else None).run(graph, ctx)
+        times["lowering_s"] = time.perf_counter() - t
 
     out_parent = os.path.dirname(output)
     os.makedirs(out_parent, exist_ok=True)
@@ -144,7 +152,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         model_path = os.path.join(tmp, "model.onnx")
         files = save_model(graph.to_model(), model_path)
         del graph
-        backend_info = {"name": backend, "tensorrt_rule_violations": violations}
+        backend_info = {"name": backend, "tensorrt_rule_violations": violations, "lowering": lowering}
         if backend == "onnxruntime":
             backend_info.update(ort_backend.check_with_onnxruntime(model_path))
         elif backend == "tensorrt":
