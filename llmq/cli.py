@@ -18,6 +18,9 @@ __all__ = ["compile_main", "export_main", "eval_main"]
 
 def _run(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):  # silence third-party progress bars too (tqdm, HF)
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     level = logging.ERROR if getattr(args, "quiet", False) else (logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     logging.basicConfig(level=level, format=f"{prog}: %(levelname)s: %(message)s")
     for noisy in ("transformers", "torch", "onnxscript", "httpx", "huggingface_hub"):

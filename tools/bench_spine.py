@@ -43,7 +43,8 @@ def main() -> int:
     ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "shared", "data", "wikitext2", "wiki.test.raw"))
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--recipes", nargs="+", default=["w8a16", "w8a8"])
+    ap.add_argument("--recipes", nargs="+", default=["w8a16", "w8a8", "w8a8@onnxruntime"],
+                    help="recipe names; recipe@backend compiles for that backend (default backend qdq)")
     ap.add_argument("--calib-data", default=None, help="calibration text (default: llmq's built-in text)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -58,14 +59,16 @@ def main() -> int:
         secs, rss = run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", fp32, "--quiet"])
         print(f"  export: {secs:.1f} s, peak RSS {rss:.0f} MB", flush=True)
     models = [("fp32", fp32, None, None, None)]
-    for recipe in args.recipes:
-        out = os.path.join(args.artifacts, f"smollm2-{recipe}")
-        cmd = [sys.executable, "-m", "llmq", "compile", fp32, "--recipe", recipe, "-o", out, "--overwrite", "--quiet"]
+    for spec in args.recipes:
+        recipe, _, backend = spec.partition("@")
+        out = os.path.join(args.artifacts, f"smollm2-{recipe}" + (f"-{backend}" if backend else ""))
+        cmd = [sys.executable, "-m", "llmq", "compile", fp32, "--recipe", recipe, "-o", out, "--overwrite", "--quiet",
+               "--backend", backend or "qdq"]
         if args.calib_data:
             cmd += ["--calib-data", args.calib_data]
-        print(f"compiling {recipe} ...", flush=True)
+        print(f"compiling {spec} ...", flush=True)
         secs, rss = run_measured(cmd)
-        models.append((recipe, os.path.join(out, "model.onnx"), secs, rss, out))
+        models.append((spec, os.path.join(out, "model.onnx"), secs, rss, out))
 
     from llmq.evaluate import perplexity, read_eval_text, token_windows
     from llmq.frontends.torch_export import tokenizer_dir_for
@@ -94,10 +97,10 @@ def main() -> int:
 
     print()
     print(f"SmolLM2-135M, WikiText-2 test, {len(windows)} windows × {args.seq_len} tokens, ONNX Runtime CPU")
-    print(f"{'model':<8} {'ppl':>9} {'Δ%':>8} {'prefill tok/s':>14} {'size MB':>9} {'compile s':>10} {'peak RSS MB':>12} {'INT8-act MACs':>14}")
+    print(f"{'model':<18} {'ppl':>9} {'Δ%':>8} {'prefill tok/s':>14} {'size MB':>9} {'compile s':>10} {'peak RSS MB':>12} {'INT8-act MACs':>14}")
     for r in rows:
         frac = r.get("int8_act_mac_fraction")
-        print(f"{r['model']:<8} {r['perplexity']:>9.3f} {r['delta_pct']:>+8.2f} {r['prefill_tokens_per_s']:>14.0f} "
+        print(f"{r['model']:<18} {r['perplexity']:>9.3f} {r['delta_pct']:>+8.2f} {r['prefill_tokens_per_s']:>14.0f} "
               f"{r['size_mb']:>9.1f} {r['compile_s'] if r['compile_s'] is not None else '—':>10} "
               f"{r['compile_peak_rss_mb'] if r['compile_peak_rss_mb'] is not None else '—':>12} "
               f"{'—' if frac is None else f'{100 * frac:.1f} %':>14}")
