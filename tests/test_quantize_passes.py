@@ -99,16 +99,21 @@ def test_activations_per_tensor_static_numerics():
     assert ctx.layers and all("act_scale" in r for r in ctx.layers.values())
 
 
-def test_activations_share_one_quantize_per_tensor():
-    """Two linears reading the same tensor share one Q; each gets its own DQ (ORT fuses only single-consumer DQs)."""
-    rng = np.random.default_rng(3)
-    inits = [onnx.numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), n) for n in ("wa", "wb")]
+def _two_linears_sharing_input(rng, k: int, n: int) -> Graph:
+    """y = x·Wa + x·Wb: two linears reading one tensor (like q/k/v or gate/up)."""
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), w) for w in ("wa", "wb")]
     nodes = [onnx.helper.make_node("MatMul", ["x", "wa"], ["a"], name="la"),
              onnx.helper.make_node("MatMul", ["x", "wb"], ["b"], name="lb"),
              onnx.helper.make_node("Add", ["a", "b"], ["y"], name="add")]
-    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8])],
-                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])], inits)
-    graph = Graph.from_model(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)]))
+    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", k])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", n])], inits)
+    return Graph.from_model(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)]))
+
+
+def test_activations_share_one_quantize_per_tensor():
+    """Two linears reading the same tensor share one Q; each gets its own DQ (ORT fuses only single-consumer DQs)."""
+    rng = np.random.default_rng(3)
+    graph = _two_linears_sharing_input(rng, 8, 4)
     ctx = PassContext(stats_provider=_provider([rng.standard_normal((3, 8)).astype(np.float32)]))
     QuantizeActivationsPass(roles=ALL).run(graph, ctx)
     ops = _ops(graph.to_model())
@@ -155,13 +160,7 @@ def test_ort_lowering_is_exact_and_fuses_every_linear():
     from llmq.backends.ort_lowering import LowerToIntegerMatMulPass
 
     rng = np.random.default_rng(4)
-    inits = [onnx.numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), n) for n in ("wa", "wb")]
-    nodes = [onnx.helper.make_node("MatMul", ["x", "wa"], ["a"], name="la"),
-             onnx.helper.make_node("MatMul", ["x", "wb"], ["b"], name="lb"),
-             onnx.helper.make_node("Add", ["a", "b"], ["y"], name="add")]
-    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
-                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])], inits)
-    graph = Graph.from_model(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)]))
+    graph = _two_linears_sharing_input(rng, 16, 8)
     ctx = PassContext(stats_provider=_provider([rng.standard_normal((32, 16)).astype(np.float32)]))
     QuantizeActivationsPass(roles=ALL).run(graph, ctx)
     QuantizeWeightsPass(roles=ALL).run(graph, ctx)

@@ -125,3 +125,17 @@ def test_structure_is_stable_across_quantization(tiny_llama_onnx, calib_text):
     after = discover(graph)
     assert {lin.node.name: lin.name for lin in after.linears} == before
     assert sum(lin.weight.quantized for lin in after.linears) == 14
+
+
+def test_networkx_view(tiny_llama_onnx):
+    import networkx as nx
+
+    graph = load_graph(tiny_llama_onnx)
+    view = graph.nx()
+    assert nx.is_directed_acyclic_graph(view) and view.number_of_nodes() == len(graph.gs.nodes)
+    st = discover(graph)
+    q, down = (next(lin for lin in st.linears if lin.name == n) for n in ("layers.0.attn.q", "layers.0.mlp.down"))
+    assert nx.has_path(view, q.node.name, down.node.name) and not nx.has_path(view, down.node.name, q.node.name)
+    assert graph.nx() is view  # cached until the graph changes
+    graph.touch()
+    assert graph.nx() is not view

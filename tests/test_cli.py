@@ -1,0 +1,33 @@
+"""The three commands end to end on a tiny model: export → compile → eval, as a user types them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from llmq.cli import compile_main, eval_main, export_main
+
+
+def test_export_compile_eval(tmp_path, capsys, tiny_llama_dir, calib_text):
+    onnx_path = str(tmp_path / "tiny.onnx")
+    assert export_main([tiny_llama_dir, "-o", onnx_path, "--quiet"]) == 0
+    assert os.path.isfile(onnx_path) and os.path.isdir(str(tmp_path / "tiny.tokenizer"))
+    assert export_main([tiny_llama_dir, "-o", onnx_path, "--quiet"]) != 0  # refuses to overwrite
+    capsys.readouterr()
+
+    out = str(tmp_path / "out")
+    assert compile_main([onnx_path, "--recipe", "w8a8", "--calib-data", calib_text, "--calib-samples", "2",
+                         "--calib-seq-len", "64", "-o", out]) == 0
+    printed = capsys.readouterr().out
+    assert "recipe w8a8" in printed and "worst" in printed and "wrote" in printed
+
+    text = tmp_path / "eval.txt"
+    text.write_text(open(calib_text, encoding="utf-8").read()[:20_000], encoding="utf-8")
+    assert eval_main([os.path.join(out, "model.onnx"), "--text", str(text), "--seq-len", "64", "--windows", "3",
+                      "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] == 3 and result["seq_len"] == 64 and result["perplexity"] > 1
+    assert eval_main([onnx_path, "--text", str(text), "--seq-len", "64", "--windows", "3", "--json", "--quiet"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    # a random 2-layer model is near-uniform: quantization must not move its perplexity by more than 5 %
+    assert abs(result["perplexity"] / fp32["perplexity"] - 1) < 0.05
