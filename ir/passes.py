@@ -69,11 +69,13 @@ class PassContext:
 
     exclude: Callable[[str, str], bool] = lambda name, node: False
     stats_provider: Callable | None = None
+    sample_provider: Callable | None = None  # (graph, names) -> {name: one calibration batch of that tensor}
     layers: dict = field(default_factory=dict)  # layer name -> {key: value}
     declined: list = field(default_factory=list)  # {pass, where, reason}
     notes: list = field(default_factory=list)
     _structure: Structure | None = None
     _stats: dict = field(default_factory=dict)
+    _sample: dict = field(default_factory=dict)
     stats_collections: int = 0
 
     def structure(self, graph: Graph) -> Structure:
@@ -91,10 +93,21 @@ class PassContext:
             self.stats_collections += 1
         return {n: self._stats[n] for n in names}
 
+    def activation_sample(self, graph: Graph, names: list) -> dict:
+        """One calibration batch of each tensor in ``names`` (float32 arrays), for searches and errors."""
+        missing = [n for n in names if n not in self._sample]
+        if missing:
+            if self.sample_provider is None:
+                raise LlmqError("this recipe needs calibration data but none was given",
+                                "pass --calib-data or use a weight-only recipe")
+            self._sample.update(self.sample_provider(graph, missing))
+        return {n: self._sample[n] for n in names}
+
     def invalidate(self, activations: bool) -> None:
         self._structure = None
         if activations:
             self._stats.clear()
+            self._sample.clear()
 
     def record(self, layer: str, **values) -> None:
         self.layers.setdefault(layer, {}).update(values)

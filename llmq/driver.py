@@ -108,12 +108,12 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     if batches is not None:
         progress = _progress(quiet, "calibrating")
         ctx.stats_provider = lambda g, names: collect_stats(g, names, [b[None] for b in batches], progress)
+        ctx.sample_provider = lambda g, names: _one_batch(g, names, batches[:1])
 
     sample = {}
     if sqnr and batches is not None:
         t = time.perf_counter()
-        wanted = sorted({lin.act.name for lin in structure.linears})
-        run_with_outputs(graph, wanted, [batches[:1]], lambda n, v: sample.__setitem__(n, v[0]))
+        sample = dict(ctx.activation_sample(graph, sorted({lin.act.name for lin in structure.linears})))
         times["sqnr_sample_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -202,6 +202,12 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         paths["tokenizer"] = os.path.join(output, "model.tokenizer")
     report["summary"] = summary_text(report)
     return CompileResult(output, paths, report)
+
+
+def _one_batch(graph, names: list, batch: np.ndarray) -> dict:
+    out = {}
+    run_with_outputs(graph, names, [batch], lambda n, v: out.__setitem__(n, v[0]))
+    return out
 
 
 def _json_default(value):

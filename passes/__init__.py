@@ -2,7 +2,8 @@
 
 from .quantize_activations import QuantizeActivationsPass
 from .quantize_weights import QuantizeWeightsPass
+from .smooth_quant import FoldSmoothQuantScalesPass
 
-REGISTRY = {p.name: p for p in (QuantizeActivationsPass, QuantizeWeightsPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, QuantizeActivationsPass, QuantizeWeightsPass)}
 
-__all__ = ["REGISTRY", "QuantizeActivationsPass", "QuantizeWeightsPass"]
+__all__ = ["REGISTRY", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeWeightsPass"]

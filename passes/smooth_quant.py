@@ -1,0 +1,274 @@
+"""SmoothQuant: move activation outliers into the weights, exactly.
+
+``Y = X·W = (X·diag(s)⁻¹)·(diag(s)·W)`` with, per input channel j (SmoothQuant, Xiao et al. 2023, eq. 4)
+
+    s_j = max|X_j|^α / max|W_j|^(1−α),   clamped to ≥ 1e-5
+
+``diag(s)`` is folded into the rows (input channels) of every linear reading X; ``diag(s)⁻¹`` into what
+produces X:
+
+* RMSNorm / LayerNorm: ``γ' = γ / s`` (and ``β' = β / s``) — a new constant for this norm, so a weight that
+  an exporter de-duplicated across layers is never changed for the others;
+* attention output (``X_o = P·V``): the columns of ``W_v`` (and its bias) are divided by ``s``; each head's
+  channels read their own kv head, so under GQA ``s`` is tied across the query heads of a group;
+* SwiGLU product (``X_d = silu(gate) ⊙ up``): the columns of ``W_up`` (and its bias) are divided by ``s``;
+* anything else (e.g. after GELU): an explicit ``Mul(X, 1/s)`` is inserted and the report says so.
+
+α is fixed, or searched per group over a grid, minimising ``Σ‖X·W − Q(X/s)·Q(s·W)‖²`` over the group's
+linears on a calibration batch (per-tensor INT8 activations, per-channel INT8 weights). The pass changes
+activations, so calibration statistics are recollected afterwards (never reused stale).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..ir.graph import Graph
+from ..ir.passes import Pass, PassContext, PassResult
+from ..ir.structure import Linear, weight_matrix
+from .qdq_math import fake_quant, weight_scales
+from .select import selected_linears
+
+__all__ = ["FoldSmoothQuantScalesPass"]
+
+logger = logging.getLogger(__name__)
+
+GROUP_OF_ROLE = {"q": "qkv", "k": "qkv", "v": "qkv", "qkv": "qkv", "gate": "gate_up", "up": "gate_up",
+                 "fc1": "gate_up", "o": "o", "down": "down", "fc2": "down"}
+
+
+def _in_axis(lin: Linear) -> int:
+    """Axis of the input channels in the weight as consumed."""
+    return 1 - lin.weight_axis
+
+
+def _weight(lin: Linear) -> np.ndarray:
+    """The weight the linear's node reads now (an earlier group of this pass may have replaced it)."""
+    w = lin.node.inputs[1]
+    return np.asarray(w.values, dtype=np.float32) if isinstance(w, gs.Constant) else weight_matrix(lin).astype(np.float32)
+
+
+def _row_absmax(lin: Linear) -> np.ndarray:
+    return np.abs(_weight(lin)).max(axis=lin.weight_axis)
+
+
+def _scale_rows(lin: Linear, s: np.ndarray) -> np.ndarray:
+    return _weight(lin) * (s[:, None] if _in_axis(lin) == 0 else s[None, :])
+
+
+def _private_weight(lin: Linear) -> bool:
+    """True when the weight the linear reads now is a constant read by this linear only, with no ops between."""
+    w = lin.node.inputs[1]
+    return isinstance(w, gs.Constant) and len(w.outputs) == 1
+
+
+def _head_dim(v: Linear) -> int | None:
+    """The head size D from the Reshape that splits v's output into heads ([.., kv_heads, D])."""
+    for consumer in v.node.outputs[0].outputs:
+        if consumer.op != "Reshape":
+            continue
+        shape = consumer.inputs[1]
+        if isinstance(shape, gs.Constant):
+            last = np.asarray(shape.values).reshape(-1)
+            rank = last.size
+        else:  # a shape built at run time: Concat(..., [D])
+            concat = Graph.producer(shape)
+            if concat is None or concat.op != "Concat" or not isinstance(concat.inputs[-1], gs.Constant):
+                continue
+            last, rank = np.asarray(concat.inputs[-1].values).reshape(-1), len(concat.inputs)
+        if rank >= 3 and last.size and last[-1] > 0 and v.out_features % int(last[-1]) == 0:
+            return int(last[-1])
+    return None
+
+
+def _bias_after(lin: Linear):
+    """The constant bias of an ``Add`` right after the linear (a Gemm's C), if any: (node, constant)."""
+    if lin.node.op == "Gemm" and len(lin.node.inputs) > 2 and isinstance(lin.node.inputs[2], gs.Constant):
+        return lin.node, lin.node.inputs[2]
+    consumers = lin.node.outputs[0].outputs
+    if len(consumers) == 1 and consumers[0].op == "Add":
+        consts = [t for t in consumers[0].inputs if isinstance(t, gs.Constant)]
+        if len(consts) == 1 and consts[0].values.ndim == 1:
+            return consumers[0], consts[0]
+    return None
+
+
+class FoldSmoothQuantScalesPass(Pass):
+    """Smooth the inputs of linear groups and fold the scales into neighbouring constants.
+
+    Handles: norm → q/k/v (or fused qkv), norm → gate/up (or fc1), v → o (with GQA tying), up → down;
+    otherwise an explicit Mul. Declines: groups whose linear weights are shared outside the group or
+    reached through other ops ("initializer shared outside the match"), excluded layers, groups with no
+    calibrated range.
+    """
+
+    name = "smooth-quant"
+    phase = "transform"
+    changes_activations = True
+    requires_stats = True
+
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = 0.5
+        alpha_grid: tuple = ()  # non-empty: search α per group over these values
+        groups: tuple = ("qkv", "gate_up", "o", "down")
+        fallback_mul: bool = True
+
+        def __post_init__(self):
+            object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
+            object.__setattr__(self, "groups", tuple(self.groups))
+            for a in (self.alpha, *self.alpha_grid):
+                if not 0.0 <= a <= 1.0:
+                    raise ValueError(f"alpha must be in [0, 1], got {a}")
+            unknown = set(self.groups) - {"qkv", "gate_up", "o", "down"}
+            if unknown:
+                raise ValueError(f"unknown smoothing group(s) {sorted(unknown)}; use qkv, gate_up, o, down")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        structure = ctx.structure(graph)
+        roles = tuple(r for r, g in GROUP_OF_ROLE.items() if g in o.groups)
+        groups: dict = {}
+        for lin in selected_linears(structure, ctx, self.name, roles, "weight"):
+            groups.setdefault(lin.act.name, []).append(lin)
+        plans = []
+        for name, members in sorted(groups.items(), key=lambda kv: kv[1][0].name):
+            reason = next((f"initializer of {m.name} shared outside the group" for m in members if not _private_weight(m)), None)
+            if reason is None and len({m.in_features for m in members}) != 1:
+                reason = "linears reading one tensor disagree on its width"
+            if reason:
+                for m in members:
+                    ctx.decline(self.name, m.name, reason)
+                continue
+            plans.append((name, members))
+        if not plans:
+            return PassResult(False, {"smoothed_groups": 0})
+        stats = ctx.activation_stats(graph, [n for n, _ in plans])
+        samples = ctx.activation_sample(graph, [n for n, _ in plans]) if o.alpha_grid else {}
+        by_role_layer = {(lin.role, lin.layer): lin for lin in structure.linears}
+        counts: dict = {}
+        for name, members in plans:
+            x_max = stats[name].channel_absmax.astype(np.float64)
+            fold = self._fold_target(members, by_role_layer)
+            tie = fold[2] if fold and fold[0] == "v" else None
+            if fold is None and not o.fallback_mul:
+                for m in members:
+                    ctx.decline(self.name, m.name, "nothing can absorb 1/s and fallback_mul is off")
+                continue
+            alpha = self._choose_alpha(members, x_max, samples.get(name), tie)
+            s, s_fold = self._scales(members, x_max, alpha, tie)
+            how = self._apply(graph, members, s, s_fold, fold)
+            counts[how] = counts.get(how, 0) + 1
+            after = x_max / s
+            for m in members:
+                ctx.record(m.name, smooth_alpha=alpha, smooth_fold=how,
+                           outlier_ratio_before=float(x_max.max() / max(np.median(x_max), 1e-12)),
+                           outlier_ratio_after=float(after.max() / max(np.median(after), 1e-12)))
+        return PassResult(bool(counts), {"smoothed_groups": sum(counts.values()), "folded_into": counts})
+
+    # ---- planning ----
+    @staticmethod
+    def _fold_target(members: list, by_role_layer: dict):
+        lin = members[0]
+        if lin.norm is not None:
+            return ("norm", lin.norm, None)
+        if lin.role == "o":
+            v = by_role_layer.get(("v", lin.layer))
+            if v is not None and _private_weight(v) and lin.in_features % v.out_features == 0:
+                d = _head_dim(v)
+                if d is not None:
+                    return ("v", v, (lin.in_features // v.out_features, d))
+        if lin.role == "down":
+            up = by_role_layer.get(("up", lin.layer))
+            if up is not None and _private_weight(up) and up.out_features == lin.in_features:
+                return ("up", up, None)
+        return None
+
+    @staticmethod
+    def _scales(members: list, x_max: np.ndarray, alpha: float, tie) -> tuple:
+        """(s for the consumers' rows, s for the producer's columns) — equal unless tied across GQA heads."""
+        w_max = np.max([_row_absmax(m) for m in members], axis=0).astype(np.float64)
+        if tie is not None:  # o's channel (h·D + d) reads kv head h // g: one scale per (kv head, d)
+            x_max, w_max = _tie(x_max, *tie), _tie(w_max, *tie)
+        s = np.power(np.maximum(x_max, 1e-12), alpha) / np.power(np.maximum(w_max, 1e-12), 1.0 - alpha)
+        s = np.where(x_max > 0, np.maximum(s, 1e-5), 1.0).astype(np.float32)
+        return (_untie(s, *tie), s) if tie is not None else (s, s)
+
+    def _choose_alpha(self, members: list, x_max: np.ndarray, sample, tie) -> float:
+        o = self.options
+        if not o.alpha_grid or sample is None:
+            return o.alpha
+        x = sample.reshape(-1, sample.shape[-1]).astype(np.float32)
+        refs = [x @ _oriented(m, _weight(m)) for m in members]
+        best, best_err = o.alpha, np.inf
+        for alpha in o.alpha_grid:
+            s, _ = self._scales(members, x_max, alpha, tie)
+            xs = x / s
+            xq = fake_quant(xs, np.float32(np.abs(xs).max() / 127 or 1.0), None, 8, narrow=False)
+            err = 0.0
+            for m, ref in zip(members, refs):
+                w = _oriented(m, _scale_rows(m, s))
+                wq = fake_quant(w, weight_scales(w, 1, 8), 1, 8)
+                err += float(np.sum((ref - xq @ wq) ** 2))
+            if err < best_err:
+                best, best_err = alpha, err
+        return best
+
+    # ---- rewriting ----
+    def _apply(self, graph: Graph, members: list, s: np.ndarray, s_fold: np.ndarray, fold) -> str:
+        kind = fold[0] if fold else None
+        for m in members:
+            m.node.inputs[1] = graph.make_constant(f"{m.name}.weight_smoothed", _scale_rows(m, s), self.name)
+        inv = (1.0 / s).astype(np.float32)
+        if kind == "norm":
+            norm = fold[1]
+            nodes = [norm.node] + [Graph.producer(t) for t in norm.node.inputs if Graph.producer(t) is not None]
+            for const, label in ((norm.weight, "gamma"), (norm.bias, "beta")):
+                if const is not None:
+                    new = graph.make_constant(f"{members[0].name}.norm_{label}_smoothed",
+                                              (np.asarray(const.values, np.float32) * inv).astype(np.float32), self.name)
+                    _swap_input(nodes, const, new)
+            return norm.kind
+        if kind in ("v", "up"):
+            producer: Linear = fold[1]
+            cols = (1.0 / s_fold).astype(np.float32)
+            w = _weight(producer) * (cols[None, :] if producer.weight_axis == 1 else cols[:, None])
+            producer.node.inputs[1] = graph.make_constant(f"{producer.name}.weight_smoothed", w, self.name)
+            bias = _bias_after(producer)
+            if bias is not None:
+                node, const = bias
+                _swap_input([node], const, graph.make_constant(f"{producer.name}.bias_smoothed",
+                                                               np.asarray(const.values, np.float32) * cols, self.name))
+            return kind
+        x = members[0].act
+        scaled = graph.make_node("Mul", [x, graph.make_constant(f"{members[0].name}.smooth_inv_scale", inv, self.name)],
+                                 f"{members[0].name}.smoothed_input", self.name, out_dtype=np.float32)
+        for m in members:
+            m.node.inputs[0] = scaled
+        return "mul"
+
+
+def _oriented(lin: Linear, w: np.ndarray) -> np.ndarray:
+    """The weight as ``[K, N]`` whatever the op's layout."""
+    return w if lin.weight_axis == 1 else w.T
+
+
+def _tie(v: np.ndarray, g: int, d: int) -> np.ndarray:
+    """[heads·D] → [kv_heads·D] taking the max over the g query heads of each kv head."""
+    return v.reshape(-1, g, d).max(axis=1).reshape(-1)
+
+
+def _untie(v: np.ndarray, g: int, d: int) -> np.ndarray:
+    """[kv_heads·D] → [heads·D]: each query head of a group takes its kv head's values."""
+    return np.repeat(v.reshape(-1, 1, d), g, axis=1).reshape(-1)
+
+
+def _swap_input(nodes: list, old: gs.Tensor, new: gs.Tensor) -> None:
+    for node in nodes:
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
