@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-__all__ = ["Graph", "ConstantView", "TRANSPARENT_OPS"]
+__all__ = ["Graph", "ConstantView", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 TRANSPARENT_OPS = frozenset({"Identity", "Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Flatten"})
 
 PROVENANCE_KEY = "llmq.pass"
+ROLE_KEY = "llmq.role"  # set by a pass on a node it created for a purpose structure discovery must respect
+FLOAT_BRANCH = "float-branch"  # a MatMul that deliberately stays float (e.g. split outlier channels)
 
 
 @dataclass(frozen=True)

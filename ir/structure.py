@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import TRANSPARENT_OPS, ConstantView, Graph
+from .graph import FLOAT_BRANCH, ROLE_KEY, TRANSPARENT_OPS, ConstantView, Graph
 
 __all__ = ["Linear", "Norm", "Structure", "discover"]
 
@@ -275,7 +275,9 @@ def discover(graph: Graph) -> Structure:
     """Find the linears of ``graph`` and what each one is."""
     graph.gs.toposort()
     order = {id(n): i for i, n in enumerate(graph.gs.nodes)}
-    linears = [lin for lin in (_find_linear(graph, n) for n in graph.gs.nodes) if lin is not None]
+    linears = [lin for lin in (_find_linear(graph, n) for n in graph.gs.nodes
+                               if graph.node_metadata.get(n.name, {}).get(ROLE_KEY) != FLOAT_BRANCH)
+               if lin is not None]
     by_name = {lin.node.name: lin for lin in linears}
     names = set(by_name)
     st = Structure(linears=linears)

@@ -58,7 +58,8 @@ def layer_sqnr(before: Structure, after: Graph, sample: dict) -> dict:
 
 
 def int8_act_mac_fraction(rows: list) -> float:
-    total = sum(r["macs_per_token"] for r in rows)
+    """Share of all linear MACs (float side branches of split layers included) with INT8 activations."""
+    total = sum(r["macs_per_token"] + r.get("split_float_macs_per_token", 0) for r in rows)
     q = sum(r["macs_per_token"] for r in rows if r.get("act_bits"))
     return q / total if total else 0.0
 

@@ -3,7 +3,8 @@
 from .quantize_activations import QuantizeActivationsPass
 from .quantize_weights import QuantizeWeightsPass
 from .smooth_quant import FoldSmoothQuantScalesPass
+from .split_outliers import SplitOutlierChannelsPass
 
-REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, QuantizeActivationsPass, QuantizeWeightsPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, SplitOutlierChannelsPass, QuantizeActivationsPass, QuantizeWeightsPass)}
 
-__all__ = ["REGISTRY", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeWeightsPass"]
+__all__ = ["REGISTRY", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeWeightsPass", "SplitOutlierChannelsPass"]
