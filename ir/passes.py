@@ -155,6 +155,7 @@ class PassManager:
     verify: bool = False
     dump_dir: str | None = None
     progress: Callable[[str], None] | None = None
+    before_phase: Callable[[str, Graph], None] | None = None  # called once as each phase starts
 
     def __post_init__(self):
         last = None
@@ -171,7 +172,12 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: PassContext) -> list:
         records = []
+        phase = None
         for index, p in enumerate(self.passes):
+            if p.phase != phase:
+                phase = p.phase
+                if self.before_phase:
+                    self.before_phase(phase, graph)
             if self.progress:
                 self.progress(p.name)
             started = time.perf_counter()

@@ -110,19 +110,26 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         ctx.stats_provider = lambda g, names: collect_stats(g, names, [b[None] for b in batches], progress)
         ctx.sample_provider = lambda g, names: _one_batch(g, names, batches[:1])
 
-    sample = {}
-    if sqnr and batches is not None:
-        t = time.perf_counter()
-        sample = dict(ctx.activation_sample(graph, sorted({lin.act.name for lin in structure.linears})))
-        times["sqnr_sample_s"] = time.perf_counter() - t
+    # SQNR reference: each linear's float input and weight as the quantize passes find them (after the
+    # exact transforms), taken on one calibration batch when the quantize phase starts
+    before_quantize: dict = {}
 
+    def snapshot(phase: str, g) -> None:
+        if phase == "quantize" and sqnr and batches is not None:
+            t = time.perf_counter()
+            found = ctx.structure(g)
+            before_quantize["structure"] = found
+            before_quantize["sample"] = dict(ctx.activation_sample(g, sorted({lin.act.name for lin in found.linears})))
+            times["sqnr_sample_s"] = time.perf_counter() - t
+
+    pipeline.before_phase = snapshot
     t = time.perf_counter()
     records = pipeline.run(graph, ctx)
-    times["passes_s"] = time.perf_counter() - t
+    times["passes_s"] = time.perf_counter() - t - times.get("sqnr_sample_s", 0.0)
 
     t = time.perf_counter()
-    sqnr_values = layer_sqnr(structure, graph, sample) if sample else {}
-    sample.clear()
+    sqnr_values = layer_sqnr(before_quantize["structure"], graph, before_quantize["sample"]) if before_quantize else {}
+    before_quantize.clear()
     times["sqnr_s"] = time.perf_counter() - t
     rows = layer_table(structure, ctx.layers, sqnr_values)
 

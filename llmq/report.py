@@ -1,8 +1,9 @@
 """The compile report: per-layer facts (role, scales, ranges, SQNR), totals, times, and a text summary.
 
-Per-layer SQNR is measured on one calibration batch, layer by layer in isolation: the layer's float
-input ``x`` (from the float model) and float weight ``W`` give ``y = x·W``; the quantized layer as the
-output graph computes it gives ``ŷ = DQ(Q(x))·DQ(W_q)``; ``SQNR = 10·log10(Σy² / Σ(y − ŷ)²)``.
+Per-layer SQNR is measured on one calibration batch, layer by layer in isolation, on each linear as the
+quantize passes found it (after exact transforms such as smoothing, which move scale between a linear's
+input and its weight): its float input ``x`` and float weight ``W`` give ``y = x·W``; the quantized layer as
+the output graph computes it gives ``ŷ = DQ(Q(x))·DQ(W_q)``; ``SQNR = 10·log10(Σy² / Σ(y − ŷ)²)``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .ir.graph import Graph
-from .ir.structure import Structure, weight_matrix
+from .ir.structure import Structure
 from .passes.qdq_math import fake_quant, sqnr_db
 
 __all__ = ["layer_table", "layer_sqnr", "summary_text", "int8_act_mac_fraction"]
@@ -46,7 +47,7 @@ def layer_sqnr(before: Structure, after: Graph, sample: dict) -> dict:
         act_q = Graph.producer(node.inputs[0]) is not None and Graph.producer(node.inputs[0]).op == "DequantizeLinear"
         if w_q is None and not act_q:
             continue
-        w = weight_matrix(lin).astype(np.float32)
+        w = Graph.materialize(lin.weight).astype(np.float32)
         x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
         w_eff = w_q if w_q is not None else w
         if lin.node.op == "Gemm" and lin.weight_axis == 0:

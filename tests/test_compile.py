@@ -103,3 +103,14 @@ def test_dump_dir_and_verify(tiny_llama_onnx, tmp_path, calib_text):
     llmq_compile(tiny_llama_onnx, "w8a8", str(tmp_path / "o"), calib=calib_text, calib_samples=2, calib_seq_len=64,
                  dump_dir=str(dump), verify=True, quiet=True)
     assert sorted(os.listdir(dump)) == ["01-quantize-activations.onnx", "02-quantize-weights.onnx"]
+
+
+def test_smoothed_recipe_reports_sane_sqnr(tiny_llama_onnx, tmp_path, calib_text):
+    """SQNR is measured on the linear as quantized (after smoothing moved scale into its weight)."""
+    recipe = tmp_path / "sq.yaml"
+    recipe.write_text("name: sq\npasses:\n  - smooth-quant: {alpha: 0.8}\n  - quantize-activations\n  - quantize-weights\n")
+    result = llmq_compile(tiny_llama_onnx, str(recipe), str(tmp_path / "o"), calib=calib_text, calib_samples=2,
+                          calib_seq_len=64, quiet=True)
+    layers = {r["name"]: r for r in result.report["layers"]}
+    assert layers["layers.0.attn.q"]["smooth_fold"] == "rmsnorm" and layers["layers.0.mlp.down"]["smooth_fold"] == "up"
+    assert result.report["totals"]["worst_sqnr_db"] > 20
