@@ -18,7 +18,7 @@ from ..ir.graph import Graph
 from ..ir.passes import TWO_GB, save_model
 from .observers import TensorStats
 
-__all__ = ["collect_stats", "run_with_outputs"]
+__all__ = ["collect_stats", "run_with_outputs", "session_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,12 @@ def _session(model: onnx.ModelProto, tmpdir: str):
     path = os.path.join(tmpdir, "calib.onnx")
     save_model(model, path, external=True)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def session_for(model: onnx.ModelProto):
+    """An ONNX Runtime CPU session for an in-memory model of any size."""
+    with tempfile.TemporaryDirectory() as tmpdir:
+        return _session(model, tmpdir)  # external data, if any, is read while the session is built
 
 
 def _expose(graph: Graph, names: list) -> onnx.ModelProto:

@@ -73,6 +73,9 @@ class PassContext:
     layers: dict = field(default_factory=dict)  # layer name -> {key: value}
     declined: list = field(default_factory=list)  # {pass, where, reason}
     notes: list = field(default_factory=list)
+    float_activations: dict = field(default_factory=dict)  # linear name -> why its input stays float
+    calibration_batch: object = None  # one int64 [1, seq] batch of the calibration data, for measurements
+    progress: Callable | None = None  # (iterable, description) -> iterable that shows progress
     _structure: Structure | None = None
     _stats: dict = field(default_factory=dict)
     _sample: dict = field(default_factory=dict)

@@ -109,6 +109,11 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         progress = _progress(quiet, "calibrating")
         ctx.stats_provider = lambda g, names: collect_stats(g, names, [b[None] for b in batches], progress)
         ctx.sample_provider = lambda g, names: _one_batch(g, names, batches[:1])
+        ctx.calibration_batch = batches[:1]
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        ctx.progress = lambda it, desc: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
 
     # SQNR reference: each linear's float input and weight as the quantize passes find them (after the
     # exact transforms), taken on one calibration batch when the quantize phase starts

@@ -2,9 +2,10 @@
 
 from .quantize_activations import QuantizeActivationsPass
 from .quantize_weights import QuantizeWeightsPass
+from .sensitivity import AnalyzeSensitivityPass
 from .smooth_quant import FoldSmoothQuantScalesPass
 from .split_outliers import SplitOutlierChannelsPass
 
-REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, SplitOutlierChannelsPass, QuantizeActivationsPass, QuantizeWeightsPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, SplitOutlierChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeWeightsPass)}
 
-__all__ = ["REGISTRY", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeWeightsPass", "SplitOutlierChannelsPass"]
+__all__ = ["REGISTRY", "AnalyzeSensitivityPass", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeWeightsPass", "SplitOutlierChannelsPass"]

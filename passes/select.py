@@ -25,5 +25,8 @@ def selected_linears(structure: Structure, ctx: PassContext, pass_name: str, rol
         if ctx.exclude(lin.name, lin.node.name):
             ctx.decline(pass_name, lin.name, "excluded by --exclude")
             continue
+        if target == "activation" and lin.name in ctx.float_activations:
+            ctx.decline(pass_name, lin.name, ctx.float_activations[lin.name])
+            continue
         chosen.append(lin)
     return chosen

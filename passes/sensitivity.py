@@ -1,0 +1,138 @@
+"""Sensitivity of the model's output to INT8 activations, one group at a time, and a budget.
+
+For each activation tensor X that selected linears read (one group: q/k/v share one, gate/up another), the
+model is run on a calibration batch with only X fake-quantized (per-tensor INT8, the observer's range) and
+the mean per-token KL divergence ``KL(p_float ‖ p_X)`` of the next-token distributions is measured. All
+groups are measured in one ONNX Runtime session: each quantized copy sits behind ``Where(flag_X, DQ(Q(X)), X)``
+with ``flag_X`` a boolean graph input, so one run per group switches one flag on.
+
+The budget keeps the most sensitive groups' activations in float (the weights are still quantized):
+``keep_float`` names a count; ``max_kl`` keeps the most sensitive groups in float until the sum of the
+others' KL — an additive estimate of the whole model's — fits the budget. The ranking goes into the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..calib.observers import OBSERVERS, amax
+from ..ir.graph import Graph
+from ..ir.passes import Pass, PassContext, PassResult
+from .qdq_math import qmax
+from .select import selected_linears
+
+__all__ = ["AnalyzeSensitivityPass", "mean_kl"]
+
+logger = logging.getLogger(__name__)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over tokens of KL(softmax(ref) ‖ softmax(logits))."""
+    lp, lq = _log_softmax(ref_logits), _log_softmax(logits)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+class AnalyzeSensitivityPass(Pass):
+    """Rank activation groups by output KL when quantized alone; keep the worst in float within a budget.
+
+    Changes no node: it records the ranking and marks which linears' inputs the activation quantizer must
+    leave in float. Needs a calibration batch and statistics.
+    """
+
+    name = "sensitivity"
+    phase = "quantize"
+    changes_activations = False
+    requires_stats = True
+
+    @dataclass(frozen=True)
+    class Options:
+        observer: str = "minmax"
+        keep_float: int = 0
+        max_kl: float | None = None
+        roles: tuple = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
+
+        def __post_init__(self):
+            object.__setattr__(self, "roles", tuple(self.roles))
+            if self.observer not in OBSERVERS:
+                raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}")
+            if self.keep_float < 0 or (self.max_kl is not None and self.max_kl < 0):
+                raise ValueError("keep_float and max_kl must be ≥ 0")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        groups: dict = {}
+        for lin in selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "activation"):
+            groups.setdefault(lin.act.name, []).append(lin)
+        if not groups:
+            return PassResult(False, {"groups": 0})
+        names = sorted(groups, key=lambda n: groups[n][0].name)
+        stats = ctx.activation_stats(graph, names)
+        scales = {n: amax(stats[n], o.observer, qmax(8)) / qmax(8) for n in names}
+        kls = self._measure(graph, ctx, names, scales)
+        ranking = sorted(names, key=lambda n: -kls[n])
+        keep = set(ranking[:o.keep_float])
+        if o.max_kl is not None:
+            remaining = sum(kls.values())
+            for n in ranking:
+                if remaining <= o.max_kl:
+                    break
+                keep.add(n)
+                remaining -= kls[n]
+        for rank, n in enumerate(ranking, 1):
+            for lin in groups[n]:
+                ctx.record(lin.name, sensitivity_kl=kls[n], sensitivity_rank=rank)
+                if n in keep:
+                    ctx.float_activations[lin.name] = f"kept float by the sensitivity budget (rank {rank}, KL {kls[n]:.3g})"
+        kept = [groups[n][0].name for n in ranking if n in keep]
+        return PassResult(False, {"groups": len(names), "kept_float": kept,
+                                  "kl_sum_all": float(sum(kls.values())),
+                                  "kl_sum_after_budget": float(sum(v for n, v in kls.items() if n not in keep))})
+
+    def _measure(self, graph: Graph, ctx: PassContext, names: list, scales: dict) -> dict:
+        """KL per group, one ONNX Runtime session with a boolean switch per group."""
+        from ..calib.collect import session_for
+
+        sample = ctx.calibration_batch
+        if sample is None:
+            raise ValueError("the sensitivity analysis needs a calibration batch")
+        model = graph.to_model()
+        probe = Graph.from_model(model)
+        del model
+        tensors = probe.tensors()
+        flags = []
+        for i, name in enumerate(names):
+            x = tensors[name]
+            consumers = list(x.outputs)
+            flag = gs.Variable(f"__llmq_sens_flag_{i}", dtype=np.bool_, shape=[])
+            probe.gs.inputs.append(flag)
+            s = gs.Constant(f"__llmq_sens_scale_{i}", np.asarray(scales[name], np.float32))
+            z = gs.Constant(f"__llmq_sens_zp_{i}", np.asarray(0, np.int8))
+            q = probe.make_node("QuantizeLinear", [x, s, z], f"__llmq_sens_q_{i}", self.name, out_dtype=np.int8)
+            dq = probe.make_node("DequantizeLinear", [q, s, z], f"__llmq_sens_dq_{i}", self.name, out_dtype=np.float32)
+            sw = probe.make_node("Where", [flag, dq, x], f"__llmq_sens_sw_{i}", self.name, out_dtype=np.float32)
+            for c in consumers:
+                for j, t in enumerate(c.inputs):
+                    if t is x and c is not Graph.producer(q):
+                        c.inputs[j] = sw
+            flags.append(flag.name)
+        session = session_for(probe.to_model())
+        input_name = probe.gs.inputs[0].name
+        feeds = {input_name: sample, **{f: np.asarray(False) for f in flags}}
+        ref = session.run(None, feeds)[0][0]
+        kls = {}
+        iterator = ctx.progress(names, "sensitivity") if ctx.progress else names
+        for name, flag in zip(iterator, flags):
+            feeds[flag] = np.asarray(True)
+            kls[name] = mean_kl(ref, session.run(None, feeds)[0][0])
+            feeds[flag] = np.asarray(False)
+        return kls

@@ -1,0 +1,49 @@
+"""sensitivity: per-group output KL, ranking, and the float budget honoured by quantize-activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_VOCAB
+
+from llmq.calib.collect import collect_stats
+from llmq.frontends.onnx_loader import load_graph
+from llmq.ir.passes import PassContext, PassManager
+from llmq.passes import AnalyzeSensitivityPass, QuantizeActivationsPass
+from llmq.passes.sensitivity import mean_kl
+
+
+def _ctx():
+    ids = np.random.default_rng(0).integers(0, TINY_VOCAB, (3, 1, 48), dtype=np.int64)
+    ctx = PassContext(stats_provider=lambda g, names: collect_stats(g, names, list(ids)))
+    ctx.calibration_batch = ids[0]
+    return ctx
+
+
+def test_mean_kl():
+    a = np.random.default_rng(0).standard_normal((5, 7))
+    assert mean_kl(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert mean_kl(a, a + 3.0) == pytest.approx(0.0, abs=1e-12)  # a shift does not change softmax
+    assert mean_kl(a, a * 2) > 0
+
+
+@pytest.mark.parametrize("budget", [{"keep_float": 2}, {"max_kl": 0.0}])
+def test_ranking_and_budget(tiny_llama_onnx, budget):
+    graph = load_graph(tiny_llama_onnx)
+    ctx = _ctx()
+    records = PassManager([AnalyzeSensitivityPass(**budget), QuantizeActivationsPass()]).run(graph, ctx)
+    stats = records[0]["stats"]
+    assert not records[0]["modified"] and stats["groups"] == 8  # 2 layers × (qkv, o, gate/up, down)
+    ranks = {name: r["sensitivity_rank"] for name, r in ctx.layers.items() if "sensitivity_rank" in r}
+    kls = {name: r["sensitivity_kl"] for name, r in ctx.layers.items() if "sensitivity_kl" in r}
+    assert all(v >= 0 for v in kls.values()) and max(kls.values()) > 0
+    # rank 1 is the largest KL
+    top = min(ranks, key=ranks.get)
+    assert kls[top] == max(kls.values())
+    float_inputs = {name for name, r in ctx.layers.items() if "act_bits" not in r}
+    if "keep_float" in budget:
+        assert len(stats["kept_float"]) == 2 and top in float_inputs
+        assert stats["kl_sum_after_budget"] < stats["kl_sum_all"]
+    else:  # a zero budget keeps every group float
+        assert len(stats["kept_float"]) == 8 and records[1]["stats"]["quantized_tensors"] == 0
+    assert any("kept float by the sensitivity budget" in d["reason"] for d in ctx.declined)
