@@ -31,7 +31,7 @@ from .ir.errors import LlmqError
 from .ir.passes import PassContext, PassManager, save_model
 from .ir.structure import discover
 from .recipes import Recipe, load_recipe
-from .report import int8_act_mac_fraction, layer_sqnr, layer_table, summary_text
+from .report import int8_act_mac_fraction, layer_sqnr, layer_table, sensitivity_svg, summary_text
 from .tokenizer import check_tokenizer, resolve_tokenizer
 
 __all__ = ["compile", "CompileResult", "BACKENDS"]
@@ -171,6 +171,10 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
             from .backends.tensorrt import build_engine
 
             backend_info.update(build_engine(model_path, os.path.join(tmp, "model.engine")))
+        svg = sensitivity_svg(rows)
+        if svg:
+            with open(os.path.join(tmp, "sensitivity.svg"), "w", encoding="utf-8") as fh:
+                fh.write(svg)
         with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as fh:
             fh.write(recipe.source_text)
         if tok_path:
@@ -188,6 +192,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
                 "seq_len": int(batches.shape[1]), "collections": ctx.stats_collections},
             "totals": {"linears": len(rows), "quantized_weights": quantized_w, "quantized_activations": quantized_a,
                        "int8_act_mac_fraction": round(int8_act_mac_fraction(rows), 4),
+                       "int8_act_mac_fraction_decoder": round(int8_act_mac_fraction(rows, include_lm_head=False), 4),
                        "worst_sqnr_db": min(sqnr_values.values()) if sqnr_values else None},
             "times": {k: round(v, 2) for k, v in times.items()},
             "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -58,11 +58,36 @@ def layer_sqnr(before: Structure, after: Graph, sample: dict) -> dict:
     return out
 
 
-def int8_act_mac_fraction(rows: list) -> float:
-    """Share of all linear MACs (float side branches of split layers included) with INT8 activations."""
+def int8_act_mac_fraction(rows: list, include_lm_head: bool = True) -> float:
+    """Share of linear MACs (float side branches of split layers included) with INT8 activations."""
+    rows = [r for r in rows if include_lm_head or r["role"] != "lm_head"]
     total = sum(r["macs_per_token"] + r.get("split_float_macs_per_token", 0) for r in rows)
     q = sum(r["macs_per_token"] for r in rows if r.get("act_bits"))
     return q / total if total else 0.0
+
+
+def sensitivity_svg(rows: list, top: int = 40) -> str | None:
+    """A horizontal bar chart (SVG) of the most sensitive activation groups, by output KL."""
+    seen, bars = set(), []
+    for r in sorted((r for r in rows if "sensitivity_kl" in r), key=lambda r: r["sensitivity_rank"]):
+        if r["sensitivity_rank"] not in seen:
+            seen.add(r["sensitivity_rank"])
+            bars.append((r["name"], r["sensitivity_kl"], "act_bits" not in r))
+    if not bars:
+        return None
+    bars = bars[:top]
+    peak = max(kl for _, kl, _ in bars) or 1.0
+    width, row, left = 720, 16, 190
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row * len(bars) + 40}" font-family="monospace" font-size="11">',
+             f'<text x="4" y="14">output KL when only this group\'s input is INT8 (red: kept float by the budget)</text>']
+    for i, (name, kl, kept) in enumerate(bars):
+        y = 24 + i * row
+        w = max(1.0, (width - left - 90) * kl / peak)
+        parts.append(f'<text x="4" y="{y + 11}">{name}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{row - 3}" fill="{"#c0392b" if kept else "#2e86c1"}"/>')
+        parts.append(f'<text x="{left + w + 4:.1f}" y="{y + 11}">{kl:.3g}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
 
 
 def layer_table(structure: Structure, records: dict, sqnr: dict) -> list:
@@ -85,7 +110,13 @@ def layer_table(structure: Structure, records: dict, sqnr: dict) -> list:
 def summary_text(report: dict, worst: int = 10) -> str:
     t = report["totals"]
     lines = [f"recipe {report['recipe']['name']}: {t['quantized_weights']}/{t['linears']} linears with quantized weights, "
-             f"{t['quantized_activations']} with INT8 activations ({100 * t['int8_act_mac_fraction']:.1f} % of linear MACs)"]
+             f"{t['quantized_activations']} with INT8 activations ({100 * t['int8_act_mac_fraction']:.1f} % of linear MACs, "
+             f"{100 * t['int8_act_mac_fraction_decoder']:.1f} % without the LM head)"]
+    sens = sorted({(r["sensitivity_rank"], r["name"], r["sensitivity_kl"], "act_bits" not in r)
+                   for r in report["layers"] if "sensitivity_rank" in r})
+    if sens:
+        lines.append("most sensitive activation groups (output KL when quantized alone):")
+        lines.extend(f"  {rank:>3}. {name:<24} {kl:.4g}{'  (kept float)' if kept else ''}" for rank, name, kl, kept in sens[:10])
     ranked = [r for r in report["layers"] if "sqnr_db" in r and math.isfinite(r["sqnr_db"])]
     ranked.sort(key=lambda r: r["sqnr_db"])
     if ranked:

@@ -47,3 +47,16 @@ def test_ranking_and_budget(tiny_llama_onnx, budget):
     else:  # a zero budget keeps every group float
         assert len(stats["kept_float"]) == 8 and records[1]["stats"]["quantized_tensors"] == 0
     assert any("kept float by the sensitivity budget" in d["reason"] for d in ctx.declined)
+
+
+def test_compile_with_sensitivity_writes_ranking_and_plot(tiny_llama_onnx, tmp_path, calib_text):
+    from llmq.driver import compile as llmq_compile
+
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text("name: s\npasses:\n  - sensitivity: {keep_float: 1}\n  - quantize-activations\n  - quantize-weights\n")
+    result = llmq_compile(tiny_llama_onnx, str(recipe), str(tmp_path / "o"), calib=calib_text, calib_samples=2,
+                          calib_seq_len=64, quiet=True)
+    svg = (tmp_path / "o" / "sensitivity.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<rect") == 8 and "#c0392b" in svg
+    assert "most sensitive activation groups" in result.report["summary"]
+    assert result.report["totals"]["int8_act_mac_fraction_decoder"] < 1.0
