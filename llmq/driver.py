@@ -75,6 +75,9 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if backend not in BACKENDS:
         raise LlmqError(f"unknown backend '{backend}'", f"choose one of {', '.join(BACKENDS)}")
+    if backend not in recipe.backends:
+        raise LlmqError(f"recipe '{recipe.name}' cannot target the {backend} backend: {recipe.description}",
+                        f"use --backend {' or '.join(recipe.backends)}")
     output = os.path.abspath(output)
     if os.path.exists(output) and not overwrite:
         raise LlmqError(f"output folder {output} already exists", "pass --overwrite to replace it, or choose another -o")

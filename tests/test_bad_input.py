@@ -187,3 +187,10 @@ def test_list_recipes(capsys):
     assert compile_main(["--list-recipes"]) == 0
     out = capsys.readouterr().out
     assert "w8a8" in out and "w8a16" in out
+
+
+def test_onnxruntime_only_recipe_refuses_tensorrt(tmp_path, capsys, model_copy):
+    code, lines, err = _run(compile_main, [str(model_copy), "--recipe", "w8a8-dynamic", "--backend", "tensorrt",
+                                           "-o", str(tmp_path / "out")], capsys)
+    _assert_clean_error(code, lines, err, "cannot target the tensorrt backend", "ONNX Runtime only", "--backend onnxruntime")
+    _no_output(tmp_path)

@@ -1,7 +1,8 @@
 """Recipes: YAML files naming a pipeline of passes and their options.
 
 A recipe has ``name``, ``description``, ``opset``, optional ``calibration`` (``samples``, ``seq_len``),
-optional ``exclude`` (glob patterns over layer names like ``layers.3.mlp.down`` or ONNX node names) and
+optional ``exclude`` (glob patterns over layer names like ``layers.3.mlp.down`` or ONNX node names),
+optional ``backends`` (the backends that can run what the recipe emits; default all) and
 ``passes``: a list whose items are a pass name or ``{pass-name: {option: value}}``. Unknown keys are an
 error, never ignored. Built-in recipes ship in ``llmq/recipes/``; a path to a ``.yaml`` file gives a
 user's own.
@@ -21,7 +22,8 @@ from ..passes import REGISTRY
 
 __all__ = ["Recipe", "list_recipes", "load_recipe"]
 
-TOP_KEYS = {"name", "description", "opset", "calibration", "exclude", "passes"}
+TOP_KEYS = {"name", "description", "opset", "calibration", "exclude", "passes", "backends"}
+ALL_BACKENDS = ("qdq", "onnxruntime", "tensorrt")
 CALIB_KEYS = {"samples", "seq_len"}
 
 
@@ -34,6 +36,7 @@ class Recipe:
     calib_samples: int = 16
     calib_seq_len: int = 512
     exclude: tuple = ()
+    backends: tuple = ALL_BACKENDS  # the backends whose runtime can execute what this recipe emits
     source_text: str = field(default="", compare=False)
 
     def build(self) -> list:
@@ -48,6 +51,7 @@ class Recipe:
         d.pop("source_text")
         d["passes"] = [{name: dict(options)} for name, options in self.passes]
         d["exclude"] = list(self.exclude)
+        d["backends"] = list(self.backends)
         return d
 
 
@@ -112,13 +116,17 @@ def parse_recipe(text: str, origin: str) -> Recipe:
         if not isinstance(options, dict):
             raise LlmqError(f"{origin}: options of pass '{name}' must be a mapping")
         passes.append((name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))))
+    backends = tuple(data.get("backends") or ALL_BACKENDS)
+    if set(backends) - set(ALL_BACKENDS):
+        raise LlmqError(f"{origin}: unknown backend(s) {', '.join(sorted(set(backends) - set(ALL_BACKENDS)))}",
+                        f"choose from {', '.join(ALL_BACKENDS)}")
     exclude = data.get("exclude") or []
     if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
         raise LlmqError(f"{origin}: 'exclude' must be a list of patterns")
     recipe = Recipe(name=str(data["name"]), description=" ".join(str(data.get("description", "")).split()),
                     opset=int(data.get("opset", 21)), passes=tuple(passes),
                     calib_samples=int(calib.get("samples", 16)), calib_seq_len=int(calib.get("seq_len", 512)),
-                    exclude=tuple(exclude), source_text=text)
+                    exclude=tuple(exclude), backends=backends, source_text=text)
     if recipe.opset < 21:
         raise LlmqError(f"{origin}: opset {recipe.opset} is below 21, which llmq's Q/DQ output needs")
     try:
