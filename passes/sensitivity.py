@@ -36,9 +36,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """Mean over tokens of KL(softmax(ref) ‖ softmax(logits))."""
-    lp, lq = _log_softmax(ref_logits), _log_softmax(logits)
+def mean_kl(ref_logits: np.ndarray, logits: np.ndarray, ref_log_probs: np.ndarray | None = None) -> float:
+    """Mean over tokens of KL(softmax(ref) ‖ softmax(logits)); pass ``ref_log_probs`` to reuse them."""
+    lp = _log_softmax(ref_logits) if ref_log_probs is None else ref_log_probs
+    lq = _log_softmax(logits)
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
 
 
@@ -129,10 +130,11 @@ class AnalyzeSensitivityPass(Pass):
         input_name = probe.gs.inputs[0].name
         feeds = {input_name: sample, **{f: np.asarray(False) for f in flags}}
         ref = session.run(None, feeds)[0][0]
+        ref_lp = _log_softmax(ref)
         kls = {}
         iterator = ctx.progress(names, "sensitivity") if ctx.progress else names
         for name, flag in zip(iterator, flags):
             feeds[flag] = np.asarray(True)
-            kls[name] = mean_kl(ref, session.run(None, feeds)[0][0])
+            kls[name] = max(0.0, mean_kl(ref, session.run(None, feeds)[0][0], ref_lp))
             feeds[flag] = np.asarray(False)
         return kls
