@@ -56,9 +56,14 @@ def check_tensorrt_rules(graph: Graph) -> list:
             else:
                 problems.extend(_check_weight_axis(node))
         producer = Graph.producer(node.inputs[0]) if node.op == "QuantizeLinear" else None
-        if producer is not None and producer.op in WEIGHTED and all(c.op == "QuantizeLinear" for c in node.inputs[0].outputs):
+        if producer is not None and _weighted(graph, producer) and all(c.op == "QuantizeLinear" for c in node.inputs[0].outputs):
             problems.append({"node": node.name, "rule": f"quantizes the output of weighted op {producer.name}; TensorRT wants Q/DQ on inputs"})
     return problems
+
+
+def _weighted(graph: Graph, node: gs.Node) -> bool:
+    """A MatMul/Gemm/Conv whose second input is a constant weight (possibly behind DequantizeLinear)."""
+    return node.op in WEIGHTED and len(node.inputs) > 1 and graph.constant_through(node.inputs[1]) is not None
 
 
 def _check_weight_axis(dq: gs.Node) -> list:

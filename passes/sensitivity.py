@@ -60,6 +60,7 @@ class AnalyzeSensitivityPass(Pass):
         observer: str = "minmax"
         keep_float: int = 0
         max_kl: float | None = None
+        tokens: int = 256  # tokens of the calibration batch the measurement runs on
         roles: tuple = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
         def __post_init__(self):
@@ -68,6 +69,8 @@ class AnalyzeSensitivityPass(Pass):
                 raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}")
             if self.keep_float < 0 or (self.max_kl is not None and self.max_kl < 0):
                 raise ValueError("keep_float and max_kl must be ≥ 0")
+            if self.tokens < 2:
+                raise ValueError("tokens must be ≥ 2")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -103,9 +106,9 @@ class AnalyzeSensitivityPass(Pass):
         """KL per group, one ONNX Runtime session with a boolean switch per group."""
         from ..calib.collect import session_for
 
-        sample = ctx.calibration_batch
-        if sample is None:
+        if ctx.calibration_batch is None:
             raise ValueError("the sensitivity analysis needs a calibration batch")
+        sample = np.ascontiguousarray(ctx.calibration_batch[..., :self.options.tokens])
         model = graph.to_model()
         probe = Graph.from_model(model)
         del model

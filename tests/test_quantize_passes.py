@@ -177,3 +177,22 @@ def test_ort_lowering_is_exact_and_fuses_every_linear():
     got = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert not LowerToIntegerMatMulPass().run(graph, PassContext()).modified
+
+
+def test_tensorrt_rules_flag_what_tensorrt_refuses():
+    from llmq.passes.qdq_math import add_qdq_pair
+
+    graph = Graph.from_model(mlp_model())
+    QuantizeWeightsPass(roles=ALL).run(graph, PassContext())
+    assert check_tensorrt_rules(graph) == []
+    lin1 = next(n for n in graph.gs.nodes if n.name == "lin1")
+    out = lin1.outputs[0]
+    consumers = list(out.outputs)
+    (dq,) = add_qdq_pair(graph, out, 0.1, "test", "after_lin1")  # a Q/DQ on a weighted op's output
+    for c in consumers:
+        c.inputs[0] = dq
+    rules = [p["rule"] for p in check_tensorrt_rules(graph)]
+    assert any("output of weighted op lin1" in r for r in rules), rules
+    q = next(n for n in graph.gs.nodes if n.op == "QuantizeLinear")
+    q.inputs[2].values = np.asarray(3, np.int8)  # a non-zero zero point
+    assert any("zero point must be 0" in p["rule"] for p in check_tensorrt_rules(graph))
