@@ -87,24 +87,15 @@ class PassContext:
         return self._structure
 
     def activation_stats(self, graph: Graph, names: list) -> dict:
-        missing = [n for n in names if n not in self._stats]
-        if missing:
-            if self.stats_provider is None:
-                raise LlmqError("this recipe needs calibration statistics but no calibration data was given",
-                                "pass --calib-data or use a weight-only recipe")
-            self._stats.update(self.stats_provider(graph, missing))
-            self.stats_collections += 1
-        return {n: self._stats[n] for n in names}
+        """Streaming statistics of each tensor in ``names`` over all calibration batches."""
+        before = len(self._stats)
+        out = _fill(self._stats, self.stats_provider, graph, names)
+        self.stats_collections += len(self._stats) > before
+        return out
 
     def activation_sample(self, graph: Graph, names: list) -> dict:
         """One calibration batch of each tensor in ``names`` (float32 arrays), for searches and errors."""
-        missing = [n for n in names if n not in self._sample]
-        if missing:
-            if self.sample_provider is None:
-                raise LlmqError("this recipe needs calibration data but none was given",
-                                "pass --calib-data or use a weight-only recipe")
-            self._sample.update(self.sample_provider(graph, missing))
-        return {n: self._sample[n] for n in names}
+        return _fill(self._sample, self.sample_provider, graph, names)
 
     def invalidate(self, activations: bool) -> None:
         self._structure = None
@@ -117,6 +108,17 @@ class PassContext:
 
     def decline(self, pass_name: str, where: str, reason: str) -> None:
         self.declined.append({"pass": pass_name, "where": where, "reason": reason})
+
+
+def _fill(cache: dict, provider, graph: Graph, names: list) -> dict:
+    """Serve ``names`` from ``cache``, asking ``provider`` once for the missing ones."""
+    missing = [n for n in names if n not in cache]
+    if missing:
+        if provider is None:
+            raise LlmqError("this recipe needs calibration data but none is available",
+                            "pass --calib-data (and --tokenizer if none lies beside the model), or use a weight-only recipe")
+        cache.update(provider(graph, missing))
+    return {n: cache[n] for n in names}
 
 
 class Pass:
