@@ -374,7 +374,7 @@ def discover(graph: Graph) -> Structure:
             p = _skip_transparent_back(t)
             if p is not None and p.name in by_name and by_name[p.name].role in ("o", "down", "fc2"):
                 st.residual_adds.append({"add": node.name, "after": by_name[p.name].name})
-    _warn_duplicates(st)
+    _dedupe_names(st)
     return st
 
 
@@ -384,12 +384,14 @@ def _why_unknown(lin: Linear) -> str:
     return "its input and output match no attention, MLP or LM-head pattern"
 
 
-def _warn_duplicates(st: Structure) -> None:
+def _dedupe_names(st: Structure) -> None:
+    """Two linears with one role in one layer (an unusual graph) become ``name``, ``name#1``, ..."""
     seen: dict = {}
     for lin in st.linears:
-        if lin.name in seen:
-            lin.name = f"{lin.name}#{seen[lin.name]}"
-        seen[lin.name.split('#')[0]] = seen.get(lin.name.split('#')[0], 0) + 1
+        base = lin.name
+        if base in seen:
+            lin.name = f"{base}#{seen[base]}"
+        seen[base] = seen.get(base, 0) + 1
 
 
 def weight_matrix(lin: Linear) -> np.ndarray:

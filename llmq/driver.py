@@ -48,14 +48,6 @@ class CompileResult:
     report: dict
 
 
-def _progress(quiet: bool, desc: str):
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
-
-    return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -108,15 +100,15 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
                 raise
             logger.warning("no usable calibration text: the report will have no per-layer SQNR")
         times["calib_data_s"] = time.perf_counter() - t
-    if batches is not None:
-        progress = _progress(quiet, "calibrating")
-        ctx.stats_provider = lambda g, names: collect_stats(g, names, [b[None] for b in batches], progress)
-        ctx.sample_provider = lambda g, names: _one_batch(g, names, batches[:1])
-        ctx.calibration_batch = batches[:1]
     if not quiet:
         from tqdm.auto import tqdm
 
         ctx.progress = lambda it, desc: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    if batches is not None:
+        progress = (lambda it: ctx.progress(it, "calibrating")) if ctx.progress else None
+        ctx.stats_provider = lambda g, names: collect_stats(g, names, [b[None] for b in batches], progress)
+        ctx.sample_provider = lambda g, names: _one_batch(g, names, batches[:1])
+        ctx.calibration_batch = batches[:1]
 
     # SQNR reference: each linear's float input and weight as the quantize passes find them (after the
     # exact transforms), taken on one calibration batch when the quantize phase starts

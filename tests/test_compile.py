@@ -23,7 +23,7 @@ def _logits(path, ids):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_w8a8_end_to_end(family, request, tmp_path, calib_text):
     src = request.getfixturevalue(f"tiny_{family}_onnx")
-    result = llmq_compile(src, "w8a8", str(tmp_path / "out"), calib=calib_text, calib_samples=4, calib_seq_len=64,
+    result = llmq_compile(src, "w8a8-plain", str(tmp_path / "out"), calib=calib_text, calib_samples=4, calib_seq_len=64,
                           backend="onnxruntime", quiet=True)
     files = sorted(os.listdir(result.output_dir))
     assert files == ["model.onnx", "model.tokenizer", "recipe.yaml", "report.json"]
@@ -42,7 +42,7 @@ def test_w8a8_end_to_end(family, request, tmp_path, calib_text):
     assert report["totals"]["worst_sqnr_db"] > 20
     model = onnx.load(result.paths["model"])
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["llmq.recipe"] == "w8a8" and "quantize-activations" in meta["llmq.pipeline"]
+    assert meta["llmq.recipe"] == "w8a8-plain" and "quantize-activations" in meta["llmq.pipeline"]
     assert meta["llmq.version"] == llmq.__version__
     ids = np.random.default_rng(0).integers(0, TINY_VOCAB, (2, 33), dtype=np.int64)
     ref, got = _logits(src, ids), _logits(result.paths["model"], ids)
@@ -64,13 +64,13 @@ def test_w8a16_is_close_and_deterministic(tiny_llama_onnx, tmp_path, calib_text)
 
 
 def test_w8a8_is_deterministic(tiny_llama_onnx, tmp_path, calib_text):
-    paths = [llmq_compile(tiny_llama_onnx, "w8a8", str(tmp_path / n), calib=calib_text, calib_samples=2,
+    paths = [llmq_compile(tiny_llama_onnx, "w8a8-plain", str(tmp_path / n), calib=calib_text, calib_samples=2,
                           calib_seq_len=64, quiet=True).paths["model"] for n in ("a", "b")]
     assert open(paths[0], "rb").read() == open(paths[1], "rb").read()
 
 
 def test_exclude_keeps_layers_float(tiny_llama_onnx, tmp_path, calib_text):
-    result = llmq_compile(tiny_llama_onnx, "w8a8", str(tmp_path / "o"), calib=calib_text, calib_samples=2,
+    result = llmq_compile(tiny_llama_onnx, "w8a8-plain", str(tmp_path / "o"), calib=calib_text, calib_samples=2,
                           calib_seq_len=64, exclude=("*.mlp.down",), quiet=True)
     layers = {r["name"]: r for r in result.report["layers"]}
     assert "weight_bits" not in layers["layers.0.mlp.down"] and "act_bits" not in layers["layers.1.mlp.down"]
@@ -100,7 +100,7 @@ def test_external_data_round_trip(tiny_llama_onnx, tmp_path, calib_text):
 
 def test_dump_dir_and_verify(tiny_llama_onnx, tmp_path, calib_text):
     dump = tmp_path / "dump"
-    llmq_compile(tiny_llama_onnx, "w8a8", str(tmp_path / "o"), calib=calib_text, calib_samples=2, calib_seq_len=64,
+    llmq_compile(tiny_llama_onnx, "w8a8-plain", str(tmp_path / "o"), calib=calib_text, calib_samples=2, calib_seq_len=64,
                  dump_dir=str(dump), verify=True, quiet=True)
     assert sorted(os.listdir(dump)) == ["01-quantize-activations.onnx", "02-quantize-weights.onnx"]
 
