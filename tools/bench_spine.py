@@ -1,10 +1,10 @@
-"""Benchmark of the spine on the real model: fp32 vs w8a16 vs w8a8, side by side, in one run.
+"""Benchmark on the real model: fp32 and each recipe (and backend), side by side, in one run.
 
 Exports SmolLM2-135M (once, cached in --artifacts), compiles each recipe in a subprocess (wall time and
 peak RSS measured per compile), evaluates WikiText-2 perplexity and ONNX Runtime prefill tokens/s, and
 prints the table plus the worst layers by SQNR. A benchmark, not a test: it asserts nothing.
 
-    python tools/bench_spine.py --windows 40 --recipes w8a16 w8a8
+    python tools/bench_spine.py --windows 40 --recipes w8a16 w8a8 w8a8-dynamic@onnxruntime
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def main() -> int:
     ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "shared", "data", "wikitext2", "wiki.test.raw"))
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--recipes", nargs="+", default=["w8a16", "w8a8", "w8a8@onnxruntime"],
+    ap.add_argument("--recipes", nargs="+", default=["w8a16", "w8a8-plain", "w8a8-plain@onnxruntime", "w8a8",
+                                                    "w8a8@onnxruntime", "w8a8-dynamic@onnxruntime"],
                     help="recipe names; recipe@backend compiles for that backend (default backend qdq)")
     ap.add_argument("--calib-data", default=None, help="calibration text (default: llmq's built-in text)")
     ap.add_argument("--json", default=None, help="also write the results here")
