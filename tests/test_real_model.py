@@ -2,7 +2,7 @@
 
 Bounds on 4 × 512 windows: ``w8a16`` within +1 % of fp32; ``w8a8-plain`` (static per-tensor, no smoothing)
 compiles, loads in ONNX Runtime and gives a finite perplexity; ``w8a8`` (SmoothQuant + sensitivity budget)
-within +10 % of fp32 (measured +6.5 %) with INT8 activations on ≥ 90 % of the decoder's linear MACs;
+within +5 % of fp32 (measured +2.6 %) with INT8 activations on ≥ 90 % of the decoder's linear MACs;
 ``w8a8-dynamic`` within +3.5 % (measured +2.2 %) with every decoder linear INT8.
 """
 
@@ -84,7 +84,7 @@ def test_w8a8_smoothquant_bound(smollm2, windows, fp32_ppl, tmp_path):
     assert result.report["backend"]["tensorrt_rule_violations"] == []  # checked on the portable graph
     assert result.report["totals"]["int8_act_mac_fraction_decoder"] >= 0.90
     ppl = perplexity(result.paths["model"], windows)["perplexity"]
-    assert ppl <= fp32_ppl * 1.10, (ppl, fp32_ppl)
+    assert ppl <= fp32_ppl * 1.05, (ppl, fp32_ppl)
 
 
 def test_w8a8_dynamic_bound(smollm2, windows, fp32_ppl, tmp_path):
