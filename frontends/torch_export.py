@@ -65,21 +65,19 @@ def load_hf(source: str):
     return model, tokenizer
 
 
-class _LogitsOnly:
-    """Wraps a causal LM so the export takes input_ids and returns logits only."""
+def _logits_only(model):
+    """The causal LM wrapped so the export takes ``input_ids`` and returns ``logits`` only."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
 
-        class LogitsOnly(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids, use_cache=False).logits
 
-            def forward(self, input_ids):
-                return self.inner(input_ids=input_ids, use_cache=False).logits
-
-        return LogitsOnly(model)
+    return LogitsOnly(model)
 
 
 def export_module(module, example_inputs: tuple, output: str, input_names: list, output_names: list,
@@ -134,7 +132,7 @@ def export_hf(source: str, output: str, opset: int = 21) -> dict:
     meta = {"llmq.source": os.path.basename(os.path.normpath(source)), "llmq.vocab_size": vocab,
             "llmq.architecture": type(model).__name__}
     with torch.no_grad():
-        export_module(_LogitsOnly(model), (example,), output, ["input_ids"], ["logits"], dims, opset, meta)
+        export_module(_logits_only(model), (example,), output, ["input_ids"], ["logits"], dims, opset, meta)
     tok_dir = None
     if tokenizer is not None:
         tok_dir = tokenizer_dir_for(output)
