@@ -183,9 +183,6 @@ class Graph:
         self.touch()
         return out
 
-    def provenance(self) -> dict:
-        """name -> pass for every node and initializer a pass created."""
-        return {k: v[PROVENANCE_KEY] for k, v in self.node_metadata.items() if PROVENANCE_KEY in v}
 
 
 def _dequantize(q: np.ndarray, node: gs.Node) -> np.ndarray:

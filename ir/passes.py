@@ -72,7 +72,6 @@ class PassContext:
     sample_provider: Callable | None = None  # (graph, names) -> {name: one calibration batch of that tensor}
     layers: dict = field(default_factory=dict)  # layer name -> {key: value}
     declined: list = field(default_factory=list)  # {pass, where, reason}
-    notes: list = field(default_factory=list)
     float_activations: dict = field(default_factory=dict)  # linear name -> why its input stays float
     calibration_batch: object = None  # one int64 [1, seq] batch of the calibration data, for measurements
     progress: Callable | None = None  # (iterable, description) -> iterable that shows progress

@@ -83,9 +83,6 @@ class Structure:
     embedding: gs.Node | None = None
     vocab_size: int | None = None
 
-    def by_node(self) -> dict:
-        return {lin.node.name: lin for lin in self.linears}
-
     def summary(self) -> dict:
         roles: dict = {}
         for lin in self.linears:
