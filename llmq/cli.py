@@ -23,7 +23,9 @@ def _run(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     level = logging.ERROR if getattr(args, "quiet", False) else (logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     logging.basicConfig(level=level, format=f"{prog}: %(levelname)s: %(message)s")
-    for noisy in ("transformers", "torch", "onnxscript", "httpx", "huggingface_hub"):
+    # torch's exporter warns that torchvision is missing (irrelevant to LLMs) on a logger of its own level
+    for noisy in ("transformers", "torch", "torch.onnx._internal.exporter._registration", "onnxscript", "httpx",
+                  "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
     from .ir.errors import LlmqError
 
