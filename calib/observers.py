@@ -17,7 +17,7 @@ Observers (``amax(stats, method)``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

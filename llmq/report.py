@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .ir.graph import Graph
-from .ir.structure import Structure
+from .ir.structure import Structure, weight_matrix
 from .passes.qdq_math import fake_quant, sqnr_db
 
 __all__ = ["layer_table", "layer_sqnr", "summary_text", "int8_act_mac_fraction"]
@@ -47,7 +47,7 @@ def layer_sqnr(before: Structure, after: Graph, sample: dict) -> dict:
         act_q = Graph.producer(node.inputs[0]) is not None and Graph.producer(node.inputs[0]).op == "DequantizeLinear"
         if w_q is None and not act_q:
             continue
-        w = Graph.materialize(lin.weight).astype(np.float32)
+        w = weight_matrix(lin).astype(np.float32)
         x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
         w_eff = w_q if w_q is not None else w
         if lin.node.op == "Gemm" and lin.weight_axis == 0:
@@ -79,7 +79,7 @@ def sensitivity_svg(rows: list, top: int = 40) -> str | None:
     peak = max(kl for _, kl, _ in bars) or 1.0
     width, row, left = 720, 16, 190
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row * len(bars) + 40}" font-family="monospace" font-size="11">',
-             f'<text x="4" y="14">output KL when only this group\'s input is INT8 (red: kept float by the budget)</text>']
+             '<text x="4" y="14">output KL when only this group\'s input is INT8 (red: kept float by the budget)</text>']
     for i, (name, kl, kept) in enumerate(bars):
         y = 24 + i * row
         w = max(1.0, (width - left - 90) * kl / peak)
