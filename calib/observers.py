@@ -1,7 +1,7 @@
 """Streaming activation statistics and the observers that turn them into a quantization range.
 
 :class:`TensorStats` is updated batch by batch and never keeps the activations: min, max, per-channel
-absmax (last axis) and a histogram of ``|x|`` whose range doubles when a larger value arrives (two
+absmax (last axis; for 4-D tensors also per axis 1, the heads of attention tensors) and a histogram of ``|x|`` whose range doubles when a larger value arrives (two
 adjacent bins merge), so memory is fixed whatever the number of samples.
 
 Observers (``amax(stats, method)``):
@@ -33,6 +33,7 @@ class TensorStats:
     min: float = math.inf
     max: float = -math.inf
     channel_absmax: np.ndarray | None = None
+    head_absmax: np.ndarray | None = None  # 4-D tensors ([batch, heads, seq, dim] in attention): per axis 1
     hist: np.ndarray | None = None
     hist_range: float = 0.0
 
@@ -46,6 +47,9 @@ class TensorStats:
         a = np.abs(x)
         ch = a.reshape(-1, a.shape[-1]).max(axis=0) if a.ndim >= 1 else a.reshape(1)
         self.channel_absmax = ch if self.channel_absmax is None else np.maximum(self.channel_absmax, ch)
+        if a.ndim == 4:
+            heads = a.max(axis=(0, 2, 3))
+            self.head_absmax = heads if self.head_absmax is None else np.maximum(self.head_absmax, heads)
         peak = float(ch.max())
         if self.hist is None:
             self.hist = np.zeros(self.bins, dtype=np.int64)

@@ -12,12 +12,14 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
-__all__ = ["Graph", "ConstantView", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH"]
+__all__ = ["Graph", "ConstantView", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH", "SUB_BYTE_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,9 @@ TRANSPARENT_OPS = frozenset({"Identity", "Reshape", "Transpose", "Cast", "Squeez
 PROVENANCE_KEY = "llmq.pass"
 ROLE_KEY = "llmq.role"  # set by a pass on a node it created for a purpose structure discovery must respect
 FLOAT_BRANCH = "float-branch"  # a MatMul that deliberately stays float (e.g. split outlier channels)
+
+# 4-bit constants (numpy dtypes from ml_dtypes, as onnx and onnx-graphsurgeon use) → their 8-bit carrier
+SUB_BYTE_DTYPES = {np.dtype(ml_dtypes.int4): np.int8, np.dtype(ml_dtypes.uint4): np.uint8}
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,20 @@ class Graph:
     def to_model(self) -> onnx.ModelProto:
         self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
         self.gs.opset = self.opset
-        model = gs.export_onnx(self.gs, do_type_check=True)
+        # onnx-graphsurgeon writes one byte per element; 4-bit constants are exported as 8-bit and repacked
+        packed = {name: t for name, t in self.gs.tensors().items()
+                  if isinstance(t, gs.Constant) and t.dtype in SUB_BYTE_DTYPES}
+        originals = {name: t.values for name, t in packed.items()}
+        try:
+            for name, t in packed.items():
+                t.values = originals[name].astype(SUB_BYTE_DTYPES[t.dtype])
+            model = gs.export_onnx(self.gs, do_type_check=True)
+        finally:
+            for name, t in packed.items():
+                t.values = originals[name]
+        for i, init in enumerate(model.graph.initializer):
+            if init.name in originals:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(originals[init.name]), init.name))
         del model.opset_import[:]
         model.opset_import.append(onnx.helper.make_opsetid("", self.opset))
         for domain, version in sorted(self.other_opsets.items()):
@@ -168,7 +186,10 @@ class Graph:
 
     def make_constant(self, base: str, values: np.ndarray, pass_name: str, export_dtype=None) -> gs.Constant:
         name = self.unique_name(base)
-        const = gs.Constant(name, np.ascontiguousarray(values), export_dtype=export_dtype)
+        values = np.asarray(values)
+        if not values.flags.c_contiguous:
+            values = np.ascontiguousarray(values)  # (this alone would turn a 0-d scalar into shape [1])
+        const = gs.Constant(name, values, export_dtype=export_dtype)
         self.tag(name, pass_name)
         return const
 

@@ -78,7 +78,8 @@ class Linear:
 @dataclass
 class Structure:
     linears: list = field(default_factory=list)
-    attention: list = field(default_factory=list)  # dicts: layer, softmax, q, k, v, o (node names)
+    # dicts of node names: layer, softmax, scores (MatMul Q·Kᵀ), context (MatMul P·V), q, k, v (or qkv), o
+    attention: list = field(default_factory=list)
     residual_adds: list = field(default_factory=list)
     embedding: gs.Node | None = None
     vocab_size: int | None = None
@@ -218,12 +219,17 @@ def _trace_back_to_linears(start: gs.Tensor, linear_nodes: set, limit: int = 64)
     return found
 
 
-def _forward(tensor: gs.Tensor, through: set) -> list:
-    """Consumers of ``tensor``, looking through ops in ``through``."""
+def _scales_by_constant(node: gs.Node) -> bool:
+    """A ``Mul`` by a constant (e.g. smooth-quant's explicit ``1/s``): values rescaled, roles unchanged."""
+    return node.op == "Mul" and len(node.inputs) == 2 and any(isinstance(t, gs.Constant) for t in node.inputs)
+
+
+def _forward(tensor: gs.Tensor, through: set, scaling: bool = False) -> list:
+    """Consumers of ``tensor``, looking through ops in ``through`` (and constant scalings if ``scaling``)."""
     out, queue = [], deque([tensor])
     while queue:
         for consumer in queue.popleft().outputs:
-            if consumer.op in through:
+            if consumer.op in through or (scaling and _scales_by_constant(consumer)):
                 queue.extend(consumer.outputs)
             else:
                 out.append(consumer)
@@ -263,8 +269,8 @@ def _attention_blocks(graph: Graph, linear_nodes: set) -> list:
         q = _trace_back_to_linears(qk.inputs[0], linear_nodes)
         k = _trace_back_to_linears(qk.inputs[1], linear_nodes)
         v = _trace_back_to_linears(pv.inputs[1], linear_nodes)
-        o = [c for c in _forward(pv.outputs[0], TRANSPARENT_OPS | QDQ_OPS) if c.name in linear_nodes]
-        blocks.append({"softmax": sm, "q": q, "k": k, "v": v, "o": o})
+        o = [c for c in _forward(pv.outputs[0], TRANSPARENT_OPS | QDQ_OPS, scaling=True) if c.name in linear_nodes]
+        blocks.append({"softmax": sm, "scores": qk, "context": pv, "q": q, "k": k, "v": v, "o": o})
     return blocks
 
 
@@ -289,7 +295,7 @@ def discover(graph: Graph) -> Structure:
     blocks.sort(key=lambda b: order[id(b["softmax"])])
     softmax_pos = [order[id(b["softmax"])] for b in blocks]
     for layer, b in enumerate(blocks):
-        entry = {"layer": layer, "softmax": b["softmax"].name}
+        entry = {"layer": layer, "softmax": b["softmax"].name, "scores": b["scores"].name, "context": b["context"].name}
         fused = {n.name for n in b["q"]} & {n.name for n in b["k"]} & {n.name for n in b["v"]}
         for role in ("q", "k", "v", "o"):
             for n in b[role]:

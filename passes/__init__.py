@@ -2,11 +2,14 @@
 
 from .quantize_activations import QuantizeActivationsPass
 from .quantize_dynamic import QuantizeActivationsPerTokenPass
+from .quantize_kv_cache import QuantizeKVCachePass
 from .quantize_weights import QuantizeWeightsPass
+from .reorder_channels import ReorderChannelsPass
 from .sensitivity import AnalyzeSensitivityPass
+from .smooth_attention import FoldSmoothAttentionScalesPass
 from .smooth_quant import FoldSmoothQuantScalesPass
 from .split_outliers import SplitOutlierChannelsPass
 
-REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, SplitOutlierChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeWeightsPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass)}
 
-__all__ = ["REGISTRY", "AnalyzeSensitivityPass", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeWeightsPass", "SplitOutlierChannelsPass"]
+__all__ = ["REGISTRY", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass"]

@@ -46,6 +46,7 @@ class SplitOutlierChannelsPass(Pass):
     @dataclass(frozen=True)
     class Options:
         threshold: float = 6.0
+        ratio: float | None = None  # instead of threshold: channels over ratio × the median channel's max|x|
         max_fraction: float = 0.05  # at most this share of a layer's input channels goes to float
         roles: tuple = ("down", "fc2")
 
@@ -53,6 +54,8 @@ class SplitOutlierChannelsPass(Pass):
             object.__setattr__(self, "roles", tuple(self.roles))
             if self.threshold <= 0 or not 0 < self.max_fraction <= 1:
                 raise ValueError("threshold must be > 0 and max_fraction in (0, 1]")
+            if self.ratio is not None and self.ratio <= 1:
+                raise ValueError("ratio must be > 1 (a multiple of the median channel's max|x|)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -64,9 +67,10 @@ class SplitOutlierChannelsPass(Pass):
         split, float_channels = 0, 0
         for lin in linears:
             absmax = stats[lin.act.name].channel_absmax
-            over = np.nonzero(absmax > o.threshold)[0]
+            limit = o.threshold if o.ratio is None else o.ratio * float(np.median(absmax))
+            over = np.nonzero(absmax > limit)[0]
             if len(over) == 0:
-                ctx.decline(self.name, lin.name, f"no input channel over {o.threshold}")
+                ctx.decline(self.name, lin.name, f"no input channel over {limit:.4g}")
                 continue
             cap = max(1, int(o.max_fraction * lin.in_features))
             chosen = np.sort(over[np.argsort(-absmax[over], kind="stable")][:cap])

@@ -49,3 +49,23 @@ def test_no_channel_over_threshold_is_declined(tiny_llama_onnx):
     ctx = _ctx()
     result = SplitOutlierChannelsPass(threshold=1e6).run(graph, ctx)
     assert not result.modified and len(ctx.declined) == 2
+
+
+def test_relative_threshold_then_smoothing_stays_exact(tiny_llama_onnx):
+    """Split first (outliers picked on the raw activations, ratio × the median channel), then smooth-quant
+    folds into up/down around the mask: the split channels' scale must stay 1 for the side branch."""
+    from test_smooth_attention import _assert_same
+    from test_smooth_quant import _ctx
+
+    from llmq.passes import FoldSmoothQuantScalesPass
+
+    graph = load_graph(tiny_llama_onnx)
+    ctx = _ctx()
+    records = PassManager([SplitOutlierChannelsPass(ratio=2.0, max_fraction=0.02),
+                           FoldSmoothQuantScalesPass(alpha=0.5)], verify=True).run(graph, ctx)
+    assert records[0]["stats"]["split_linears"] == 2
+    assert records[1]["stats"]["folded_into"]["up"] == 2
+    _assert_same(tiny_llama_onnx, graph)
+    for name in ("layers.0.mlp.down", "layers.1.mlp.down"):
+        row = ctx.layers[name]
+        assert 1 <= len(row["split_channels"]) <= 3  # max_fraction 2 % of 160 channels
