@@ -47,6 +47,19 @@ def _run(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
         return 1
 
 
+def _loss(text: str) -> float:
+    """'2%' → ln(1.02) (a perplexity increase); a plain number is a KL in nats/token."""
+    import math
+
+    try:
+        value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a percentage like 2% nor a number") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}': the loss budget must be positive")
+    return math.log1p(value) if text.endswith("%") else value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress or warnings")
     parser.add_argument("--verbose", "-v", action="store_true", help="log each step")
@@ -90,6 +103,9 @@ def compile_main(argv=None) -> int:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching layers in float (glob over names like layers.0.mlp.down or node names; repeatable)")
     p.add_argument("--backend", default="qdq", choices=["qdq", "onnxruntime", "tensorrt"])
+    p.add_argument("--max-loss", type=_loss, metavar="LOSS",
+                   help="accuracy budget for the recipe's sensitivity pass: '2%%' (perplexity increase, as "
+                        "ln 1.02) or a KL in nats/token; keeps the fewest activations float that meet it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dump-dir", help="write the graph after each pass that changed it here")
     p.add_argument("--verify", action="store_true", help="check the graph (onnx.checker + shape inference) after each pass")
@@ -110,7 +126,7 @@ def compile_main(argv=None) -> int:
         result = run_compile(args.model, args.recipe, args.output, calib=args.calib_data, tokenizer=args.tokenizer,
                              calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                              exclude=tuple(args.exclude), backend=args.backend, overwrite=args.overwrite,
-                             dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet)
+                             dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet, max_loss=args.max_loss)
         if args.json:
             json.dump(result.report, sys.stdout, indent=1, default=str)
             print()

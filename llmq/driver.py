@@ -55,16 +55,20 @@ def _peak_rss_mb() -> float:
 def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, calib: str | None = None,
             tokenizer: str | None = None, calib_samples: int | None = None, calib_seq_len: int | None = None,
             exclude: tuple = (), backend: str = "qdq", overwrite: bool = False, dump_dir: str | None = None,
-            verify: bool = False, quiet: bool = False, sqnr: bool = True) -> CompileResult:
+            verify: bool = False, quiet: bool = False, sqnr: bool = True, max_loss: float | None = None) -> CompileResult:
     """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``.
 
     ``calib``: a .txt/.jsonl/.npz file (default: built-in text); ``tokenizer``: a HF tokenizer folder
-    (default: ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names.
+    (default: ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names;
+    ``max_loss``: the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the
+    recipe's count.
     Returns the written paths and the report (also written as ``report.json``).
     """
     t0 = time.perf_counter()
     times = {}
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if max_loss is not None:
+        recipe = recipe.with_loss_budget(max_loss)
     if backend not in BACKENDS:
         raise LlmqError(f"unknown backend '{backend}'", f"choose one of {', '.join(BACKENDS)}")
     if backend not in recipe.backends:

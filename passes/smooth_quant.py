@@ -114,14 +114,19 @@ class FoldSmoothQuantScalesPass(Pass):
     @dataclass(frozen=True)
     class Options:
         alpha: float = 0.5
+        group_alpha: tuple = ()  # per smoothing group, e.g. {down: 0.8}: overrides alpha for that group
         alpha_grid: tuple = ()  # non-empty: search α per group over these values
         groups: tuple = ("qkv", "gate_up", "o", "down")
         fallback_mul: bool = True
 
         def __post_init__(self):
+            pairs = self.group_alpha.items() if isinstance(self.group_alpha, dict) else self.group_alpha
+            object.__setattr__(self, "group_alpha", tuple(sorted((str(g), float(a)) for g, a in pairs)))
             object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
             object.__setattr__(self, "groups", tuple(self.groups))
-            for a in (self.alpha, *self.alpha_grid):
+            if {g for g, _ in self.group_alpha} - {"qkv", "gate_up", "o", "down"}:
+                raise ValueError("group_alpha keys are smoothing groups: qkv, gate_up, o, down")
+            for a in (self.alpha, *self.alpha_grid, *(a for _, a in self.group_alpha)):
                 if not 0.0 <= a <= 1.0:
                     raise ValueError(f"alpha must be in [0, 1], got {a}")
             unknown = set(self.groups) - {"qkv", "gate_up", "o", "down"}
@@ -201,7 +206,7 @@ class FoldSmoothQuantScalesPass(Pass):
     def _choose_alpha(self, members: list, x_max: np.ndarray, sample, tie) -> float:
         o = self.options
         if not o.alpha_grid or sample is None:
-            return o.alpha
+            return dict(o.group_alpha).get(GROUP_OF_ROLE.get(members[0].role), o.alpha)
         x = sample.reshape(-1, sample.shape[-1]).astype(np.float32)
         refs = [x @ _oriented(m, _weight(m)) for m in members]
         best, best_err = o.alpha, np.inf

@@ -194,3 +194,16 @@ def test_onnxruntime_only_recipe_refuses_tensorrt(tmp_path, capsys, model_copy):
                                            "-o", str(tmp_path / "out")], capsys)
     _assert_clean_error(code, lines, err, "cannot target the tensorrt backend", "ONNX Runtime only", "--backend onnxruntime")
     _no_output(tmp_path)
+
+
+def test_max_loss_needs_a_sensitivity_pass_and_a_positive_budget(tmp_path, capsys, model_copy):
+    code, lines, err = _run(compile_main, [str(model_copy), "--recipe", "w8a16", "--max-loss", "2%",
+                                           "-o", str(tmp_path / "out")], capsys)
+    _assert_clean_error(code, lines, err, "recipe 'w8a16' has no sensitivity pass", "w8a8")
+    for bad in ("-1", "two", "0%"):
+        with pytest.raises(SystemExit) as exc:
+            compile_main([str(model_copy), "--max-loss", bad, "-o", str(tmp_path / "out")])
+        assert exc.value.code != 0
+        err = capsys.readouterr().err
+        assert "--max-loss" in err and "Traceback" not in err
+    _no_output(tmp_path)

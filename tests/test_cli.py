@@ -31,3 +31,19 @@ def test_export_compile_eval(tmp_path, capsys, tiny_llama_dir, calib_text):
     fp32 = json.loads(capsys.readouterr().out)
     # a random 2-layer model is near-uniform: quantization must not move its perplexity by more than 5 %
     assert abs(result["perplexity"] / fp32["perplexity"] - 1) < 0.05
+
+
+def test_max_loss_sets_the_sensitivity_budget(tmp_path, capsys, tiny_llama_onnx, calib_text):
+    import math
+
+    import yaml
+
+    out = str(tmp_path / "out")
+    assert compile_main([tiny_llama_onnx, "--recipe", "w8a8", "--max-loss", "1%", "--calib-data", calib_text,
+                         "--calib-samples", "2", "--calib-seq-len", "64", "-o", out, "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    sens = next(p for p in report["passes"] if p["pass"] == "sensitivity")["stats"]
+    assert sens["max_kl"] == math.log1p(0.01) and sens["kl_joint_after_budget"] <= sens["max_kl"]
+    written = yaml.safe_load(open(os.path.join(out, "recipe.yaml"), encoding="utf-8"))
+    sens_opts = next(p["sensitivity"] for p in written["passes"] if isinstance(p, dict) and "sensitivity" in p)
+    assert sens_opts["max_kl"] == math.log1p(0.01) and sens_opts["keep_float"] == 0

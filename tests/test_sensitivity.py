@@ -43,10 +43,31 @@ def test_ranking_and_budget(tiny_llama_onnx, budget):
     float_inputs = {name for name, r in ctx.layers.items() if "act_bits" not in r}
     if "keep_float" in budget:
         assert len(stats["kept_float"]) == 2 and top in float_inputs
-        assert stats["kl_sum_after_budget"] < stats["kl_sum_all"]
+        assert stats["kl_joint_after_budget"] < stats["kl_joint_all"]
     else:  # a zero budget keeps every group float
         assert len(stats["kept_float"]) == 8 and records[1]["stats"]["quantized_tensors"] == 0
     assert any("kept float by the sensitivity budget" in d["reason"] for d in ctx.declined)
+
+
+def test_loss_budget_is_met_by_the_joint_measurement(tiny_llama_onnx):
+    """max_kl: the fewest groups kept float so that all the others quantized *together* fit the budget; the
+    joint KL the pass reports is what the quantized graph really does on the calibration batch."""
+    import onnxruntime as ort
+
+    from test_smooth_quant import _logits
+
+    graph = load_graph(tiny_llama_onnx)
+    probe = AnalyzeSensitivityPass().run(graph, _ctx())
+    budget = probe.stats["kl_joint_all"] / 4
+    ctx = _ctx()
+    records = PassManager([AnalyzeSensitivityPass(max_kl=budget), QuantizeActivationsPass()]).run(graph, ctx)
+    stats = records[0]["stats"]
+    assert 0 < len(stats["kept_float"]) < 8
+    assert stats["kl_joint_after_budget"] <= budget < stats["kl_joint_all"]
+    batch = ctx.calibration_batch[..., :256]
+    got = ort.InferenceSession(graph.to_model().SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": batch})[0][0]
+    assert mean_kl(_logits(tiny_llama_onnx, batch)[0], got) == pytest.approx(stats["kl_joint_after_budget"], rel=1e-3)
 
 
 def test_compile_with_sensitivity_writes_ranking_and_plot(tiny_llama_onnx, tmp_path, calib_text):

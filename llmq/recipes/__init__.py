@@ -46,6 +46,21 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return any(getattr(REGISTRY[name], "requires_stats", False) for name, _ in self.passes)
 
+    def with_loss_budget(self, max_kl: float) -> "Recipe":
+        """This recipe with its sensitivity pass budgeted by ``max_kl`` (joint KL, nats/token) instead of a
+        count; the YAML text is rewritten to match, so ``recipe.yaml`` reproduces the compile."""
+        if not any(name == "sensitivity" for name, _ in self.passes):
+            raise LlmqError(f"recipe '{self.name}' has no sensitivity pass, so --max-loss has nothing to budget",
+                            "use a recipe with a 'sensitivity' pass (e.g. w8a8) or add one to yours")
+        data = yaml.safe_load(self.source_text)
+        for i, item in enumerate(data["passes"]):
+            name = item if isinstance(item, str) else next(iter(item))
+            if name == "sensitivity":
+                options = {} if isinstance(item, str) else dict(item[name] or {})
+                options.update(max_kl=float(max_kl), keep_float=0)
+                data["passes"][i] = {"sensitivity": options}
+        return parse_recipe(yaml.safe_dump(data, sort_keys=False), f"recipe '{self.name}' with --max-loss")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source_text")
