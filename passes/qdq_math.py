@@ -7,12 +7,19 @@ Symmetric, zero point 0 (TensorRT accepts no other): ``scale = amax / qmax``, ``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir.graph import Graph
 
-__all__ = ["qmax", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair"]
+__all__ = ["qmax", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
+           "block_size_for", "QuantizedWeight", "quantize_weight", "GRANULARITIES"]
+
+GRANULARITIES = ("per-tensor", "per-channel", "per-group")
+_STORAGE = {(8, True): np.int8, (8, False): np.uint8, (4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4}
 
 TINY = np.float32(1e-12)
 
@@ -61,25 +68,107 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * np.log10(max(signal, 1e-300) / noise)
 
 
+def block_size_for(k: int, requested: int) -> int:
+    """The largest power of two ≤ ``requested`` that divides ``k`` (TensorRT infers the block from the scale
+    shape, so a ragged last block is not an option)."""
+    b = 1 << (max(1, requested).bit_length() - 1)
+    while b > 1 and k % b:
+        b //= 2
+    return b
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight as ``DequantizeLinear`` reads it, in the layout the op consumes."""
+    q: np.ndarray  # int8 / uint8 / int4 / uint4 (ml_dtypes)
+    scale: np.ndarray  # float32: scalar, [N] or the blocked shape
+    zero_point: np.ndarray  # same dtype as q, same shape as scale
+    axis: int | None  # per-channel axis, or the blocked (input-channel) axis; None per tensor
+    block_size: int  # 0 unless per-group
+
+    def dequantize(self) -> np.ndarray:
+        x = self.q.astype(np.float32) - _expand(self.zero_point.astype(np.float32), self.axis, self.block_size)
+        return x * _expand(self.scale, self.axis, self.block_size)
+
+
+def _expand(v: np.ndarray, axis: int | None, block: int, ndim: int = 2) -> np.ndarray:
+    """Per-channel or blocked parameters broadcast against the weight."""
+    if v.ndim == 0 or axis is None:
+        return v
+    if block:
+        return np.repeat(v, block, axis=axis)
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def quantize_weight(w: np.ndarray, out_axis: int, bits: int = 8, granularity: str = "per-channel",
+                    group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
+    """Quantize a 2-D weight whose output channels lie on ``out_axis`` (the basic quantizers).
+
+    Symmetric (absmax): ``s = max|w| / (2^(b−1) − 1)``, ``q = clip(round(w / s), ±(2^(b−1) − 1))``, signed, zero
+    point 0. Asymmetric (zero point): over the range ``[min(0, w_min), max(0, w_max)]``, ``s = (hi − lo) / (2^b − 1)``,
+    ``z = round(−lo / s)``, ``q = clip(round(w / s) + z, 0, 2^b − 1)``, unsigned. Granularity: one scale per tensor,
+    per output channel, or per group of ``group_size`` input channels and output channel (blocked along the
+    input axis, the block reduced to the largest power of two dividing K — see :func:`block_size_for`).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}")
+    w = w.astype(np.float32)
+    in_axis = 1 - out_axis
+    k = w.shape[in_axis]
+    block = block_size_for(k, group_size) if granularity == "per-group" else 0
+    if granularity == "per-tensor":
+        reduce = lambda f: np.asarray(f(w), np.float32)  # noqa: E731
+    elif granularity == "per-channel":
+        reduce = lambda f: f(w, axis=in_axis).astype(np.float32)  # noqa: E731
+    else:
+        blocked = np.moveaxis(w, in_axis, 0).reshape(k // block, block, -1)  # [K/B, B, N]
+        reduce = lambda f: np.moveaxis(f(blocked, axis=1), 0, in_axis).astype(np.float32)  # noqa: E731
+    axis = None if granularity == "per-tensor" else (out_axis if granularity == "per-channel" else in_axis)
+    dtype = _STORAGE[(bits, symmetric)]
+    if symmetric:
+        amax = reduce(lambda a, axis=None: np.abs(a).max(axis=axis))
+        scale = (np.where(amax > 0, amax, 1.0) / qmax(bits)).astype(np.float32)
+        zp = np.zeros(scale.shape, np.float32)
+        lo, hi = -qmax(bits), qmax(bits)
+    else:
+        mn = np.minimum(reduce(lambda a, axis=None: a.min(axis=axis)), 0.0)
+        mx = np.maximum(reduce(lambda a, axis=None: a.max(axis=axis)), 0.0)
+        scale = (np.where(mx > mn, mx - mn, 1.0) / (2 ** bits - 1)).astype(np.float32)
+        zp = np.clip(np.rint(-mn / scale), 0, 2 ** bits - 1).astype(np.float32)
+        lo, hi = 0, 2 ** bits - 1
+    q = np.clip(np.rint(w / _expand(scale, axis, block)) + _expand(zp, axis, block), lo, hi)
+    carrier = np.int8 if symmetric else np.uint8
+    return QuantizedWeight(q.astype(carrier).astype(dtype), scale, zp.astype(carrier).astype(dtype), axis, block)
+
+
 def add_dequantize(graph: Graph, q_const: gs.Constant, scale: np.ndarray, axis: int | None,
-                   pass_name: str, base: str) -> gs.Variable:
-    """``DequantizeLinear(q, scale, 0)`` of a constant; returns the float output."""
-    zp = np.zeros(scale.shape, dtype=q_const.values.dtype)
+                   pass_name: str, base: str, zero_point: np.ndarray | None = None,
+                   block_size: int = 0) -> gs.Variable:
+    """``DequantizeLinear(q, scale, zero point)`` of a constant (zero point 0 unless given; blocked along
+    ``axis`` when ``block_size``); returns the float output."""
+    zp = np.zeros(scale.shape, dtype=q_const.values.dtype) if zero_point is None else zero_point
     inputs = [q_const, graph.make_constant(f"{base}_scale", scale.astype(np.float32), pass_name),
               graph.make_constant(f"{base}_zero_point", zp, pass_name)]
     attrs = {"axis": int(axis)} if axis is not None and scale.ndim > 0 else {}
+    if block_size:
+        attrs["block_size"] = int(block_size)
     return graph.make_node("DequantizeLinear", inputs, f"{base}_dq", pass_name, attrs,
                            out_dtype=np.float32, out_shape=list(q_const.shape))
 
 
-def add_qdq_pair(graph: Graph, x: gs.Tensor, scale: float, pass_name: str, base: str, consumers: int = 1) -> list:
-    """One ``QuantizeLinear(x, scale, int8 0)`` and ``consumers`` DequantizeLinear nodes reading it.
+def add_qdq_pair(graph: Graph, x: gs.Tensor, scale: float, pass_name: str, base: str, consumers: int = 1,
+                 zero_point: np.ndarray | None = None) -> list:
+    """One ``QuantizeLinear(x, scale, zero point)`` (int8 0 unless a uint8 ``zero_point`` is given) and
+    ``consumers`` DequantizeLinear nodes reading it.
 
     Each consumer gets its own DQ: ONNX Runtime fuses a DQ into an integer kernel only when the DQ
     feeds a single node (TensorRT accepts either form). Returns the DQ outputs.
     """
+    zp = np.asarray(0, dtype=np.int8) if zero_point is None else np.asarray(zero_point)
     s = graph.make_constant(f"{base}_scale", np.asarray(scale, dtype=np.float32), pass_name)
-    z = graph.make_constant(f"{base}_zero_point", np.asarray(0, dtype=np.int8), pass_name)
-    q = graph.make_node("QuantizeLinear", [x, s, z], f"{base}_q", pass_name, out_dtype=np.int8, out_shape=x.shape)
+    z = graph.make_constant(f"{base}_zero_point", zp, pass_name)
+    q = graph.make_node("QuantizeLinear", [x, s, z], f"{base}_q", pass_name, out_dtype=zp.dtype.type, out_shape=x.shape)
     return [graph.make_node("DequantizeLinear", [q, s, z], f"{base}_dq", pass_name, out_dtype=np.float32,
                             out_shape=x.shape) for _ in range(consumers)]

@@ -3,7 +3,8 @@
 ``amax`` comes from calibration statistics of the float graph through an observer (minmax, percentile,
 mse, entropy). One QuantizeLinear is inserted per distinct activation tensor (q/k/v share one, gate/up another)
 and one DequantizeLinear per selected linear reading it, following the TensorRT placement rule: quantize
-the inputs of weighted ops, not their outputs. Zero point int8 0 (symmetric).
+the inputs of weighted ops, not their outputs. Zero point int8 0 (symmetric); ``symmetric: false`` gives the
+zero-point quantizer over the calibrated ``[min(0, min), max(0, max)]`` in UINT8 (ONNX Runtime only).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class QuantizeActivationsPass(Pass):
         bits: int = 8
         observer: str = "minmax"
         percentile: float = 99.99
+        symmetric: bool = True
         roles: tuple = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
         def __post_init__(self):
@@ -49,6 +51,8 @@ class QuantizeActivationsPass(Pass):
                 raise ValueError("only INT8 activations are supported")
             if self.observer not in OBSERVERS:
                 raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, not {self.observer!r}")
+            if not self.symmetric and self.observer != "minmax":
+                raise ValueError("asymmetric activations use the minmax range (observer: minmax)")
             if not 50.0 < self.percentile <= 100.0:
                 raise ValueError("percentile must be in (50, 100]")
             object.__setattr__(self, "roles", tuple(self.roles))
@@ -71,12 +75,17 @@ class QuantizeActivationsPass(Pass):
                 for lin in group:
                     ctx.decline(self.name, lin.name, "calibrated activation range is zero")
                 continue
-            dqs = add_qdq_pair(graph, group[0].act, rng / qmax(o.bits), self.name, f"{group[0].name}.input", len(group))
+            scale, zp = rng / qmax(o.bits), None
+            if not o.symmetric:
+                lo, hi = min(st.min, 0.0), max(st.max, 0.0)
+                scale = (hi - lo) / 255.0
+                zp = np.asarray(np.clip(np.rint(-lo / scale), 0, 255), np.uint8)
+            dqs = add_qdq_pair(graph, group[0].act, scale, self.name, f"{group[0].name}.input", len(group), zp)
             for lin, dq in zip(group, dqs):
                 lin.node.inputs[0] = dq
                 ch = st.channel_absmax
                 ctx.record(lin.name, act_bits=o.bits, act_observer=o.observer, act_amax=rng,
-                           act_absmax=st.absmax, act_scale=rng / qmax(o.bits),
+                           act_absmax=st.absmax, act_scale=scale, act_symmetric=o.symmetric,
                            act_outlier_ratio=float(ch.max() / max(float(np.median(ch)), 1e-12)))
             inserted += 1
         return PassResult(inserted > 0, {"quantized_tensors": inserted,

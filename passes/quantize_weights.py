@@ -1,10 +1,13 @@
-"""Weight quantization of linears: ``W ≈ DQ(q, s) = q · s`` with ``q`` int8, symmetric, zero point 0.
+"""Weight quantization of linears with the basic quantizers: ``W ≈ DQ(q, s, z)``.
 
-Per output channel, ``s_n = max_k |W[k, n]| / 127`` (narrow range ±127), stored along the weight's
-output-channel axis as the op consumes it (TensorRT rule): MatMul B ``[K, N]`` → ``axis=1``;
-Gemm ``transB=1`` B ``[N, K]`` → ``axis=0``. The new int8 initializer holds the weight in the layout the
-op consumes, so a Transpose/Reshape of the float constant disappears (a tied LM head keeps its float
-embedding for the Gather and gets its own int8 copy).
+Default: INT8, symmetric (absmax, zero point 0), per output channel, ``s_n = max_k |W[k, n]| / 127`` (narrow
+range ±127), stored along the weight's output-channel axis as the op consumes it (TensorRT rule): MatMul B
+``[K, N]`` → ``axis=1``; Gemm ``transB=1`` B ``[N, K]`` → ``axis=0``. Also selectable in a recipe: 4 bits
+(INT4 / UINT4 initializers), per-tensor, per-group (``DequantizeLinear`` blocked along K with ``block_size``,
+scale ``[K/B, N]``; B reduced to the largest power of two dividing K, and the report says so) and
+asymmetric (zero point, unsigned — ONNX Runtime only: TensorRT takes symmetric weights). The new initializer
+holds the weight in the layout the op consumes, so a Transpose/Reshape of the float constant disappears (a
+tied LM head keeps its float embedding for the Gather and gets its own quantized copy).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import add_dequantize, fake_quant, quantize, sqnr_db, weight_scales
+from .qdq_math import GRANULARITIES, add_dequantize, quantize_weight, sqnr_db
 from .select import selected_linears
 
 __all__ = ["QuantizeWeightsPass"]
@@ -42,30 +45,44 @@ class QuantizeWeightsPass(Pass):
     @dataclass(frozen=True)
     class Options:
         bits: int = 8
-        granularity: str = "per-channel"  # per-channel | per-tensor
+        granularity: str = "per-channel"  # per-tensor | per-channel | per-group
+        group_size: int = 128  # per-group: input channels per block (reduced to divide K)
+        symmetric: bool = True  # False: zero point, unsigned (ONNX Runtime only)
         roles: tuple = DEFAULT_ROLES
 
         def __post_init__(self):
-            if self.bits != 8:
-                raise ValueError("only 8-bit weights are supported by this pass (4-bit comes with the block quantizers)")
-            if self.granularity not in ("per-channel", "per-tensor"):
-                raise ValueError(f"granularity must be per-channel or per-tensor, not {self.granularity!r}")
+            if self.bits not in (4, 8):
+                raise ValueError("weights are 8 or 4 bits")
+            if self.granularity not in GRANULARITIES:
+                raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {self.granularity!r}")
+            if self.group_size < 2:
+                raise ValueError("group_size must be ≥ 2")
             object.__setattr__(self, "roles", tuple(self.roles))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         structure = ctx.structure(graph)
-        done, worst = 0, None
+        done, worst, reduced = 0, None, 0
+        kind = f"{'int' if o.symmetric else 'uint'}{o.bits}"
         for lin in selected_linears(structure, ctx, self.name, o.roles, "weight"):
             w = weight_matrix(lin).astype(np.float32)
-            axis = lin.weight_axis if o.granularity == "per-channel" else None
-            scale = weight_scales(w, axis, o.bits)
-            q = graph.make_constant(f"{lin.name}.weight_int8", quantize(w, scale, axis, o.bits), self.name)
-            lin.node.inputs[1] = add_dequantize(graph, q, scale, axis, self.name, f"{lin.name}.weight")
-            wsqnr = sqnr_db(w, fake_quant(w, scale, axis, o.bits))
-            ctx.record(lin.name, weight_bits=o.bits, weight_granularity=o.granularity, weight_axis=axis,
-                       weight_scale_min=float(scale.min()), weight_scale_max=float(scale.max()),
-                       weight_sqnr_db=round(wsqnr, 2))
+            qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
+            q = graph.make_constant(f"{lin.name}.weight_{kind}", qw.q, self.name)
+            lin.node.inputs[1] = add_dequantize(graph, q, qw.scale, qw.axis, self.name, f"{lin.name}.weight",
+                                                zero_point=qw.zero_point, block_size=qw.block_size)
+            wsqnr = sqnr_db(w, qw.dequantize())
+            row = dict(weight_bits=o.bits, weight_granularity=o.granularity, weight_axis=qw.axis,
+                       weight_symmetric=o.symmetric, weight_scale_min=float(qw.scale.min()),
+                       weight_scale_max=float(qw.scale.max()), weight_sqnr_db=round(wsqnr, 2))
+            if qw.block_size:
+                row["weight_block_size"] = qw.block_size
+                if qw.block_size != o.group_size:
+                    reduced += 1
+                    row["weight_block_note"] = (f"block {o.group_size} does not divide K = {lin.in_features}; "
+                                                f"used {qw.block_size}")
+            ctx.record(lin.name, **row)
             worst = wsqnr if worst is None else min(worst, wsqnr)
             done += 1
-        return PassResult(done > 0, {"quantized": done, "worst_weight_sqnr_db": None if worst is None else round(worst, 2)})
+        return PassResult(done > 0, {"quantized": done, "format": kind, "granularity": o.granularity,
+                                     "blocks_reduced": reduced,
+                                     "worst_weight_sqnr_db": None if worst is None else round(worst, 2)})

@@ -1,0 +1,167 @@
+"""Side by side with the peers: llmq's recipes against ONNX Runtime's quantize_static (and NVIDIA ModelOpt's
+ONNX INT8 when it is installed) on the same exported SmolLM2-135M, the same calibration text and the same
+evaluation. A benchmark, not a test: it asserts nothing and reports every failure as a result.
+
+Each peer runs on the opset-21 export first (what llmq-export writes) and, where that fails, on an opset-18
+export of the same model (``llmq-export --opset 18``), with its documented defaults for LLM INT8:
+
+* ORT ``quantize_static``: QDQ format, MinMax calibration, per-channel INT8 weights, default (UINT8) activations;
+* ModelOpt ``modelopt.onnx.quantization.quantize``: ``quantize_mode='int8'``, ``calibration_method='max'``.
+
+    python tools/bench_peers.py --windows 40 --recipes w8a8@onnxruntime w8a8-kv8@onnxruntime
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_spine import run_measured, size_mb  # noqa: E402
+
+
+def calibration_windows(model: str, calib_data: str | None, samples: int, seq_len: int):
+    from llmq.calib.data import load_calibration
+    from llmq.frontends.torch_export import tokenizer_dir_for
+    from llmq.tokenizer import load_tokenizer
+
+    return load_calibration(calib_data, load_tokenizer(tokenizer_dir_for(model)), samples, seq_len)
+
+
+def ort_quantize_static(model: str, out: str, windows) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input_ids": w[None, :]} for w in windows])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
+def modelopt_int8(model: str, out: str, windows) -> None:
+    import numpy as np
+    from modelopt.onnx.quantization import quantize  # optional peer
+
+    quantize(model, quantize_mode="int8", calibration_data={"input_ids": np.asarray(windows)},
+             calibration_method="max", output_path=out)
+
+
+def loads_in_ort(path: str) -> str | None:
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any refusal is the result
+        return " ".join(str(exc).split())[:240]
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="artifacts")
+    ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "shared", "data", "wikitext2", "wiki.test.raw"))
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-data", default=None, help="calibration text (default: llmq's built-in text)")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--recipes", nargs="*", default=["w8a8@onnxruntime"], help="llmq recipes (recipe@backend)")
+    ap.add_argument("--peers", nargs="*", default=["ort-static", "modelopt"], choices=["ort-static", "modelopt"])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from llmq.frontends.packaged import packaged_gguf
+
+    os.makedirs(args.artifacts, exist_ok=True)
+    exports = {21: os.path.join(args.artifacts, "smollm2.onnx"), 18: os.path.join(args.artifacts, "smollm2-op18.onnx")}
+    for opset, path in exports.items():
+        if not os.path.exists(path):
+            print(f"exporting SmolLM2-135M at opset {opset} to {path} ...", flush=True)
+            run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", path, "--opset", str(opset), "--quiet"])
+    windows = calibration_windows(exports[21], args.calib_data, args.calib_samples, 512)
+    print(f"calibration: {len(windows)} × {windows.shape[1]} tokens of {args.calib_data or 'the built-in text'}", flush=True)
+
+    rows = [{"model": "fp32", "path": exports[21]}]
+    for spec in args.recipes:
+        recipe, _, backend = spec.partition("@")
+        out = os.path.join(args.artifacts, f"peers-llmq-{recipe}" + (f"-{backend}" if backend else ""))
+        cmd = [sys.executable, "-m", "llmq", "compile", exports[21], "--recipe", recipe, "-o", out, "--overwrite",
+               "--quiet", "--backend", backend or "qdq", "--calib-samples", str(args.calib_samples)]
+        if args.calib_data:
+            cmd += ["--calib-data", args.calib_data]
+        print(f"llmq {spec} ...", flush=True)
+        secs, rss = run_measured(cmd)
+        rows.append({"model": f"llmq {spec}", "path": os.path.join(out, "model.onnx"), "compile_s": round(secs, 1),
+                     "compile_peak_rss_mb": round(rss)})
+
+    peers = {"ort-static": ("ORT quantize_static", ort_quantize_static), "modelopt": ("ModelOpt int8", modelopt_int8)}
+    for key in args.peers:
+        label, fn = peers[key]
+        for opset in (21, 18):
+            out = os.path.join(args.artifacts, f"peers-{key}-op{opset}.onnx")
+            row = {"model": f"{label} (opset {opset})", "path": out}
+            started = time.perf_counter()
+            print(f"{label} on the opset-{opset} export ...", flush=True)
+            try:
+                # a subprocess would hide the peer's Python errors; run it here and keep going on failure
+                fn(exports[opset], out, windows)
+            except ImportError as exc:
+                row["error"] = f"not installed ({exc.name})"
+                rows.append(row)
+                break
+            except Exception as exc:  # noqa: BLE001 - a peer failing is a result
+                row["error"] = f"quantizer failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                traceback.print_exc()
+            row["compile_s"] = round(time.perf_counter() - started, 1)
+            if "error" not in row:
+                refused = loads_in_ort(out)
+                if refused:
+                    row["error"] = f"ONNX Runtime refuses the output: {refused}"
+            rows.append(row)
+            if "error" not in row:
+                break  # the opset-21 run worked: no need for the fallback
+
+    from llmq.evaluate import perplexity, read_eval_text, token_windows
+    from llmq.frontends.torch_export import tokenizer_dir_for
+    from llmq.tokenizer import load_tokenizer
+
+    eval_windows = token_windows(load_tokenizer(tokenizer_dir_for(exports[21])), read_eval_text(args.text),
+                                 args.seq_len, args.windows)
+    base = None
+    for row in rows:
+        if "error" in row:
+            continue
+        print(f"evaluating {row['model']} ...", flush=True)
+        res = perplexity(row["path"], eval_windows)
+        base = base or res["perplexity"]
+        row.update(perplexity=round(res["perplexity"], 3), delta_pct=round(100 * (res["perplexity"] / base - 1), 2),
+                   prefill_tokens_per_s=res["prefill_tokens_per_s"],
+                   size_mb=round(size_mb(row["path"] if "llmq" not in row["model"] else os.path.dirname(row["path"])), 1))
+
+    print(f"\nSmolLM2-135M, WikiText-2 test, {len(eval_windows)} × {args.seq_len} tokens, ONNX Runtime CPU; "
+          f"calibration {len(windows)} × {windows.shape[1]} tokens, the same for every tool")
+    print(f"{'model':<34} {'ppl':>9} {'Δ%':>8} {'tok/s':>7} {'MB':>7} {'compile s':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<34} {r['error']}")
+        else:
+            print(f"{r['model']:<34} {r['perplexity']:>9.3f} {r['delta_pct']:>+8.2f} {r['prefill_tokens_per_s']:>7.0f} "
+                  f"{r['size_mb']:>7.1f} {r.get('compile_s', '—'):>10}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
