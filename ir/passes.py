@@ -73,6 +73,7 @@ class PassContext:
     layers: dict = field(default_factory=dict)  # layer name -> {key: value}
     declined: list = field(default_factory=list)  # {pass, where, reason}
     float_activations: dict = field(default_factory=dict)  # linear name -> why its input stays float
+    per_token_activations: set = field(default_factory=set)  # linears the budget switched to per-token dynamic
     calibration_batch: object = None  # one int64 [1, seq] batch of the calibration data, for measurements
     progress: Callable | None = None  # (iterable, description) -> iterable that shows progress
     _structure: Structure | None = None

@@ -50,13 +50,15 @@ class QuantizeActivationsPerTokenPass(Pass):
     @dataclass(frozen=True)
     class Options:
         roles: tuple = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
+        only_switched: bool = False  # only the linears a sensitivity budget (action: per-token) handed over
 
         def __post_init__(self):
             object.__setattr__(self, "roles", tuple(self.roles))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         linears = [lin for lin in selected_linears(ctx.structure(graph), ctx, self.name, self.options.roles, "weight")
-                   if lin.node.op == "MatMul" and not lin.act_quantized]
+                   if lin.node.op == "MatMul" and not lin.act_quantized
+                   and (not self.options.only_switched or lin.name in ctx.per_token_activations)]
         if not linears:
             return PassResult(False, {"quantized": 0})
         sample = ctx.activation_sample(graph, sorted({lin.act.name for lin in linears})) if ctx.sample_provider else {}

@@ -6,7 +6,9 @@ the mean per-token KL divergence ``KL(p_float ‖ p_X)`` of the next-token distr
 groups are measured in one ONNX Runtime session: each quantized copy sits behind ``Where(flag_X, DQ(Q(X)), X)``
 with ``flag_X`` a boolean graph input, so one run per group switches one flag on.
 
-The budget keeps the most sensitive groups' activations in float (the weights are still quantized):
+The budget keeps the most sensitive groups' activations in float (the weights are still quantized), or with
+``action: per-token`` hands them to ``quantize-activations-dynamic`` (``only_switched: true``) instead —
+per-token INT8 for ONNX Runtime, where a static scale cannot hold them:
 ``keep_float`` names a count; ``max_kl`` keeps the fewest most-sensitive groups in float such that the KL
 measured with **all the other groups quantized at once** fits the budget (a binary search over the ranking,
 one run per step: the joint effect, not a sum of single-group KLs, which underestimates it several-fold on
@@ -64,6 +66,7 @@ class AnalyzeSensitivityPass(Pass):
         keep_float: int = 0
         max_kl: float | None = None
         tokens: int = 256  # tokens of the calibration batch the measurement runs on
+        action: str = "float"  # what the budget does to the groups it takes out: float | per-token
         roles: tuple = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
         def __post_init__(self):
@@ -74,6 +77,8 @@ class AnalyzeSensitivityPass(Pass):
                 raise ValueError("keep_float and max_kl must be ≥ 0")
             if self.tokens < 2:
                 raise ValueError("tokens must be ≥ 2")
+            if self.action not in ("float", "per-token"):
+                raise ValueError("action must be float or per-token")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -104,7 +109,10 @@ class AnalyzeSensitivityPass(Pass):
             for lin in groups[n]:
                 ctx.record(lin.name, sensitivity_kl=kls[n], sensitivity_rank=rank)
                 if n in keep:
-                    ctx.float_activations[lin.name] = f"kept float by the sensitivity budget (rank {rank}, KL {kls[n]:.3g})"
+                    what = "kept float" if o.action == "float" else "switched to per-token dynamic"
+                    ctx.float_activations[lin.name] = f"{what} by the sensitivity budget (rank {rank}, KL {kls[n]:.3g})"
+                    if o.action == "per-token":
+                        ctx.per_token_activations.add(lin.name)
         kept = [groups[n][0].name for n in ranking if n in keep]
         return PassResult(False, {"groups": len(names), "kept_float": kept,
                                   "kl_sum_all": float(sum(kls.values())), "kl_joint_all": joint_all,

@@ -81,3 +81,23 @@ def test_compile_with_sensitivity_writes_ranking_and_plot(tiny_llama_onnx, tmp_p
     assert svg.startswith("<svg") and svg.count("<rect") == 8 and "#c0392b" in svg
     assert "most sensitive activation groups" in result.report["summary"]
     assert result.report["totals"]["int8_act_mac_fraction_decoder"] < 1.0
+
+
+def test_budget_can_switch_groups_to_per_token(tiny_llama_onnx, tmp_path, calib_text):
+    from llmq.driver import compile as llmq_compile
+    from llmq.ir.errors import LlmqError
+
+    recipe = tmp_path / "pt.yaml"
+    recipe.write_text("name: pt\nbackends: [onnxruntime, qdq]\npasses:\n"
+                      "  - sensitivity: {keep_float: 2, action: per-token}\n  - quantize-activations\n"
+                      "  - quantize-activations-dynamic: {only_switched: true}\n  - quantize-weights\n")
+    result = llmq_compile(tiny_llama_onnx, str(recipe), str(tmp_path / "o"), calib=calib_text, calib_samples=2,
+                          calib_seq_len=64, quiet=True)
+    rows = {r["name"]: r for r in result.report["layers"]}
+    switched = [n for n, r in rows.items() if r.get("act_granularity") == "per-token dynamic"]
+    static = [n for n, r in rows.items() if r.get("act_bits") and r.get("act_granularity") != "per-token dynamic"]
+    assert 2 <= len(switched) <= 4 and len(static) == 14 - len(switched)  # a group is 1-3 linears
+    assert result.report["totals"]["int8_act_mac_fraction_decoder"] == 1.0
+    recipe.write_text("name: pt\npasses:\n  - sensitivity: {keep_float: 2, action: per-token}\n  - quantize-activations\n")
+    with pytest.raises(LlmqError, match="only_switched"):
+        llmq_compile(tiny_llama_onnx, str(recipe), str(tmp_path / "o2"), calib=calib_text, quiet=True)

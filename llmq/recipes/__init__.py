@@ -142,6 +142,14 @@ def parse_recipe(text: str, origin: str) -> Recipe:
                     opset=int(data.get("opset", 21)), passes=tuple(passes),
                     calib_samples=int(calib.get("samples", 16)), calib_seq_len=int(calib.get("seq_len", 512)),
                     exclude=tuple(exclude), backends=backends, source_text=text)
+    options = [dict(o) for _, o in passes]
+    names = [n for n, _ in passes]
+    for i, name in enumerate(names):
+        if name == "sensitivity" and options[i].get("action") == "per-token" and not any(
+                n == "quantize-activations-dynamic" and options[j].get("only_switched") for j, n in enumerate(names) if j > i):
+            raise LlmqError(f"{origin}: the sensitivity pass switches groups to per-token, but no later "
+                            "'quantize-activations-dynamic' with only_switched: true quantizes them",
+                            "add that pass after quantize-activations, or use action: float")
     if recipe.opset < 21:
         raise LlmqError(f"{origin}: opset {recipe.opset} is below 21, which llmq's Q/DQ output needs")
     try:
