@@ -67,6 +67,7 @@ class AnalyzeSensitivityPass(Pass):
         max_kl: float | None = None
         tokens: int = 256  # tokens of the calibration batch the measurement runs on
         action: str = "float"  # what the budget does to the groups it takes out: float | per-token
+        min_int8_macs: float = 0.0  # action float: at least this share of the decoder's linear MACs keeps INT8 inputs
         roles: tuple = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
         def __post_init__(self):
@@ -79,6 +80,8 @@ class AnalyzeSensitivityPass(Pass):
                 raise ValueError("tokens must be ≥ 2")
             if self.action not in ("float", "per-token"):
                 raise ValueError("action must be float or per-token")
+            if not 0.0 <= self.min_int8_macs <= 1.0:
+                raise ValueError("min_int8_macs is a fraction in [0, 1]")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -92,10 +95,11 @@ class AnalyzeSensitivityPass(Pass):
         scales = {n: amax(stats[n], o.observer, qmax(8)) / qmax(8) for n in names}
         kls, joint = self._measure(graph, ctx, names, scales)
         ranking = sorted(names, key=lambda n: -kls[n])
-        count = min(o.keep_float, len(ranking))
+        cap = self._mac_cap(ctx.structure(graph), ranking, groups) if o.action == "float" else len(ranking)
+        count = min(o.keep_float, cap)
         joint_all = joint(set(names))
         if o.max_kl is not None:  # the smallest prefix of the ranking whose removal meets the budget
-            lo, hi = count, len(ranking)
+            lo, hi = count, cap
             while lo < hi:
                 mid = (lo + hi) // 2
                 if joint(set(ranking[mid:])) <= o.max_kl:
@@ -116,7 +120,19 @@ class AnalyzeSensitivityPass(Pass):
         kept = [groups[n][0].name for n in ranking if n in keep]
         return PassResult(False, {"groups": len(names), "kept_float": kept,
                                   "kl_sum_all": float(sum(kls.values())), "kl_joint_all": joint_all,
-                                  "kl_joint_after_budget": joint_after, "max_kl": o.max_kl})
+                                  "kl_joint_after_budget": joint_after, "max_kl": o.max_kl,
+                                  "limited_by_min_int8_macs": count == cap < len(ranking) and o.min_int8_macs > 0})
+
+    def _mac_cap(self, structure, ranking: list, groups: dict) -> int:
+        """The longest prefix of the ranking that may go float with ``min_int8_macs`` of the decoder's
+        linear MACs (all linears but the LM head) still reading INT8 activations."""
+        total = sum(lin.macs_per_token for lin in structure.linears if lin.role != "lm_head")
+        allowed, spent = (1.0 - self.options.min_int8_macs) * total, 0
+        for i, n in enumerate(ranking):
+            spent += sum(lin.macs_per_token for lin in groups[n])
+            if spent > allowed + 1e-9 * total:
+                return i
+        return len(ranking)
 
     def _measure(self, graph: Graph, ctx: PassContext, names: list, scales: dict) -> tuple:
         """KL per group, and a function measuring any set of groups together: one ONNX Runtime session

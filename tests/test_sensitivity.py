@@ -101,3 +101,15 @@ def test_budget_can_switch_groups_to_per_token(tiny_llama_onnx, tmp_path, calib_
     recipe.write_text("name: pt\npasses:\n  - sensitivity: {keep_float: 2, action: per-token}\n  - quantize-activations\n")
     with pytest.raises(LlmqError, match="only_switched"):
         llmq_compile(tiny_llama_onnx, str(recipe), str(tmp_path / "o2"), calib=calib_text, quiet=True)
+
+
+def test_min_int8_macs_caps_the_float_budget(tiny_llama_onnx):
+    from llmq.report import int8_act_mac_fraction, layer_table
+
+    graph = load_graph(tiny_llama_onnx)
+    ctx = _ctx()
+    records = PassManager([AnalyzeSensitivityPass(max_kl=0.0, min_int8_macs=0.75), QuantizeActivationsPass()]).run(graph, ctx)
+    stats = records[0]["stats"]
+    assert 0 < len(stats["kept_float"]) < 8 and stats["limited_by_min_int8_macs"]
+    rows = layer_table(ctx.structure(graph), ctx.layers, {})
+    assert int8_act_mac_fraction(rows, include_lm_head=False) >= 0.75
