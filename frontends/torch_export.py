@@ -60,6 +60,9 @@ def load_hf(source: str):
         tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     except Exception as exc:  # a model without a tokenizer can still be exported
         logger.warning("no tokenizer found with the model (%s); pass --tokenizer to later steps", type(exc).__name__)
+    if tokenizer is not None and len(tokenizer) == 0:  # transformers builds an empty one from a bare config
+        logger.warning("no tokenizer files with the model; pass --tokenizer to later steps")
+        tokenizer = None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer

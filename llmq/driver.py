@@ -31,7 +31,7 @@ from .ir.errors import LlmqError
 from .ir.passes import PassContext, PassManager, save_model
 from .ir.structure import discover
 from .recipes import Recipe, load_recipe
-from .report import int8_act_mac_fraction, layer_sqnr, layer_table, sensitivity_svg, summary_text
+from .report import attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, sensitivity_svg, summary_text
 from .tokenizer import check_tokenizer, resolve_tokenizer
 
 __all__ = ["compile", "CompileResult", "BACKENDS"]
@@ -186,6 +186,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
             "llmq_version": __version__, "model": os.path.basename(model), "recipe": recipe.to_dict(),
             "pipeline": pipeline.describe(), "backend": backend_info, "structure": structure.summary(),
             "passes": records, "declined": ctx.declined, "layers": rows,
+            "attention": attention_table(ctx.layers, {lin.name for lin in structure.linears}),
             "calibration": None if batches is None else {
                 "source": calib or "built-in default text", "samples": int(batches.shape[0]),
                 "seq_len": int(batches.shape[1]), "collections": ctx.stats_collections},

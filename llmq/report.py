@@ -107,6 +107,17 @@ def layer_table(structure: Structure, records: dict, sqnr: dict) -> list:
     return rows
 
 
+def attention_table(records: dict, linear_names: set) -> list:
+    """Per attention block (``layers.N.attn``): what smooth-attention and quantize-kv-cache recorded."""
+    return [{"name": name, **rec} for name, rec in sorted(records.items(), key=lambda kv: _layer_key(kv[0]))
+            if name not in linear_names and name.endswith(".attn")]
+
+
+def _layer_key(name: str):
+    parts = name.split(".")
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1, name)
+
+
 def summary_text(report: dict, worst: int = 10) -> str:
     t = report["totals"]
     lines = [f"recipe {report['recipe']['name']}: {t['quantized_weights']}/{t['linears']} linears with quantized weights, "
@@ -117,6 +128,19 @@ def summary_text(report: dict, worst: int = 10) -> str:
     if sens:
         lines.append("most sensitive activation groups (output KL when quantized alone):")
         lines.extend(f"  {rank:>3}. {name:<24} {kl:.4g}{'  (kept float)' if kept else ''}" for rank, name, kl, kept in sens[:10])
+    attn = report.get("attention") or []
+    smoothed = [a for a in attn if "key_outlier_ratio_before" in a]
+    if smoothed:
+        before = sorted(a["key_outlier_ratio_before"] for a in smoothed)
+        after = sorted(a["key_outlier_ratio_after"] for a in smoothed)
+        lines.append(f"smooth-attention on {len(smoothed)} blocks: key outlier ratio (max/median channel) median "
+                     f"{before[len(before) // 2]:.1f} → {after[len(after) // 2]:.1f}, worst {before[-1]:.1f} → {after[-1]:.1f}")
+    kv = [a for a in attn if "kv_k_bits" in a or "kv_v_bits" in a]
+    if kv:
+        a = kv[0]
+        bits = a.get("kv_k_bits", a.get("kv_v_bits"))
+        gran = a.get("kv_k_granularity", a.get("kv_v_granularity"))
+        lines.append(f"KV cache: INT{bits} {gran} Q/DQ on the keys/values of {len(kv)} attention blocks")
     ranked = [r for r in report["layers"] if "sqnr_db" in r and math.isfinite(r["sqnr_db"])]
     ranked.sort(key=lambda r: r["sqnr_db"])
     if ranked:

@@ -26,10 +26,14 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise LlmqError(f"cannot load a tokenizer from {path} ({type(exc).__name__})",
                         "give a HF folder with tokenizer.json / tokenizer_config.json") from exc
+    if len(tok) == 0:
+        raise LlmqError(f"the tokenizer folder {path} holds no vocabulary",
+                        "give a HF folder with tokenizer.json / tokenizer_config.json (--tokenizer)")
+    return tok
 
 
 def check_tokenizer(path: str, vocab_size: int | None):

@@ -207,3 +207,12 @@ def test_max_loss_needs_a_sensitivity_pass_and_a_positive_budget(tmp_path, capsy
         err = capsys.readouterr().err
         assert "--max-loss" in err and "Traceback" not in err
     _no_output(tmp_path)
+
+
+def test_empty_tokenizer_folder(tmp_path, capsys, model_copy, calib_text):
+    empty = tmp_path / "tok"
+    empty.mkdir()
+    code, lines, err = _run(compile_main, [str(model_copy), "--tokenizer", str(empty), "--calib-data", calib_text,
+                                           "-o", str(tmp_path / "out")], capsys)
+    _assert_clean_error(code, lines, err, "tok", "tokenizer")
+    _no_output(tmp_path)
