@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 
-__all__ = ["LowerToIntegerMatMulPass"]
+__all__ = ["LowerToIntegerMatMulPass", "LowerBlockInt4ToMatMulNBitsPass", "pack_matmulnbits", "unpack_matmulnbits"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +105,94 @@ class LowerToIntegerMatMulPass(Pass):
             graph.other_opsets.setdefault("com.microsoft", 1)
             graph.touch()
         return PassResult(lowered > 0, {"lowered": lowered})
+
+
+def pack_matmulnbits(q: np.ndarray, zero_point: np.ndarray | None, block: int, signed: bool) -> tuple:
+    """4-bit weight ``q [K, N]`` (int4 or uint4 values) → MatMulNBits' ``B [N, K/block, block/2]`` uint8 and
+    packed zero points (``[N · ceil(K/block / 2)]`` uint8; None for symmetric, whose default zero point 8
+    is what ``q + 8`` is stored against). Two values per byte, the first in the low nibble."""
+    k, n = q.shape
+    u = q.astype(np.int16) + (8 if signed else 0)  # to the unsigned storage range 0..15
+    blocks = u.T.reshape(n, k // block, block // 2, 2).astype(np.uint8)
+    packed = blocks[..., 0] | (blocks[..., 1] << 4)
+    zp = None
+    if zero_point is not None and not signed:
+        z = zero_point.astype(np.uint8).T  # [N, K/block]
+        if z.shape[1] % 2:
+            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+        zp = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)
+    return np.ascontiguousarray(packed), zp
+
+
+def unpack_matmulnbits(packed: np.ndarray, zp: np.ndarray | None, k: int, n: int, block: int) -> tuple:
+    """Inverse of :func:`pack_matmulnbits` to unsigned values ``[K, N]`` and zero points ``[K/block, N]``."""
+    lo, hi = packed & 0x0F, packed >> 4
+    u = np.stack([lo, hi], axis=-1).reshape(n, k).T
+    if zp is None:
+        z = np.full((k // block, n), 8, np.uint8)
+    else:
+        z = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :k // block].T
+    return u, z
+
+
+class LowerBlockInt4ToMatMulNBitsPass(Pass):
+    """Rewrite ``MatMul(X, DQ(W_int4 [K, N], s [K/B, N], axis 0, block_size B))`` into
+    ``com.microsoft.MatMulNBits`` (exact repacking; signed INT4 → the default zero point 8, UINT4 keeps its
+    zero points). Declines: blocks below 16 or not a power of two (the kernel's limits), Gemm."""
+
+    name = "lower-int4-matmulnbits"
+    phase = "lower"
+    changes_activations = False
+
+    @dataclass(frozen=True)
+    class Options:
+        accuracy_level: int = 0  # 0/1: float activations; 4: int8 activations (faster, approximate)
+
+        def __post_init__(self):
+            if self.accuracy_level not in (0, 1, 2, 3, 4):
+                raise ValueError("accuracy_level is 0-4")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        lowered = 0
+        for node in list(graph.gs.nodes):
+            if node.op != "MatMul" or len(node.inputs) != 2:
+                continue
+            dq = Graph.producer(node.inputs[1])
+            if dq is None or dq.op != "DequantizeLinear" or not dq.attrs.get("block_size"):
+                continue
+            w, scale = dq.inputs[0], dq.inputs[1]
+            zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+            if not all(isinstance(t, gs.Constant) for t in (w, scale) + ((zp,) if zp is not None else ())):
+                continue
+            kind = np.asarray(w.values).dtype.name
+            block = int(dq.attrs["block_size"])
+            if kind not in ("int4", "uint4") or dq.attrs.get("axis", 0) % 2 != 0 or np.asarray(w.values).ndim != 2:
+                continue
+            if block < 16 or block & (block - 1):
+                ctx.decline(self.name, node.name, f"block {block} is below 16 or not a power of two")
+                continue
+            signed = kind == "int4"
+            q = np.asarray(w.values)
+            zpv = None if zp is None else np.asarray(zp.values)
+            if signed and zpv is not None and np.any(zpv.astype(np.int8) != 0):
+                continue
+            k, n = q.shape
+            packed, zp_packed = pack_matmulnbits(q, zpv, block, signed)
+            s = np.ascontiguousarray(np.asarray(scale.values, np.float32).T.reshape(-1))  # [N · K/B]
+            inputs = [node.inputs[0], graph.make_constant(f"{node.name}_nbits_b", packed, self.name),
+                      graph.make_constant(f"{node.name}_nbits_scales", s, self.name)]
+            if zp_packed is not None:
+                inputs.append(graph.make_constant(f"{node.name}_nbits_zero_points", zp_packed, self.name))
+            out = node.outputs[0]
+            node.outputs.clear()
+            fused = gs.Node("MatMulNBits", name=graph.unique_name(f"{self.name}/{node.name}"), domain="com.microsoft",
+                            attrs={"K": k, "N": n, "bits": 4, "block_size": block,
+                                   "accuracy_level": self.options.accuracy_level},
+                            inputs=inputs, outputs=[out])
+            graph.gs.nodes.append(fused)
+            graph.tag(fused.name, self.name)
+            lowered += 1
+        if lowered:
+            graph.other_opsets.setdefault("com.microsoft", 1)
+            graph.touch()
+        return PassResult(lowered > 0, {"lowered": lowered, "accuracy_level": self.options.accuracy_level})

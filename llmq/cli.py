@@ -103,6 +103,9 @@ def compile_main(argv=None) -> int:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching layers in float (glob over names like layers.0.mlp.down or node names; repeatable)")
     p.add_argument("--backend", default="qdq", choices=["qdq", "onnxruntime", "tensorrt"])
+    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+                   help="onnxruntime backend: MatMulNBits compute for 4-bit linears (0: float activations, "
+                        "4: int8 activations, faster and approximate)")
     p.add_argument("--max-loss", type=_loss, metavar="LOSS",
                    help="accuracy budget for the recipe's sensitivity pass: '2%%' (perplexity increase, as "
                         "ln 1.02) or a KL in nats/token; keeps the fewest activations float that meet it")
@@ -126,7 +129,8 @@ def compile_main(argv=None) -> int:
         result = run_compile(args.model, args.recipe, args.output, calib=args.calib_data, tokenizer=args.tokenizer,
                              calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                              exclude=tuple(args.exclude), backend=args.backend, overwrite=args.overwrite,
-                             dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet, max_loss=args.max_loss)
+                             dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet, max_loss=args.max_loss,
+                             accuracy_level=args.accuracy_level)
         if args.json:
             json.dump(result.report, sys.stdout, indent=1, default=str)
             print()

@@ -55,13 +55,15 @@ def _peak_rss_mb() -> float:
 def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, calib: str | None = None,
             tokenizer: str | None = None, calib_samples: int | None = None, calib_seq_len: int | None = None,
             exclude: tuple = (), backend: str = "qdq", overwrite: bool = False, dump_dir: str | None = None,
-            verify: bool = False, quiet: bool = False, sqnr: bool = True, max_loss: float | None = None) -> CompileResult:
+            verify: bool = False, quiet: bool = False, sqnr: bool = True, max_loss: float | None = None,
+            accuracy_level: int = 0) -> CompileResult:
     """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``.
 
     ``calib``: a .txt/.jsonl/.npz file (default: built-in text); ``tokenizer``: a HF tokenizer folder
     (default: ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names;
     ``max_loss``: the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the
-    recipe's count.
+    recipe's count; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit linears (onnxruntime backend:
+    0 float activations, 4 int8 activations).
     Returns the written paths and the report (also written as ``report.json``).
     """
     t0 = time.perf_counter()
@@ -145,10 +147,11 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     violations = check_tensorrt_rules(graph)
     lowering = []
     if backend == "onnxruntime":
-        from .backends.ort_lowering import LowerToIntegerMatMulPass
+        from .backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass
 
         t = time.perf_counter()
-        lowering = PassManager([LowerToIntegerMatMulPass()], verify=verify,
+        lowering = PassManager([LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=accuracy_level)],
+                               verify=verify,
                                dump_dir=os.path.join(dump_dir, "backend") if dump_dir else None).run(graph, ctx)
         times["lowering_s"] = time.perf_counter() - t
 
@@ -165,7 +168,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         del graph
         backend_info = {"name": backend, "tensorrt_rule_violations": violations, "lowering": lowering}
         if backend == "onnxruntime":
-            backend_info.update(ort_backend.check_with_onnxruntime(model_path))
+            backend_info.update(ort_backend.check_with_onnxruntime(model_path, accuracy_level))
         elif backend == "tensorrt":
             from .backends.tensorrt import build_engine
 
