@@ -1,5 +1,6 @@
 """llmq.passes — graph rewrites; each is a :class:`llmq.ir.passes.Pass` registered here by name."""
 
+from .awq import ActivationAwareScalesPass
 from .quantize_activations import QuantizeActivationsPass
 from .quantize_dynamic import QuantizeActivationsPerTokenPass
 from .quantize_kv_cache import QuantizeKVCachePass
@@ -10,6 +11,6 @@ from .smooth_attention import FoldSmoothAttentionScalesPass
 from .smooth_quant import FoldSmoothQuantScalesPass
 from .split_outliers import SplitOutlierChannelsPass
 
-REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass)}
 
-__all__ = ["REGISTRY", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass"]
+__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass"]

@@ -85,4 +85,4 @@ class QuantizeWeightsPass(Pass):
             done += 1
         return PassResult(done > 0, {"quantized": done, "format": kind, "granularity": o.granularity,
                                      "blocks_reduced": reduced,
-                                     "worst_weight_sqnr_db": None if worst is None else round(worst, 2)})
+                                     "worst_weight_sqnr_db": None if worst is None else round(float(worst), 2)})

@@ -153,10 +153,11 @@ class FoldSmoothQuantScalesPass(Pass):
         if not plans:
             return PassResult(False, {"smoothed_groups": 0})
         stats = ctx.activation_stats(graph, [n for n, _ in plans])
-        samples = ctx.activation_sample(graph, [n for n, _ in plans]) if o.alpha_grid else {}
+        samples = ctx.activation_sample(graph, [n for n, _ in plans]) if self._needs_samples() else {}
         by_role_layer = {(lin.role, lin.layer): lin for lin in structure.linears}
         counts: dict = {}
-        for name, members in plans:
+        iterator = ctx.progress(plans, self.name) if ctx.progress else plans
+        for name, members in iterator:
             x_max = stats[name].channel_absmax.astype(np.float64)
             fold = self._fold_target(members, by_role_layer)
             tie = fold[2] if fold and fold[0] == "v" else None
@@ -164,16 +165,29 @@ class FoldSmoothQuantScalesPass(Pass):
                 for m in members:
                     ctx.decline(self.name, m.name, "nothing can absorb 1/s and fallback_mul is off")
                 continue
-            alpha = self._choose_alpha(members, x_max, samples.get(name), tie)
-            s, s_fold = self._scales(members, x_max, alpha, tie)
+            s, s_fold, record = self._group_scales(members, x_max, samples.get(name), tie)
             how = self._apply(graph, members, s, s_fold, fold)
             counts[how] = counts.get(how, 0) + 1
             after = x_max / s
             for m in members:
-                ctx.record(m.name, smooth_alpha=alpha, smooth_fold=how,
+                ctx.record(m.name, **record, smooth_fold=how,
                            outlier_ratio_before=float(x_max.max() / max(np.median(x_max), 1e-12)),
                            outlier_ratio_after=float(after.max() / max(np.median(after), 1e-12)))
+            self._after_group(graph, ctx, members, samples.get(name), s)
         return PassResult(bool(counts), {"smoothed_groups": sum(counts.values()), "folded_into": counts})
+
+    # ---- the scale rule (subclasses replace these) ----
+    def _needs_samples(self) -> bool:
+        return bool(self.options.alpha_grid)
+
+    def _group_scales(self, members: list, x_max: np.ndarray, sample, tie) -> tuple:
+        """(s for the consumers' rows, s for the producer's columns, what to record per linear)."""
+        alpha = self._choose_alpha(members, x_max, sample, tie)
+        s, s_fold = self._scales(members, x_max, alpha, tie)
+        return s, s_fold, {"smooth_alpha": alpha}
+
+    def _after_group(self, graph: Graph, ctx: PassContext, members: list, sample, s: np.ndarray) -> None:
+        """Hook run after a group's scales are folded (AWQ clips the scaled weights here)."""
 
     # ---- planning ----
     @staticmethod

@@ -1,0 +1,94 @@
+"""AWQ: exact rewrite before quantization, and a lower layer-output error than RTN where outlier input
+channels are planted (the function of the model unchanged, its activations not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+from test_smooth_attention import _assert_same, _ids
+from test_smooth_quant import _ctx, _logits
+
+from llmq.frontends.onnx_loader import load_graph
+from llmq.ir.passes import PassManager
+from llmq.passes import ActivationAwareScalesPass, QuantizeWeightsPass
+from llmq.passes.awq import clip_search, weight_fake_quant
+
+OUTLIERS = [3, 17, 40]
+
+
+def plant_outliers(graph, layer: int = 0, factor: float = 30.0):
+    """Scale a few channels of layer ``layer``'s attention norm by ``factor`` and the matching q/k/v weight rows
+    by 1/factor: the same function, with outlier channels in the q/k/v input (as trained LLMs have)."""
+    from llmq.ir import discover
+
+    st = discover(graph)
+    members = [lin for lin in st.linears if lin.layer == layer and lin.role in ("q", "k", "v")]
+    norm = members[0].norm
+    gamma = np.asarray(norm.weight.values, np.float32).copy()
+    gamma[OUTLIERS] *= factor
+    new_gamma = gs.Constant(f"planted_gamma_{layer}", gamma)
+    for i, t in enumerate(norm.node.inputs):
+        if t is norm.weight:
+            norm.node.inputs[i] = new_gamma
+    for lin in members:
+        w = np.asarray(lin.weight.tensor.values, np.float32).copy()
+        assert not lin.weight.chain and lin.weight_axis == 1
+        w[OUTLIERS] /= factor
+        lin.node.inputs[1] = gs.Constant(f"planted_{lin.name}", w)
+    return graph
+
+
+@pytest.fixture()
+def planted(tiny_llama_onnx, tmp_path):
+    import onnx
+
+    graph = plant_outliers(load_graph(tiny_llama_onnx))
+    path = str(tmp_path / "planted.onnx")
+    onnx.save(graph.to_model(), path)
+    np.testing.assert_allclose(_logits(path, _ids()), _logits(tiny_llama_onnx, _ids()), rtol=1e-4, atol=1e-5)
+    return path
+
+
+def test_scales_alone_are_exact(planted):
+    graph = load_graph(planted)
+    PassManager([ActivationAwareScalesPass(group_size=32, clip=False)], verify=True).run(graph, _ctx())
+    _assert_same(planted, graph)
+
+
+def test_awq_beats_rtn_on_planted_outliers(planted):
+    graph = load_graph(planted)
+    ctx = _ctx()
+    PassManager([ActivationAwareScalesPass(group_size=32), QuantizeWeightsPass(bits=4, granularity="per-group",
+                                                                               group_size=32)], verify=True).run(graph, ctx)
+    qkv = {r: ctx.layers[f"layers.0.attn.{r}"] for r in ("q", "k", "v")}
+    for r, row in qkv.items():
+        assert row["weight_out_err_awq"] < 0.5 * row["weight_out_err_rtn"], (r, row)
+        assert row["awq_ratio"] > 0  # it did scale
+    rows = [v for v in ctx.layers.values() if "weight_out_err_awq" in v]
+    assert np.mean([r["weight_out_err_awq"] for r in rows]) < np.mean([r["weight_out_err_rtn"] for r in rows])
+    # and the model's logits move less than with RTN alone
+    rtn = load_graph(planted)
+    PassManager([QuantizeWeightsPass(bits=4, granularity="per-group", group_size=32)]).run(rtn, _ctx())
+    ref = _logits(planted, _ids())
+    err_awq = np.abs(_logits(graph.to_model(), _ids()) - ref).mean()
+    err_rtn = np.abs(_logits(rtn.to_model(), _ids()) - ref).mean()
+    assert err_awq < err_rtn
+
+
+def test_clip_search_never_increases_a_group_error():
+    """Per (input group, output channel) the chosen clip is at least as good as no clip (ratio 1.0 is a
+    candidate), and the planted large weight gets clipped."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    w[5, 3] = 12.0  # one large weight stretches its group's range
+    clipped = clip_search(x, w, 4, 32, True)
+    assert np.abs(clipped).max() < 12.0
+    for g in range(2):
+        xs, rows = x[:, 32 * g:32 * (g + 1)], slice(32 * g, 32 * (g + 1))
+        ref = xs @ w[rows]
+        err_rtn = np.mean((xs @ weight_fake_quant(w[rows], 4, 32, True) - ref) ** 2, axis=0)
+        err_clip = np.mean((xs @ weight_fake_quant(clipped[rows], 4, 32, True) - ref) ** 2, axis=0)
+        assert np.all(err_clip <= err_rtn * (1 + 1e-6))
+        assert np.any(err_clip < err_rtn)
