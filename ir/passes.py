@@ -70,6 +70,7 @@ class PassContext:
     exclude: Callable[[str, str], bool] = lambda name, node: False
     stats_provider: Callable | None = None
     sample_provider: Callable | None = None  # (graph, names) -> {name: one calibration batch of that tensor}
+    stream_provider: Callable | None = None  # (graph, names, each) -> calls each(name, array) per calibration batch
     layers: dict = field(default_factory=dict)  # layer name -> {key: value}
     declined: list = field(default_factory=list)  # {pass, where, reason}
     float_activations: dict = field(default_factory=dict)  # linear name -> why its input stays float

@@ -114,6 +114,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         progress = (lambda it: ctx.progress(it, "calibrating")) if ctx.progress else None
         ctx.stats_provider = lambda g, names: collect_stats(g, names, [b[None] for b in batches], progress)
         ctx.sample_provider = lambda g, names: _one_batch(g, names, batches[:1])
+        ctx.stream_provider = lambda g, names, each: run_with_outputs(g, names, [b[None] for b in batches], each, progress)
         ctx.calibration_batch = batches[:1]
 
     # SQNR reference: each linear's float input and weight as the quantize passes find them (after the

@@ -1,6 +1,7 @@
 """llmq.passes — graph rewrites; each is a :class:`llmq.ir.passes.Pass` registered here by name."""
 
 from .awq import ActivationAwareScalesPass
+from .gptq import GPTQPass
 from .quantize_activations import QuantizeActivationsPass
 from .quantize_dynamic import QuantizeActivationsPerTokenPass
 from .quantize_kv_cache import QuantizeKVCachePass
@@ -11,6 +12,6 @@ from .smooth_attention import FoldSmoothAttentionScalesPass
 from .smooth_quant import FoldSmoothQuantScalesPass
 from .split_outliers import SplitOutlierChannelsPass
 
-REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass, GPTQPass)}
 
-__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass"]
+__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "GPTQPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass"]

@@ -86,6 +86,11 @@ class QuantizedWeight:
     axis: int | None  # per-channel axis, or the blocked (input-channel) axis; None per tensor
     block_size: int  # 0 unless per-group
 
+    @staticmethod
+    def storage(bits: int, symmetric: bool):
+        """The numpy dtype of the codes: int8 / uint8 / int4 / uint4."""
+        return _STORAGE[(bits, symmetric)]
+
     def dequantize(self) -> np.ndarray:
         x = self.q.astype(np.float32) - _expand(self.zero_point.astype(np.float32), self.axis, self.block_size)
         return x * _expand(self.scale, self.axis, self.block_size)

@@ -125,3 +125,45 @@ def run_ort(model: onnx.ModelProto, feeds: dict) -> list:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+OUTLIERS = [3, 17, 40]
+
+
+def plant_outliers(graph, layer: int = 0, factor: float = 30.0):
+    """Scale a few channels of layer ``layer``'s attention norm by ``factor`` and the matching q/k/v weight rows
+    by 1/factor: the same function, with outlier channels in the q/k/v input (as trained LLMs have)."""
+    import onnx_graphsurgeon as gs
+
+    from llmq.ir import discover
+
+    st = discover(graph)
+    members = [lin for lin in st.linears if lin.layer == layer and lin.role in ("q", "k", "v")]
+    norm = members[0].norm
+    gamma = np.asarray(norm.weight.values, np.float32).copy()
+    gamma[OUTLIERS] *= factor
+    new_gamma = gs.Constant(f"planted_gamma_{layer}", gamma)
+    for i, t in enumerate(norm.node.inputs):
+        if t is norm.weight:
+            norm.node.inputs[i] = new_gamma
+    for lin in members:
+        w = np.asarray(lin.weight.tensor.values, np.float32).copy()
+        assert not lin.weight.chain and lin.weight_axis == 1
+        w[OUTLIERS] /= factor
+        lin.node.inputs[1] = gs.Constant(f"planted_{lin.name}", w)
+    return graph
+
+
+@pytest.fixture()
+def planted(tiny_llama_onnx, tmp_path):
+    """The tiny llama with planted outlier channels in layer 0's q/k/v input, same logits."""
+    from test_smooth_attention import _ids
+    from test_smooth_quant import _logits
+
+    from llmq.frontends.onnx_loader import load_graph
+
+    graph = plant_outliers(load_graph(tiny_llama_onnx))
+    path = str(tmp_path / "planted.onnx")
+    onnx.save(graph.to_model(), path)
+    np.testing.assert_allclose(_logits(path, _ids()), _logits(tiny_llama_onnx, _ids()), rtol=1e-4, atol=1e-5)
+    return path

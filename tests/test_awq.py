@@ -4,8 +4,6 @@ channels are planted (the function of the model unchanged, its activations not).
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
-import pytest
 from test_smooth_attention import _assert_same, _ids
 from test_smooth_quant import _ctx, _logits
 
@@ -13,42 +11,6 @@ from llmq.frontends.onnx_loader import load_graph
 from llmq.ir.passes import PassManager
 from llmq.passes import ActivationAwareScalesPass, QuantizeWeightsPass
 from llmq.passes.awq import clip_search, weight_fake_quant
-
-OUTLIERS = [3, 17, 40]
-
-
-def plant_outliers(graph, layer: int = 0, factor: float = 30.0):
-    """Scale a few channels of layer ``layer``'s attention norm by ``factor`` and the matching q/k/v weight rows
-    by 1/factor: the same function, with outlier channels in the q/k/v input (as trained LLMs have)."""
-    from llmq.ir import discover
-
-    st = discover(graph)
-    members = [lin for lin in st.linears if lin.layer == layer and lin.role in ("q", "k", "v")]
-    norm = members[0].norm
-    gamma = np.asarray(norm.weight.values, np.float32).copy()
-    gamma[OUTLIERS] *= factor
-    new_gamma = gs.Constant(f"planted_gamma_{layer}", gamma)
-    for i, t in enumerate(norm.node.inputs):
-        if t is norm.weight:
-            norm.node.inputs[i] = new_gamma
-    for lin in members:
-        w = np.asarray(lin.weight.tensor.values, np.float32).copy()
-        assert not lin.weight.chain and lin.weight_axis == 1
-        w[OUTLIERS] /= factor
-        lin.node.inputs[1] = gs.Constant(f"planted_{lin.name}", w)
-    return graph
-
-
-@pytest.fixture()
-def planted(tiny_llama_onnx, tmp_path):
-    import onnx
-
-    graph = plant_outliers(load_graph(tiny_llama_onnx))
-    path = str(tmp_path / "planted.onnx")
-    onnx.save(graph.to_model(), path)
-    np.testing.assert_allclose(_logits(path, _ids()), _logits(tiny_llama_onnx, _ids()), rtol=1e-4, atol=1e-5)
-    return path
-
 
 def test_scales_alone_are_exact(planted):
     graph = load_graph(planted)
