@@ -11,9 +11,9 @@ import logging
 import os
 import tempfile
 
-import numpy as np
 import onnx
 
+from ..ir.feeds import prompt_feeds
 from ..ir.graph import Graph
 from ..ir.passes import TWO_GB, save_model
 from .observers import TensorStats
@@ -58,13 +58,13 @@ def _expose(graph: Graph, names: list) -> onnx.ModelProto:
 def run_with_outputs(graph: Graph, names: list, batches, each, progress=None) -> None:
     """Run every batch with ``names`` exposed; call ``each(name, array)`` per tensor per batch."""
     model = _expose(graph, names)
-    input_name = graph.gs.inputs[0].name
+    inputs = [(t.name, list(t.shape) if t.shape is not None else None) for t in graph.gs.inputs]
     with tempfile.TemporaryDirectory() as tmpdir:
         session = _session(model, tmpdir)
         del model
         iterator = progress(batches) if progress else batches
         for batch in iterator:
-            outputs = session.run(names, {input_name: np.ascontiguousarray(batch)})
+            outputs = session.run(names, prompt_feeds(inputs, batch))
             for name, value in zip(names, outputs):
                 each(name, value)
 

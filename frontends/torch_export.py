@@ -83,6 +83,41 @@ def _logits_only(model):
     return LogitsOnly(model)
 
 
+def _with_kv_cache(model):
+    """The causal LM as a KV-cache decoder over flat tensors: ``(input_ids, position_ids, past k/v per layer)
+    → (logits, present k/v per layer)``; an empty past (length 0) is the prefill step."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
+
+    class KVDecoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids, *past):
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.inner(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
+
+    return KVDecoder(model)
+
+
+def _kv_geometry(model) -> tuple:
+    """(layers, kv heads, head dim) from the model's config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
 def export_module(module, example_inputs: tuple, output: str, input_names: list, output_names: list,
                   dynamic_shapes=None, opset: int = 21, metadata: dict | None = None) -> str:
     """Export any ``nn.Module`` to ``output`` (dynamo exporter); returns the path written."""
@@ -124,8 +159,12 @@ def export_module(module, example_inputs: tuple, output: str, input_names: list,
     return output
 
 
-def export_hf(source: str, output: str, opset: int = 21) -> dict:
-    """Export a HF folder or .gguf file to ``output``; returns {model, tokenizer, vocab_size}."""
+def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False) -> dict:
+    """Export a HF folder or .gguf file to ``output``; returns {model, tokenizer, vocab_size}.
+
+    ``kv_cache``: a decoder with ``position_ids`` and ``past_key_values.{i}.{key,value}`` inputs
+    (``[batch, kv_heads, past, head_dim]``) and ``present.{i}.{key,value}`` outputs, for generation; the
+    attention is causal over past + new tokens (batch rows without padding: no attention-mask input)."""
     import torch
 
     model, tokenizer = load_hf(source)
@@ -135,7 +174,21 @@ def export_hf(source: str, output: str, opset: int = 21) -> dict:
     meta = {"llmq.source": os.path.basename(os.path.normpath(source)), "llmq.vocab_size": vocab,
             "llmq.architecture": type(model).__name__}
     with torch.no_grad():
-        export_module(_logits_only(model), (example,), output, ["input_ids"], ["logits"], dims, opset, meta)
+        if not kv_cache:
+            export_module(_logits_only(model), (example,), output, ["input_ids"], ["logits"], dims, opset, meta)
+        else:
+            layers, kv_heads, head_dim = _kv_geometry(model)
+            batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=1 << 16)
+            past_len = torch.export.Dim("past", max=1 << 16)  # exported with a past of 5; runs with an empty one too
+            past = tuple(torch.randn(2, kv_heads, 5, head_dim, generator=torch.Generator().manual_seed(i))
+                         for i in range(2 * layers))
+            names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+            outs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+            positions = torch.arange(5, 5 + example.shape[1]).expand(example.shape[0], -1)
+            shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
+            meta["llmq.kv_cache"] = f"{layers} layers, {kv_heads} kv heads, head dim {head_dim}"
+            export_module(_with_kv_cache(model), (example, positions, *past), output,
+                          ["input_ids", "position_ids"] + names, outs, shapes, opset, meta)
     tok_dir = None
     if tokenizer is not None:
         tok_dir = tokenizer_dir_for(output)

@@ -72,6 +72,8 @@ def export_main(argv=None) -> int:
     p.add_argument("source", help="local Hugging Face model folder or .gguf file")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (the tokenizer goes beside it as <name>.tokenizer/)")
     p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--kv-cache", action="store_true",
+                   help="export a KV-cache decoder (position_ids, past_key_values.* in, present.* out) for generation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _common(p)
 
@@ -81,7 +83,7 @@ def export_main(argv=None) -> int:
 
         if os.path.exists(args.output) and not args.overwrite:
             raise LlmqError(f"{args.output} already exists", "pass --overwrite to replace it")
-        info = export_hf(args.source, args.output, opset=args.opset)
+        info = export_hf(args.source, args.output, opset=args.opset, kv_cache=args.kv_cache)
         if not args.quiet:
             print(f"wrote {info['model']} ({os.path.getsize(info['model']) / 1e6:.1f} MB, vocab {info['vocab_size']})"
                   + (f" and {info['tokenizer']}" if info["tokenizer"] else ""))
@@ -145,9 +147,12 @@ def compile_main(argv=None) -> int:
 
 # ---------------------------------------------------------------- llmq-eval
 def eval_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="llmq-eval", description="Perplexity and prefill throughput of an ONNX LLM in ONNX Runtime.")
-    p.add_argument("model", help=".onnx model (input_ids -> logits)")
-    p.add_argument("--text", required=True, help="evaluation text file (e.g. wiki.test.raw)")
+    p = argparse.ArgumentParser(prog="llmq-eval", description="Perplexity and prefill throughput of an ONNX LLM in "
+                                "ONNX Runtime, or greedy generation with prefill and decode throughput.")
+    p.add_argument("model", help=".onnx model (input_ids -> logits, or a KV-cache decoder from llmq-export --kv-cache)")
+    p.add_argument("--text", help="evaluation text file (e.g. wiki.test.raw) for perplexity")
+    p.add_argument("--generate", metavar="PROMPT", help="greedy-decode from PROMPT and print the text and tokens/s")
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--tokenizer", help="HF tokenizer folder (default: <model>.tokenizer beside the model)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
@@ -171,6 +176,28 @@ def eval_main(argv=None) -> int:
         if tok_path is None:
             raise LlmqError("no tokenizer: none given and none beside the model", "pass --tokenizer <HF dir>")
         tok = check_tokenizer(tok_path, vocab)
+        if args.generate is not None:
+            import numpy as np
+
+            from .evaluate import generate
+
+            prompt = tok(args.generate, add_special_tokens=False)["input_ids"]
+            if not prompt:
+                raise LlmqError("the prompt is empty after tokenization", "give some text to --generate")
+            result = generate(args.model, np.asarray([prompt]), args.max_new_tokens, tok.eos_token_id,
+                              args.accuracy_level, args.threads)
+            result.update(model=args.model, text=tok.decode(result["tokens"]))
+            if args.json:
+                print(json.dumps(result, indent=1))
+            else:
+                print(args.generate + result["text"])
+                decode = result["decode_tokens_per_s"]
+                print(f"\n{args.model}: prefill {result['prefill_tokens_per_s']:.0f} tokens/s ({result['prompt_tokens']} "
+                      f"tokens), decode {decode if decode is not None else 0:.1f} tokens/s "
+                      f"({'KV cache' if result['kv_cache'] else 'no KV cache: the whole sequence each step'})")
+            return
+        if not args.text:
+            raise LlmqError("nothing to do: give --text for perplexity or --generate PROMPT", "see llmq-eval --help")
         windows = token_windows(tok, read_eval_text(args.text), args.seq_len, args.windows)
         progress = None
         if not args.quiet:

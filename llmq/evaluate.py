@@ -1,4 +1,5 @@
-"""Evaluation: perplexity over non-overlapping windows, and prefill throughput, in ONNX Runtime.
+"""Evaluation in ONNX Runtime: perplexity over non-overlapping windows with prefill throughput, and greedy
+generation (with the KV cache when the graph has one) with prefill and decode throughput.
 
 Preprocessing follows the common WikiText-2 practice: CRLF → LF, the file joined as it stands,
 tokenised once without special tokens, cut into consecutive windows of ``seq_len`` tokens; the loss of
@@ -16,8 +17,9 @@ import numpy as np
 
 from .backends.onnxruntime import DEFAULT_ACCURACY_LEVEL, make_session
 from .ir.errors import LlmqError
+from .ir.feeds import is_kv_decoder, prompt_feeds
 
-__all__ = ["perplexity", "read_eval_text", "token_windows"]
+__all__ = ["generate", "perplexity", "read_eval_text", "token_windows"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +55,14 @@ def perplexity(model_path: str, windows: np.ndarray, accuracy_level: int = DEFAU
                progress=None, threads: int | None = None) -> dict:
     """Perplexity of ``model_path`` over ``windows`` ([n, seq_len] int64), with prefill tokens/s."""
     session = make_session(model_path, accuracy_level, threads=threads)
-    input_name = session.get_inputs()[0].name
+    inputs = [(i.name, i.shape) for i in session.get_inputs()]
+    logits_name = session.get_outputs()[0].name
     total_nll, count, seconds = 0.0, 0, 0.0
     iterator = progress(range(len(windows))) if progress else range(len(windows))
     for i in iterator:
         batch = windows[i:i + 1]
         started = time.perf_counter()
-        (logits,) = session.run(None, {input_name: batch})[:1]
+        (logits,) = session.run([logits_name], prompt_feeds(inputs, batch))
         seconds += time.perf_counter() - started
         if not np.all(np.isfinite(logits)):
             total_nll = math.inf
@@ -70,4 +73,39 @@ def perplexity(model_path: str, windows: np.ndarray, accuracy_level: int = DEFAU
     return {"perplexity": ppl, "windows": int(len(windows)), "seq_len": int(windows.shape[1]),
             "tokens": int(windows.size), "seconds": round(seconds, 3),
             "prefill_tokens_per_s": round(windows.size / seconds, 1) if seconds else None,
+            "accuracy_level": accuracy_level}
+
+
+def generate(model_path: str, prompt_ids: np.ndarray, max_new_tokens: int = 32, eos_id: int | None = None,
+             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None) -> dict:
+    """Greedy decoding of ``prompt_ids [1, n]``: with the KV cache when the graph has one (prefill once, then
+    one token per step), else by re-running the whole sequence each step. Returns the new token ids and the
+    prefill and decode throughput."""
+    session = make_session(model_path, accuracy_level, threads=threads)
+    inputs = [(i.name, i.shape) for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    kv = is_kv_decoder(inputs)
+    pairs = {f"past_key_values.{name[len('present.'):]}": name for name in outputs if name.startswith("present.")}
+    ids = np.asarray(prompt_ids, np.int64).reshape(1, -1)
+    started = time.perf_counter()
+    result = session.run(outputs, prompt_feeds(inputs, ids))
+    prefill_s = time.perf_counter() - started
+    new, decode_s = [], 0.0
+    for _ in range(max_new_tokens):
+        token = int(np.argmax(result[0][0, -1]))
+        new.append(token)
+        if eos_id is not None and token == eos_id or len(new) == max_new_tokens:
+            break
+        started = time.perf_counter()
+        if kv:
+            named = dict(zip(outputs, result))
+            past = {p: named[o] for p, o in pairs.items()}
+            result = session.run(outputs, prompt_feeds(inputs, np.asarray([[token]]), past))
+        else:
+            result = session.run(outputs, prompt_feeds(inputs, np.concatenate([ids, np.asarray([new])], axis=1)))
+        decode_s += time.perf_counter() - started
+    steps = max(len(new) - 1, 0)
+    return {"tokens": new, "kv_cache": kv, "prompt_tokens": int(ids.shape[1]),
+            "prefill_tokens_per_s": round(ids.shape[1] / prefill_s, 1) if prefill_s else None,
+            "decode_tokens_per_s": round(steps / decode_s, 1) if decode_s else None,
             "accuracy_level": accuracy_level}

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..calib.observers import OBSERVERS, amax
+from ..ir.feeds import prompt_feeds
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from .qdq_math import qmax
@@ -163,8 +164,9 @@ class AnalyzeSensitivityPass(Pass):
                         c.inputs[j] = sw
             flags.append(flag.name)
         session = session_for(probe.to_model())
-        input_name = probe.gs.inputs[0].name
-        feeds = {input_name: sample, **{f: np.asarray(False) for f in flags}}
+        inputs = [(t.name, list(t.shape) if t.shape is not None else None) for t in probe.gs.inputs
+                  if t.name not in flags]
+        feeds = {**prompt_feeds(inputs, sample), **{f: np.asarray(False) for f in flags}}
         ref = session.run(None, feeds)[0][0]
         ref_lp = _log_softmax(ref)
         kls = {}

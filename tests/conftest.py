@@ -167,3 +167,17 @@ def planted(tiny_llama_onnx, tmp_path):
     onnx.save(graph.to_model(), path)
     np.testing.assert_allclose(_logits(path, _ids()), _logits(tiny_llama_onnx, _ids()), rtol=1e-4, atol=1e-5)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_kv_onnx(tmp_path_factory, tiny_llama_dir) -> str:
+    from llmq.frontends.torch_export import export_hf
+
+    return export_hf(tiny_llama_dir, str(tmp_path_factory.mktemp("llama_kv") / "model.onnx"), kv_cache=True)["model"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_kv_onnx(tmp_path_factory, tiny_gpt2_dir) -> str:
+    from llmq.frontends.torch_export import export_hf
+
+    return export_hf(tiny_gpt2_dir, str(tmp_path_factory.mktemp("gpt2_kv") / "model.onnx"), kv_cache=True)["model"]

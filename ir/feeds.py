@@ -1,0 +1,43 @@
+"""Feeds for a decoder graph from token ids: the plain ``input_ids → logits`` graph, or the KV-cache decoder
+(``position_ids``, ``attention_mask`` and empty ``past_key_values.*`` for a first, cache-less step)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["prompt_feeds", "is_kv_decoder"]
+
+
+def is_kv_decoder(inputs: list) -> bool:
+    """Whether ``inputs`` — ``(name, shape)`` pairs — include a KV cache."""
+    return any(name.startswith("past_key_values.") for name, _ in inputs)
+
+
+def prompt_feeds(inputs: list, ids: np.ndarray, past: dict | None = None) -> dict:
+    """Feeds for running ``ids [batch, seq]`` through a graph with ``inputs`` (``(name, shape)`` pairs; shape
+    entries ints or symbolic names). ``past``: the previous step's ``present.*`` outputs by input name, or None
+    for an empty cache. Inputs not named here (e.g. a pass's own switches) are left to the caller."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    batch, seq = ids.shape
+    start = 0
+    if past:
+        start = next(iter(past.values())).shape[2]
+    feeds = {}
+    for name, shape in inputs:
+        if name == "input_ids":
+            feeds[name] = ids
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(start, start + seq, dtype=np.int64), (batch, seq)).copy()
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, start + seq), np.int64)
+        elif name.startswith("past_key_values."):
+            if past and name in past:
+                feeds[name] = past[name]
+            else:
+                dims = [d if isinstance(d, int) else 0 for d in (shape or [])]
+                if len(dims) != 4:
+                    raise ValueError(f"cache input {name} has shape {shape}, expected [batch, heads, past, head_dim]")
+                feeds[name] = np.zeros((batch, dims[1], 0, dims[3]), np.float32)
+    if "input_ids" not in feeds and inputs:
+        feeds[inputs[0][0]] = ids  # a graph whose token input has another name
+    return feeds
