@@ -28,7 +28,7 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.passes import PassContext
-from .qdq_math import block_size_for, quantize_weight
+from .qdq_math import block_size_for, fake_quant_blocks
 from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
 __all__ = ["ActivationAwareScalesPass", "weight_fake_quant", "clip_search"]
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 def weight_fake_quant(w_kn: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
     """Quantize-dequantize a ``[K, N]`` weight with the per-group quantizer ``quantize-weights`` applies."""
-    return quantize_weight(w_kn, 1, bits, "per-group", group, symmetric).dequantize()
+    return fake_quant_blocks(w_kn, bits, block_size_for(w_kn.shape[0], group), symmetric)
 
 
 def _rel_err(ref: np.ndarray, approx: np.ndarray) -> float:
@@ -63,7 +63,7 @@ def clip_search(x: np.ndarray, w_kn: np.ndarray, bits: int, group: int, symmetri
             ratio = 1.0 - i / grid
             wc = np.clip(wg, lo * ratio, hi * ratio) if not symmetric else \
                 np.clip(wg, -np.abs(wg).max(axis=0) * ratio, np.abs(wg).max(axis=0) * ratio)
-            q = quantize_weight(wc, 1, bits, "per-channel", symmetric=symmetric).dequantize()  # one group: per channel
+            q = fake_quant_blocks(wc, bits, b, symmetric)  # one block: a scale per output channel
             err = np.mean((xg @ q - ref) ** 2, axis=0)
             better = err < best_err
             if np.any(better):

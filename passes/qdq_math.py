@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from ..ir.graph import Graph
 
 __all__ = ["qmax", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
-           "block_size_for", "QuantizedWeight", "quantize_weight", "GRANULARITIES"]
+           "block_size_for", "QuantizedWeight", "quantize_weight", "fake_quant_blocks", "GRANULARITIES"]
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
 _STORAGE = {(8, True): np.int8, (8, False): np.uint8, (4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4}
@@ -146,6 +146,22 @@ def quantize_weight(w: np.ndarray, out_axis: int, bits: int = 8, granularity: st
     q = np.clip(np.rint(w / _expand(scale, axis, block)) + _expand(zp, axis, block), lo, hi)
     carrier = np.int8 if symmetric else np.uint8
     return QuantizedWeight(q.astype(carrier).astype(dtype), scale, zp.astype(carrier).astype(dtype), axis, block)
+
+
+def fake_quant_blocks(w_kn: np.ndarray, bits: int, block: int, symmetric: bool = True) -> np.ndarray:
+    """Quantize-dequantize ``[K, N]`` in blocks of ``block`` input channels per output channel, in float only
+    (the same numbers as :func:`quantize_weight` per-group, without building the integer codes): for searches."""
+    k, n = w_kn.shape
+    w = w_kn.reshape(k // block, block, n).astype(np.float32)
+    if symmetric:
+        amax = np.abs(w).max(axis=1, keepdims=True)
+        scale = np.where(amax > 0, amax, np.float32(1.0)) / np.float32(qmax(bits))
+        return (np.clip(np.rint(w / scale), -qmax(bits), qmax(bits)) * scale).reshape(k, n)
+    lo = np.minimum(w.min(axis=1, keepdims=True), 0.0)
+    hi = np.maximum(w.max(axis=1, keepdims=True), 0.0)
+    scale = np.where(hi > lo, hi - lo, np.float32(1.0)) / np.float32(2 ** bits - 1)
+    zp = np.clip(np.rint(-lo / scale), 0, 2 ** bits - 1)
+    return ((np.clip(np.rint(w / scale) + zp, 0, 2 ** bits - 1) - zp) * scale).reshape(k, n)
 
 
 def add_dequantize(graph: Graph, q_const: gs.Constant, scale: np.ndarray, axis: int | None,

@@ -92,3 +92,15 @@ def test_asymmetric_activations(tiny_llama_onnx):
     assert 0 < np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
     with pytest.raises(Exception, match="minmax"):
         QuantizeActivationsPass(symmetric=False, observer="percentile")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_search_fake_quant_is_the_quantizer(symmetric, bits):
+    """The float-only fake quant the AWQ searches use gives exactly what quantize-weights will store."""
+    from llmq.passes.qdq_math import fake_quant_blocks
+
+    w = np.random.default_rng(bits).standard_normal((192, 40)).astype(np.float32)
+    w[:, 3] = 0.0  # an all-zero channel
+    np.testing.assert_array_equal(fake_quant_blocks(w, bits, 64, symmetric),
+                                  quantize_weight(w, 1, bits, "per-group", 64, symmetric).dequantize())
