@@ -13,7 +13,9 @@ per-token INT8 for ONNX Runtime, where a static scale cannot hold them:
 measured with **all the other groups quantized at once** fits the budget (a binary search over the ranking,
 one run per step: the joint effect, not a sum of single-group KLs, which underestimates it several-fold on
 SmolLM2). ``KL ≈ ln(ppl_q / ppl_float)`` on text like the calibration batch, so a budget of ``ln(1.02)``
-aims at +2 % perplexity. The ranking and the joint KL before and after the budget go into the report.
+aims at +2 % perplexity. ``ranking: marginal`` orders groups by what each adds to the joint KL with all
+the others quantized (one more run per group) instead of by its KL alone: interactions make the two differ.
+The ranking and the joint KL before and after the budget go into the report.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class AnalyzeSensitivityPass(Pass):
         tokens: int = 256  # tokens of the calibration batch the measurement runs on
         action: str = "float"  # what the budget does to the groups it takes out: float | per-token
         min_int8_macs: float = 0.0  # action float: at least this share of the decoder's linear MACs keeps INT8 inputs
+        ranking: str = "isolated"  # isolated: KL of the group quantized alone; marginal: KL it adds to all the others
         roles: tuple = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
         def __post_init__(self):
@@ -81,6 +84,8 @@ class AnalyzeSensitivityPass(Pass):
                 raise ValueError("tokens must be ≥ 2")
             if self.action not in ("float", "per-token"):
                 raise ValueError("action must be float or per-token")
+            if self.ranking not in ("isolated", "marginal"):
+                raise ValueError("ranking must be isolated or marginal")
             if not 0.0 <= self.min_int8_macs <= 1.0:
                 raise ValueError("min_int8_macs is a fraction in [0, 1]")
 
@@ -95,10 +100,15 @@ class AnalyzeSensitivityPass(Pass):
         stats = ctx.activation_stats(graph, names)
         scales = {n: amax(stats[n], o.observer, qmax(8)) / qmax(8) for n in names}
         kls, joint = self._measure(graph, ctx, names, scales)
-        ranking = sorted(names, key=lambda n: -kls[n])
+        joint_all = joint(set(names))
+        if o.ranking == "marginal":  # what each group adds with every other group quantized too
+            iterator = ctx.progress(names, "sensitivity (marginal)") if ctx.progress else names
+            marginal = {n: joint_all - joint(set(names) - {n}) for n in iterator}
+            ranking = sorted(names, key=lambda n: -marginal[n])
+        else:
+            ranking = sorted(names, key=lambda n: -kls[n])
         cap = self._mac_cap(ctx.structure(graph), ranking, groups) if o.action == "float" else len(ranking)
         count = min(o.keep_float, cap)
-        joint_all = joint(set(names))
         if o.max_kl is not None:  # the smallest prefix of the ranking whose removal meets the budget
             lo, hi = count, cap
             while lo < hi:

@@ -113,3 +113,15 @@ def test_min_int8_macs_caps_the_float_budget(tiny_llama_onnx):
     assert 0 < len(stats["kept_float"]) < 8 and stats["limited_by_min_int8_macs"]
     rows = layer_table(ctx.structure(graph), ctx.layers, {})
     assert int8_act_mac_fraction(rows, include_lm_head=False) >= 0.75
+
+
+def test_marginal_ranking_meets_the_same_budget_with_no_more_groups(tiny_llama_onnx):
+    graph = load_graph(tiny_llama_onnx)
+    budget = AnalyzeSensitivityPass().run(graph, _ctx()).stats["kl_joint_all"] / 4
+    kept = {}
+    for ranking in ("isolated", "marginal"):
+        ctx = _ctx()
+        stats = AnalyzeSensitivityPass(max_kl=budget, ranking=ranking).run(graph, ctx).stats
+        assert stats["kl_joint_after_budget"] <= budget
+        kept[ranking] = len(stats["kept_float"])
+    assert 0 < kept["marginal"] <= kept["isolated"]
