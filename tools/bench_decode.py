@@ -1,0 +1,93 @@
+"""Generation speed with the KV cache: fp32 against recipes compiled on the KV-cache decoder, ONNX Runtime CPU.
+
+Exports SmolLM2-135M with ``--kv-cache`` (once, cached in --artifacts), compiles each recipe on that graph for
+the onnxruntime backend (4-bit linears lowered to MatMulNBits), then greedy-decodes the same prompt with each
+(batch 1) and prints prefill and decode tokens/s, size and whether the generated tokens match fp32's.
+A benchmark, not a test: it asserts nothing.
+
+    python tools/bench_decode.py --recipes w4a16 w4a16-rtn w8a8-dynamic --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_spine import run_measured, size_mb  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="artifacts")
+    ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "shared", "data", "wikitext2", "wiki.test.raw"))
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="generations per model (the best rates are kept)")
+    ap.add_argument("--recipes", nargs="*", default=["w4a16", "w4a16-rtn"])
+    ap.add_argument("--accuracy-level", type=int, default=0)
+    ap.add_argument("--calib-data", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from llmq.evaluate import generate, read_eval_text
+    from llmq.frontends.packaged import packaged_gguf
+    from llmq.frontends.torch_export import tokenizer_dir_for
+    from llmq.tokenizer import load_tokenizer
+
+    os.makedirs(args.artifacts, exist_ok=True)
+    fp32 = os.path.join(args.artifacts, "smollm2-kv.onnx")
+    if not os.path.exists(fp32):
+        print(f"exporting the SmolLM2-135M KV-cache decoder to {fp32} ...", flush=True)
+        run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", fp32, "--kv-cache", "--quiet"])
+    models = [("fp32", fp32, None)]
+    for recipe in args.recipes:
+        out = os.path.join(args.artifacts, f"smollm2-kv-{recipe}")
+        cmd = [sys.executable, "-m", "llmq", "compile", fp32, "--recipe", recipe, "-o", out, "--overwrite", "--quiet",
+               "--backend", "onnxruntime", "--accuracy-level", str(args.accuracy_level)]
+        if args.calib_data:
+            cmd += ["--calib-data", args.calib_data]
+        print(f"compiling {recipe} on the KV-cache decoder ...", flush=True)
+        secs, rss = run_measured(cmd)
+        models.append((recipe, os.path.join(out, "model.onnx"), (secs, rss)))
+
+    tok = load_tokenizer(tokenizer_dir_for(fp32))
+    ids = tok(read_eval_text(args.text)[:20000], add_special_tokens=False)["input_ids"][:args.prompt_tokens]
+    import numpy as np
+
+    prompt = np.asarray([ids])
+    rows, reference = [], None
+    for name, path, compiled in models:
+        best = None
+        for _ in range(args.repeats):
+            res = generate(path, prompt, args.new_tokens, None, args.accuracy_level)
+            if best is None or (res["decode_tokens_per_s"] or 0) > (best["decode_tokens_per_s"] or 0):
+                best = {**res, "prefill_tokens_per_s": max(res["prefill_tokens_per_s"], best["prefill_tokens_per_s"])
+                        if best else res["prefill_tokens_per_s"]}
+        reference = reference or best["tokens"]
+        same = sum(a == b for a, b in zip(best["tokens"], reference))
+        rows.append({"model": name, "prefill_tokens_per_s": best["prefill_tokens_per_s"],
+                     "decode_tokens_per_s": best["decode_tokens_per_s"],
+                     "size_mb": round(size_mb(path if compiled is None else os.path.dirname(path)), 1),
+                     "tokens_matching_fp32": f"{same}/{len(reference)}",
+                     "compile_s": None if compiled is None else round(compiled[0], 1),
+                     "text": tok.decode(best["tokens"])})
+    base = rows[0]
+    print(f"\nSmolLM2-135M KV-cache decoder, ONNX Runtime CPU, batch 1, prompt {prompt.shape[1]} tokens, "
+          f"{args.new_tokens} new tokens (greedy), accuracy level {args.accuracy_level}")
+    print(f"{'model':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'× fp32':>7} {'MB':>7} {'same tokens':>12}")
+    for r in rows:
+        print(f"{r['model']:<14} {r['prefill_tokens_per_s']:>14.0f} {r['decode_tokens_per_s']:>13.1f} "
+              f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:>7.2f} {r['size_mb']:>7.1f} {r['tokens_matching_fp32']:>12}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
