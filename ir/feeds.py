@@ -17,8 +17,8 @@ def prompt_feeds(inputs: list, ids: np.ndarray, past: dict | None = None) -> dic
     """Feeds for running ``ids [batch, seq]`` through a graph with ``inputs`` (``(name, shape)`` pairs; shape
     entries ints or symbolic names). ``past``: the previous step's ``present.*`` outputs by input name, or None
     for an empty cache. Inputs not named here (e.g. a pass's own switches) are left to the caller."""
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    batch, seq = ids.shape
+    ids = np.ascontiguousarray(ids)  # token ids; any other graph's single input passes through as it is
+    batch, seq = ids.shape[:2]
     start = 0
     if past:
         start = next(iter(past.values())).shape[2]
