@@ -14,7 +14,7 @@ install:
 
 demo: install
 	$(PYTHON) tools/bench_spine.py --artifacts $(ARTIFACTS) --text $(WIKI) --windows $(WINDOWS) \
-		--recipes w8a16 w8a8@onnxruntime w8a8-dynamic@onnxruntime
+		--recipes w8a16 w8a8@onnxruntime w8a8-dynamic@onnxruntime w4a16@onnxruntime
 
 test: install
 	$(PYTHON) -m pytest -q -rs tests

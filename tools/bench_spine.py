@@ -4,7 +4,7 @@ Exports SmolLM2-135M (once, cached in --artifacts), compiles each recipe in a su
 peak RSS measured per compile), evaluates WikiText-2 perplexity and ONNX Runtime prefill tokens/s, and
 prints the table plus the worst layers by SQNR. A benchmark, not a test: it asserts nothing.
 
-    python tools/bench_spine.py --windows 40 --recipes w8a16 w8a8 w8a8-dynamic@onnxruntime
+    python tools/bench_spine.py --windows 40 --recipes w8a16 w8a8 w8a8-dynamic@onnxruntime w4a16@onnxruntime
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def main() -> int:
     ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "shared", "data", "wikitext2", "wiki.test.raw"))
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--recipes", nargs="+", default=["w8a16", "w8a8-plain", "w8a8-plain@onnxruntime", "w8a8",
-                                                    "w8a8@onnxruntime", "w8a8-dynamic@onnxruntime"],
+    ap.add_argument("--recipes", nargs="+", default=["w8a16", "w8a8@onnxruntime", "w8a8-kv8@onnxruntime",
+                                                    "w8a8-dynamic@onnxruntime", "w4a16-rtn@onnxruntime",
+                                                    "w4a16@onnxruntime", "w4a16-gptq@onnxruntime"],
                     help="recipe names; recipe@backend compiles for that backend (default backend qdq)")
     ap.add_argument("--calib-data", default=None, help="calibration text (default: llmq's built-in text)")
     ap.add_argument("--json", default=None, help="also write the results here")
