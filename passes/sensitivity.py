@@ -14,7 +14,8 @@ measured with **all the other groups quantized at once** fits the budget (a bina
 one run per step: the joint effect, not a sum of single-group KLs, which underestimates it several-fold on
 SmolLM2). ``KL ≈ ln(ppl_q / ppl_float)`` on text like the calibration batch, so a budget of ``ln(1.02)``
 aims at +2 % perplexity. ``ranking: marginal`` orders groups by what each adds to the joint KL with all
-the others quantized (one more run per group) instead of by its KL alone: interactions make the two differ.
+the others quantized (one more run per group) instead of by its KL alone: interactions make the two differ;
+``marginal-per-mac`` divides that by the group's MACs, for budgets bound by ``min_int8_macs``.
 The ranking and the joint KL before and after the budget go into the report.
 """
 
@@ -71,7 +72,9 @@ class AnalyzeSensitivityPass(Pass):
         tokens: int = 256  # tokens of the calibration batch the measurement runs on
         action: str = "float"  # what the budget does to the groups it takes out: float | per-token
         min_int8_macs: float = 0.0  # action float: at least this share of the decoder's linear MACs keeps INT8 inputs
-        ranking: str = "isolated"  # isolated: KL of the group quantized alone; marginal: KL it adds to all the others
+        # isolated: KL of the group quantized alone; marginal: KL it adds to all the others; marginal-per-mac: that
+        # per linear MAC of the group (the most loss removed per float MAC under a min_int8_macs floor)
+        ranking: str = "isolated"
         roles: tuple = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
         def __post_init__(self):
@@ -84,8 +87,8 @@ class AnalyzeSensitivityPass(Pass):
                 raise ValueError("tokens must be ≥ 2")
             if self.action not in ("float", "per-token"):
                 raise ValueError("action must be float or per-token")
-            if self.ranking not in ("isolated", "marginal"):
-                raise ValueError("ranking must be isolated or marginal")
+            if self.ranking not in ("isolated", "marginal", "marginal-per-mac"):
+                raise ValueError("ranking must be isolated, marginal or marginal-per-mac")
             if not 0.0 <= self.min_int8_macs <= 1.0:
                 raise ValueError("min_int8_macs is a fraction in [0, 1]")
 
@@ -101,9 +104,11 @@ class AnalyzeSensitivityPass(Pass):
         scales = {n: amax(stats[n], o.observer, qmax(8)) / qmax(8) for n in names}
         kls, joint = self._measure(graph, ctx, names, scales)
         joint_all = joint(set(names))
-        if o.ranking == "marginal":  # what each group adds with every other group quantized too
+        if o.ranking.startswith("marginal"):  # what each group adds with every other group quantized too
             iterator = ctx.progress(names, "sensitivity (marginal)") if ctx.progress else names
             marginal = {n: joint_all - joint(set(names) - {n}) for n in iterator}
+            if o.ranking == "marginal-per-mac":
+                marginal = {n: v / sum(lin.macs_per_token for lin in groups[n]) for n, v in marginal.items()}
             ranking = sorted(names, key=lambda n: -marginal[n])
         else:
             ranking = sorted(names, key=lambda n: -kls[n])

@@ -119,7 +119,7 @@ def test_marginal_ranking_meets_the_same_budget_with_no_more_groups(tiny_llama_o
     graph = load_graph(tiny_llama_onnx)
     budget = AnalyzeSensitivityPass().run(graph, _ctx()).stats["kl_joint_all"] / 4
     kept = {}
-    for ranking in ("isolated", "marginal"):
+    for ranking in ("isolated", "marginal", "marginal-per-mac"):
         ctx = _ctx()
         stats = AnalyzeSensitivityPass(max_kl=budget, ranking=ranking).run(graph, ctx).stats
         assert stats["kl_joint_after_budget"] <= budget
