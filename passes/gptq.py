@@ -14,6 +14,11 @@ Per linear with input X (rows = tokens) and weight ``W [N, K]`` (output × input
    ``W[:, i:] −= e · U[i, i:]`` inside the block, then the whole block's error to the columns after it.
    Without act-order the group scales are found on the updated weight when a group starts.
 
+Held-out check (default on): per linear, GPTQ fitted on the even calibration batches is measured on the odd
+ones' Hessian (``tr(ΔᵀHΔ)`` is the output error) and vice versa; where that two-fold error is not below
+RTN's, the linear keeps RTN — GPTQ can fit its calibration text's input statistics at the expense of others
+(measured on SmolLM2's down projections). With one calibration batch both halves are that batch.
+
 The quantized weight is written here (``DequantizeLinear`` of an int4/int8 initializer, blocked along K),
 not left to ``quantize-weights``: re-deriving scales from GPTQ's output would move it off its grid.
 Hessians come from the float model (the reference quantizes layers sequentially on the quantized model's
@@ -42,18 +47,33 @@ DEFAULT_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
 
 def hessians(graph: Graph, ctx: PassContext, names: list) -> dict:
-    """``{tensor: (H = 2/n Σ xᵀx as float64 [K, K], n)}`` over all calibration batches, streamed."""
+    """``{tensor: (H_even, H_odd)}``: ``H = 2/n Σ xᵀx`` (float64 ``[K, K]``) over the even and the odd
+    calibration batches, streamed; their mean (equal batch sizes) is the Hessian of all batches."""
     if ctx.stream_provider is None:
         raise ValueError("GPTQ needs calibration batches")
     acc: dict = {}
+    seen: dict = {}
 
     def each(name, value):
         x = value.reshape(-1, value.shape[-1]).astype(np.float64)
-        h, n = acc.get(name, (0.0, 0))
-        acc[name] = (h + x.T @ x, n + len(x))
+        half = seen.get(name, 0) % 2
+        seen[name] = seen.get(name, 0) + 1
+        parts = acc.setdefault(name, [[0.0, 0], [0.0, 0]])
+        parts[half][0] = parts[half][0] + x.T @ x
+        parts[half][1] += len(x)
 
     ctx.stream_provider(graph, names, each)
-    return {name: (2.0 / n) * h for name, (h, n) in acc.items()}
+    out = {}
+    for name, ((h0, n0), (h1, n1)) in acc.items():
+        even = (2.0 / n0) * h0
+        out[name] = (even, (2.0 / n1) * h1 if n1 else even)
+    return out
+
+
+def heldout_error(w_kn: np.ndarray, q_kn: np.ndarray, h: np.ndarray) -> float:
+    """``‖X(W − Q)‖²`` per token up to a constant, from the held-out inputs' Hessian: ``tr(Δᵀ H Δ)``."""
+    d = (w_kn - q_kn).astype(np.float64)
+    return float(np.sum(d * (h @ d)))
 
 
 def _group_params(w_block_kn: np.ndarray, bits: int, symmetric: bool) -> tuple:
@@ -130,6 +150,7 @@ class GPTQPass(Pass):
         damp: float = 0.01
         block: int = 128
         act_order: bool = True
+        holdout_check: bool = True  # per linear, keep RTN where GPTQ loses on the other half of the batches
         roles: tuple = DEFAULT_ROLES
 
         def __post_init__(self):
@@ -146,31 +167,43 @@ class GPTQPass(Pass):
         hs = hessians(graph, ctx, names)
         sample = ctx.activation_sample(graph, names) if ctx.sample_provider else {}
         kind = f"{'int' if o.symmetric else 'uint'}{o.bits}"
-        gains = []
+        gains, fallbacks = [], 0
         iterator = ctx.progress(linears, self.name) if ctx.progress else linears
         for lin in iterator:
             w = weight_matrix(lin).astype(np.float32)
             w_kn = w if lin.weight_axis == 1 else w.T
-            qw = gptq_quantize(w_kn, hs[lin.act.name], o.bits, o.group_size, o.symmetric, o.damp, o.block, o.act_order)
+            h_even, h_odd = hs[lin.act.name]
+            args = (o.bits, o.group_size, o.symmetric, o.damp, o.block, o.act_order)
+            method, cv_ratio = "gptq", None
+            rtn = quantize_weight(w_kn, 1, o.bits, "per-group", o.group_size, o.symmetric)
+            if o.holdout_check:  # two-fold: fit on one half of the batches, measure on the other
+                w_rtn = rtn.dequantize()
+                cv_gptq = (heldout_error(w_kn, gptq_quantize(w_kn, h_even, *args).dequantize(), h_odd)
+                           + heldout_error(w_kn, gptq_quantize(w_kn, h_odd, *args).dequantize(), h_even))
+                cv_rtn = heldout_error(w_kn, w_rtn, h_odd) + heldout_error(w_kn, w_rtn, h_even)
+                cv_ratio = cv_gptq / max(cv_rtn, 1e-30)
+                if cv_gptq >= cv_rtn:
+                    method = "rtn"
+                    fallbacks += 1
+            qw = gptq_quantize(w_kn, (h_even + h_odd) / 2, *args) if method == "gptq" else rtn
             if lin.weight_axis == 0:  # Gemm transB: stored [N, K], blocks along axis 1
                 qw = QuantizedWeight(qw.q.T.copy(), qw.scale.T.copy(), qw.zero_point.T.copy(), 1, qw.block_size)
             q = graph.make_constant(f"{lin.name}.weight_{kind}", qw.q, self.name)
             lin.node.inputs[1] = add_dequantize(graph, q, qw.scale, qw.axis, self.name, f"{lin.name}.weight",
                                                 zero_point=qw.zero_point, block_size=qw.block_size)
             row = dict(weight_bits=o.bits, weight_granularity="per-group", weight_block_size=qw.block_size,
-                       weight_symmetric=o.symmetric, weight_method="gptq", weight_axis=qw.axis,
-                       weight_sqnr_db=round(sqnr_db(w, qw.dequantize()), 2))
+                       weight_symmetric=o.symmetric, weight_method=method, weight_axis=qw.axis,
+                       weight_sqnr_db=round(sqnr_db(w, qw.dequantize()), 2), gptq_heldout_err_ratio=cv_ratio)
             x = sample.get(lin.act.name)
             if x is not None:
                 x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
                 ref = x2 @ w_kn
-                rtn = quantize_weight(w_kn, 1, o.bits, "per-group", o.group_size, o.symmetric).dequantize()
                 mine = qw.dequantize() if lin.weight_axis == 1 else qw.dequantize().T
                 den = max(float(np.sum(ref ** 2)), 1e-30)
-                row["weight_out_err_rtn"] = float(np.sum((ref - x2 @ rtn) ** 2) / den)
+                row["weight_out_err_rtn"] = float(np.sum((ref - x2 @ rtn.dequantize()) ** 2) / den)
                 row["weight_out_err_gptq"] = float(np.sum((ref - x2 @ mine) ** 2) / den)
                 gains.append(row["weight_out_err_gptq"] / max(row["weight_out_err_rtn"], 1e-30))
             ctx.record(lin.name, **row)
-        return PassResult(True, {"quantized": len(linears), "format": kind,
+        return PassResult(True, {"quantized": len(linears), "format": kind, "rtn_fallbacks": fallbacks,
                                  "median_err_ratio_vs_rtn": float(np.median(gains)) if gains else None})
 

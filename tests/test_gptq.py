@@ -88,3 +88,19 @@ def _heldout_errors(path, *quantized):
             errs.append(float(np.sum((ref - x @ w) ** 2) / np.sum(ref ** 2)))
         out.append((lin.name, *errs))
     return out
+
+
+def test_heldout_error_is_the_output_error():
+    """The held-out measure the two-fold check uses is the output error on the held-out inputs (times 2), and
+    on inputs the fitting half describes well it ranks GPTQ before RTN."""
+    from llmq.passes.gptq import heldout_error
+
+    x, w = _layer_problem(t=512)
+    h = lambda a: 2.0 / len(a) * (a.astype(np.float64).T @ a)  # noqa: E731
+    good_even, good_odd = h(x[::2]), h(x[1::2])
+    q = gptq_quantize(w, good_even, 4, 32)
+    rtn = quantize_weight(w, 1, 4, "per-group", 32, True).dequantize()
+    assert heldout_error(w, q.dequantize(), good_odd) < heldout_error(w, rtn, good_odd)
+    # exact identity: tr(ΔᵀHΔ) is the mean squared output error times 2
+    d = w - rtn
+    assert heldout_error(w, rtn, good_odd) == pytest.approx(2.0 * np.sum((x[1::2] @ d) ** 2) / len(x[1::2]), rel=1e-6)
