@@ -60,6 +60,18 @@ def _int8_weight(tensor: gs.Tensor):
     return w, scale
 
 
+def _replace_with_contrib_op(graph: Graph, node: gs.Node, op: str, inputs: list, attrs: dict, pass_name: str) -> None:
+    """Put a ``com.microsoft`` ``op`` in place of ``node`` (it takes over the node's output)."""
+    out = node.outputs[0]
+    node.outputs.clear()
+    fused = gs.Node(op, name=graph.unique_name(f"{pass_name}/{node.name}"), domain="com.microsoft", attrs=attrs,
+                    inputs=inputs, outputs=[out])
+    graph.gs.nodes.append(fused)
+    graph.tag(fused.name, pass_name)
+    graph.other_opsets.setdefault("com.microsoft", 1)
+    graph.touch()
+
+
 class LowerToIntegerMatMulPass(Pass):
     """Rewrite ``MatMul(DQ(Q(x)), DQ(W_int8))`` into ``com.microsoft.MatMulIntegerToFloat``.
 
@@ -94,16 +106,8 @@ class LowerToIntegerMatMulPass(Pass):
                 shared[key] = (q, zp)
             q, zp = shared[key]
             b_zp = graph.make_constant("b_zero_point", np.zeros(w_scale.values.shape, np.int8), self.name)
-            out = node.outputs[0]
-            node.outputs.clear()
-            fused = gs.Node("MatMulIntegerToFloat", name=graph.unique_name(f"{self.name}/{node.name}"),
-                            domain="com.microsoft", inputs=[q, w, a_scale, w_scale, zp, b_zp], outputs=[out])
-            graph.gs.nodes.append(fused)
-            graph.tag(fused.name, self.name)
+            _replace_with_contrib_op(graph, node, "MatMulIntegerToFloat", [q, w, a_scale, w_scale, zp, b_zp], {}, self.name)
             lowered += 1
-        if lowered:
-            graph.other_opsets.setdefault("com.microsoft", 1)
-            graph.touch()
         return PassResult(lowered > 0, {"lowered": lowered})
 
 
@@ -183,16 +187,7 @@ class LowerBlockInt4ToMatMulNBitsPass(Pass):
                       graph.make_constant(f"{node.name}_nbits_scales", s, self.name)]
             if zp_packed is not None:
                 inputs.append(graph.make_constant(f"{node.name}_nbits_zero_points", zp_packed, self.name))
-            out = node.outputs[0]
-            node.outputs.clear()
-            fused = gs.Node("MatMulNBits", name=graph.unique_name(f"{self.name}/{node.name}"), domain="com.microsoft",
-                            attrs={"K": k, "N": n, "bits": 4, "block_size": block,
-                                   "accuracy_level": self.options.accuracy_level},
-                            inputs=inputs, outputs=[out])
-            graph.gs.nodes.append(fused)
-            graph.tag(fused.name, self.name)
+            _replace_with_contrib_op(graph, node, "MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": block,
+                                                                    "accuracy_level": self.options.accuracy_level}, self.name)
             lowered += 1
-        if lowered:
-            graph.other_opsets.setdefault("com.microsoft", 1)
-            graph.touch()
         return PassResult(lowered > 0, {"lowered": lowered, "accuracy_level": self.options.accuracy_level})

@@ -13,7 +13,7 @@ import tempfile
 
 import onnx
 
-from ..ir.feeds import prompt_feeds
+from ..ir.feeds import input_specs, prompt_feeds
 from ..ir.graph import Graph
 from ..ir.passes import TWO_GB, save_model
 from .observers import TensorStats
@@ -58,7 +58,7 @@ def _expose(graph: Graph, names: list) -> onnx.ModelProto:
 def run_with_outputs(graph: Graph, names: list, batches, each, progress=None) -> None:
     """Run every batch with ``names`` exposed; call ``each(name, array)`` per tensor per batch."""
     model = _expose(graph, names)
-    inputs = [(t.name, list(t.shape) if t.shape is not None else None) for t in graph.gs.inputs]
+    inputs = input_specs(graph.gs.inputs)
     with tempfile.TemporaryDirectory() as tmpdir:
         session = _session(model, tmpdir)
         del model

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["prompt_feeds", "is_kv_decoder"]
+__all__ = ["prompt_feeds", "is_kv_decoder", "input_specs"]
+
+
+def input_specs(tensors) -> list:
+    """``(name, shape)`` pairs of graph inputs (onnx-graphsurgeon tensors), as :func:`prompt_feeds` takes them."""
+    return [(t.name, list(t.shape) if t.shape is not None else None) for t in tensors]
 
 
 def is_kv_decoder(inputs: list) -> bool:

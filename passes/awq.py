@@ -28,7 +28,7 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.passes import PassContext
-from .qdq_math import block_size_for, fake_quant_blocks
+from .qdq_math import block_size_for, fake_quant_blocks, relative_error
 from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
 __all__ = ["ActivationAwareScalesPass", "weight_fake_quant", "clip_search"]
@@ -39,10 +39,6 @@ logger = logging.getLogger(__name__)
 def weight_fake_quant(w_kn: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
     """Quantize-dequantize a ``[K, N]`` weight with the per-group quantizer ``quantize-weights`` applies."""
     return fake_quant_blocks(w_kn, bits, block_size_for(w_kn.shape[0], group), symmetric)
-
-
-def _rel_err(ref: np.ndarray, approx: np.ndarray) -> float:
-    return float(np.sum((ref - approx) ** 2) / max(float(np.sum(ref ** 2)), 1e-30))
 
 
 def clip_search(x: np.ndarray, w_kn: np.ndarray, bits: int, group: int, symmetric: bool, grid: int = 20,
@@ -135,7 +131,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         _, r, s = best
         s_fold = s.astype(np.float32)
         s = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
-        rtn = [_rel_err(ref, x @ weight_fake_quant(w, o.bits, o.group_size, o.symmetric)) for w, ref in zip(weights, refs)]
+        rtn = [relative_error(ref, x @ weight_fake_quant(w, o.bits, o.group_size, o.symmetric)) for w, ref in zip(weights, refs)]
         self._pending = {m.name: e for m, e in zip(members, rtn)}
         return s, s_fold, {"awq_ratio": r}
 
@@ -150,7 +146,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 w = clip_search(xc, w, o.bits, o.group_size, o.symmetric, o.grid, o.max_shrink)
                 stored = w if m.weight_axis == 1 else w.T
                 m.node.inputs[1] = graph.make_constant(f"{m.name}.weight_clipped", np.ascontiguousarray(stored), self.name)
-            err = _rel_err(ref, x @ weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
+            err = relative_error(ref, x @ weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
             ctx.record(m.name, weight_out_err_rtn=self._pending.get(m.name), weight_out_err_awq=err,
                        awq_clipped=bool(o.clip and m.role not in ("q", "k", "qkv")))
 

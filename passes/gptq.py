@@ -36,7 +36,7 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import QuantizedWeight, add_dequantize, block_size_for, qmax, quantize_weight, sqnr_db
+from .qdq_math import QuantizedWeight, add_dequantize, block_size_for, qmax, quantize_weight, relative_error, sqnr_db
 from .select import selected_linears
 
 __all__ = ["GPTQPass", "gptq_quantize", "hessians"]
@@ -199,9 +199,8 @@ class GPTQPass(Pass):
                 x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
                 ref = x2 @ w_kn
                 mine = qw.dequantize() if lin.weight_axis == 1 else qw.dequantize().T
-                den = max(float(np.sum(ref ** 2)), 1e-30)
-                row["weight_out_err_rtn"] = float(np.sum((ref - x2 @ rtn.dequantize()) ** 2) / den)
-                row["weight_out_err_gptq"] = float(np.sum((ref - x2 @ mine) ** 2) / den)
+                row["weight_out_err_rtn"] = relative_error(ref, x2 @ rtn.dequantize())
+                row["weight_out_err_gptq"] = relative_error(ref, x2 @ mine)
                 gains.append(row["weight_out_err_gptq"] / max(row["weight_out_err_rtn"], 1e-30))
             ctx.record(lin.name, **row)
         return PassResult(True, {"quantized": len(linears), "format": kind, "rtn_fallbacks": fallbacks,

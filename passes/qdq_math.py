@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from ..ir.graph import Graph
 
 __all__ = ["qmax", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
-           "block_size_for", "QuantizedWeight", "quantize_weight", "fake_quant_blocks", "GRANULARITIES"]
+           "relative_error", "block_size_for", "QuantizedWeight", "quantize_weight", "fake_quant_blocks", "GRANULARITIES"]
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
 _STORAGE = {(8, True): np.int8, (8, False): np.uint8, (4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4}
@@ -56,6 +56,12 @@ def quantize(x: np.ndarray, scale: np.ndarray, axis: int | None, bits: int, narr
 def fake_quant(x: np.ndarray, scale, axis: int | None, bits: int, narrow: bool = True) -> np.ndarray:
     scale = np.asarray(scale, dtype=np.float32)
     return quantize(x, scale, axis, bits, narrow).astype(np.float32) * _broadcast(scale, x.ndim, axis)
+
+
+def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
+    """``Σ (y − ŷ)² / Σ y²`` (what :func:`sqnr_db` puts in dB, as a plain ratio)."""
+    ref = reference.astype(np.float64)
+    return float(np.sum((ref - approx) ** 2) / max(float(np.sum(ref ** 2)), 1e-30))
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:

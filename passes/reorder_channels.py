@@ -28,8 +28,8 @@ from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import Linear
 from .select import selected_linears
-from .smooth_attention import _head_dim, fused_parts
-from .smooth_quant import _bias_after, _private_weight, _swap_input, _weight
+from .smooth_attention import fused_parts
+from .smooth_quant import _bias_after, _private_weight, _swap_input, _weight, head_dim, reshape_target_tail
 
 __all__ = ["ReorderChannelsPass"]
 
@@ -37,19 +37,6 @@ logger = logging.getLogger(__name__)
 
 _ELEMENTWISE = {"Mul", "Sigmoid", "Tanh", "Erf", "Div", "Add", "Relu", "Gelu", "FastGelu", "Softplus", "Pow",
                 "HardSigmoid", "HardSwish", "Identity", "Cast"}
-
-
-def _reshape_keeps_last(node: gs.Node, width: int) -> bool:
-    """A Reshape whose target shape ends in ``width`` (flattening or restoring the token axes only)."""
-    shape = node.inputs[1]
-    if isinstance(shape, gs.Constant):
-        last = np.asarray(shape.values).reshape(-1)[-1:]
-    else:
-        concat = Graph.producer(shape)
-        if concat is None or concat.op != "Concat" or not isinstance(concat.inputs[-1], gs.Constant):
-            return False
-        last = np.asarray(concat.inputs[-1].values).reshape(-1)[-1:]
-    return last.size == 1 and int(last[0]) == width
 
 
 def _feeding_linears(tensor: gs.Tensor, width: int, by_output: dict, depth: int = 12):
@@ -72,7 +59,7 @@ def _feeding_linears(tensor: gs.Tensor, width: int, by_output: dict, depth: int 
             node = Graph.producer(t)
             if node is None:
                 return "reaches a graph input"
-            if node.op == "Reshape" and _reshape_keeps_last(node, width):
+            if node.op == "Reshape" and reshape_target_tail(node)[0] == width:  # token axes only
                 on_path.add(id(node))
                 nxt.append(node.inputs[0])
                 continue
@@ -209,7 +196,7 @@ class ReorderChannelsPass(Pass):
             if not _private_weight(side[0]):
                 return "the value projection's weight is shared"
             width = side[2] - side[1]
-            d = _head_dim(side[3])
+            d = head_dim(side[3])
             if d is None or lin.in_features % width or width % d:
                 return "head layout of the attention context not found"
             consts = _scalings_since(lin.act, nodes[blocks[lin.layer]["context"]], lin.in_features) \

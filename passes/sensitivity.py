@@ -28,7 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..calib.observers import OBSERVERS, amax
-from ..ir.feeds import prompt_feeds
+from ..ir.feeds import input_specs, prompt_feeds
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from .qdq_math import qmax
@@ -179,8 +179,7 @@ class AnalyzeSensitivityPass(Pass):
                         c.inputs[j] = sw
             flags.append(flag.name)
         session = session_for(probe.to_model())
-        inputs = [(t.name, list(t.shape) if t.shape is not None else None) for t in probe.gs.inputs
-                  if t.name not in flags]
+        inputs = input_specs(t for t in probe.gs.inputs if t.name not in flags)
         feeds = {**prompt_feeds(inputs, sample), **{f: np.asarray(False) for f in flags}}
         ref = session.run(None, feeds)[0][0]
         ref_lp = _log_softmax(ref)

