@@ -64,6 +64,8 @@ def load_calibration(path: str | None, tokenizer, samples: int, seq_len: int,
         if ids.ndim != 2 or ids.shape[1] < 2:
             raise LlmqError(f"{path}: input_ids must be [samples, seq_len] with seq_len ≥ 2, got {list(ids.shape)}")
         _check_ids(ids, vocab_size, path)
+        if len(ids) < samples:
+            logger.warning("%s holds %d calibration windows; using them instead of %d", path, len(ids), samples)
         return ids[:samples]
     if tokenizer is None:
         raise LlmqError("calibration text needs the model's tokenizer",

@@ -17,7 +17,7 @@ import warnings
 
 from ..ir.errors import LlmqError
 
-__all__ = ["export_hf", "export_module", "load_hf", "tokenizer_dir_for"]
+__all__ = ["calib_path_for", "export_hf", "export_module", "load_hf", "self_calibration", "tokenizer_dir_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,40 @@ LARGE = 1800 << 20  # parameters above this many bytes go to external data
 def tokenizer_dir_for(model_path: str) -> str:
     stem = os.path.splitext(os.path.abspath(model_path))[0]
     return stem + ".tokenizer"
+
+
+def calib_path_for(model_path: str) -> str:
+    """Where ``llmq-export --self-calib`` writes the model's own calibration tokens (``llmq-compile`` looks there)."""
+    return os.path.splitext(os.path.abspath(model_path))[0] + ".calib.npz"
+
+
+def self_calibration(model, samples: int, seq_len: int, seed: int = 0, progress=None):
+    """``[samples, seq_len]`` token ids sampled from ``model`` itself (data-free calibration, as LLM-QAT does):
+    each window starts from a uniformly random token and continues by plain sampling (temperature 1, no
+    top-k/top-p, on past any end-of-text token), so the windows follow the model's own distribution of text.
+    Deterministic for a given seed (torch CPU)."""
+    import torch
+
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    firsts = torch.randint(0, vocab, (samples, 1), generator=gen)
+    rows = []
+    chunks = range(0, samples, 16)
+    for start in (progress(chunks) if progress else chunks):
+        ids = firsts[start:start + 16]
+        cache = None
+        out = [ids]
+        position = 0
+        with torch.no_grad():
+            for _ in range(seq_len - 1):
+                pos = torch.arange(position, position + ids.shape[1]).expand(ids.shape[0], -1)
+                result = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+                cache, position = result.past_key_values, position + ids.shape[1]
+                probs = torch.softmax(result.logits[:, -1].double(), dim=-1)
+                ids = torch.multinomial(probs, 1, generator=gen)
+                out.append(ids)
+        rows.append(torch.cat(out, dim=1))
+    return torch.cat(rows).numpy().astype("int64")
 
 
 def load_hf(source: str):
@@ -159,8 +193,13 @@ def export_module(module, example_inputs: tuple, output: str, input_names: list,
     return output
 
 
-def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False) -> dict:
-    """Export a HF folder or .gguf file to ``output``; returns {model, tokenizer, vocab_size}.
+def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False, self_calib: int = 0,
+              calib_seq_len: int = 512, progress=None) -> dict:
+    """Export a HF folder or .gguf file to ``output``; returns {model, tokenizer, vocab_size, calib}.
+
+    ``self_calib``: also sample that many windows of ``calib_seq_len`` tokens from the model itself and write
+    them beside the output as ``<name>.calib.npz`` (``llmq-compile`` calibrates on them when no
+    ``--calib-data`` is given).
 
     ``kv_cache``: a decoder with ``position_ids`` and ``past_key_values.{i}.{key,value}`` inputs
     (``[batch, kv_heads, past, head_dim]``) and ``present.{i}.{key,value}`` outputs, for generation; the
@@ -194,4 +233,13 @@ def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False)
         tok_dir = tokenizer_dir_for(output)
         shutil.rmtree(tok_dir, ignore_errors=True)
         tokenizer.save_pretrained(tok_dir)
-    return {"model": output, "tokenizer": tok_dir, "vocab_size": vocab}
+    calib = None
+    if self_calib > 0:
+        import numpy as np
+
+        ids = self_calibration(model, self_calib, calib_seq_len, progress=progress)
+        calib = calib_path_for(output)
+        tmp = calib + ".tmp.npz"
+        np.savez(tmp, input_ids=ids)
+        os.replace(tmp, calib)
+    return {"model": output, "tokenizer": tok_dir, "vocab_size": vocab, "calib": calib}

@@ -61,6 +61,7 @@ class Graph:
     node_metadata: dict = field(default_factory=dict)  # node name -> {key: value}
     other_opsets: dict = field(default_factory=dict)  # domain -> version (non-default domains)
     _names: itertools.count = field(default_factory=itertools.count, repr=False)
+    _taken: set | None = field(default=None, repr=False)
     _nx: nx.DiGraph | None = field(default=None, repr=False)
 
     # ---- conversion (called by frontends/ and backends/ only) ----
@@ -174,11 +175,15 @@ class Graph:
 
     # ---- building (every creation is tagged with the pass that made it) ----
     def unique_name(self, base: str) -> str:
-        taken = self.tensors()
-        names = {n.name for n in self.gs.nodes}
+        """``base_<n>`` with a counter no other name in the graph uses. The graph's own names are read once
+        (walking the graph per call made a pass over 2000 new tensors spend 20 s here); every name handed
+        out is remembered, and passes create tensors and nodes only through this."""
+        if self._taken is None:
+            self._taken = set(self.tensors()) | {n.name for n in self.gs.nodes}
         while True:
             candidate = f"{base}_{next(self._names)}"
-            if candidate not in taken and candidate not in names:
+            if candidate not in self._taken:
+                self._taken.add(candidate)
                 return candidate
 
     def tag(self, name: str, pass_name: str) -> None:

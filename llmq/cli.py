@@ -74,6 +74,9 @@ def export_main(argv=None) -> int:
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--kv-cache", action="store_true",
                    help="export a KV-cache decoder (position_ids, past_key_values.* in, present.* out) for generation")
+    p.add_argument("--self-calib", type=int, default=0, metavar="N",
+                   help="also sample N windows of 512 tokens of calibration text from the model itself, written "
+                        "beside the output as <name>.calib.npz; llmq-compile uses it when no --calib-data is given")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _common(p)
 
@@ -83,10 +86,19 @@ def export_main(argv=None) -> int:
 
         if os.path.exists(args.output) and not args.overwrite:
             raise LlmqError(f"{args.output} already exists", "pass --overwrite to replace it")
-        info = export_hf(args.source, args.output, opset=args.opset, kv_cache=args.kv_cache)
+        if args.self_calib < 0:
+            raise LlmqError(f"--self-calib must be ≥ 0 (got {args.self_calib})")
+        progress = None
+        if not args.quiet:
+            from tqdm.auto import tqdm
+
+            progress = lambda it: tqdm(it, desc="sampling calibration text", leave=False)  # noqa: E731
+        info = export_hf(args.source, args.output, opset=args.opset, kv_cache=args.kv_cache,
+                         self_calib=args.self_calib, progress=progress)
         if not args.quiet:
             print(f"wrote {info['model']} ({os.path.getsize(info['model']) / 1e6:.1f} MB, vocab {info['vocab_size']})"
-                  + (f" and {info['tokenizer']}" if info["tokenizer"] else ""))
+                  + (f" and {info['tokenizer']}" if info["tokenizer"] else "")
+                  + (f" and {info['calib']} ({args.self_calib} self-sampled calibration windows)" if info["calib"] else ""))
 
     return _run("llmq-export", p, body, argv)
 

@@ -26,7 +26,7 @@ from .backends.qdq import check_tensorrt_rules
 from .calib.collect import collect_stats, run_with_outputs
 from .calib.data import load_calibration
 from .frontends.onnx_loader import load_graph
-from .frontends.torch_export import tokenizer_dir_for
+from .frontends.torch_export import calib_path_for, tokenizer_dir_for
 from .ir.errors import LlmqError
 from .ir.passes import PassContext, PassManager, save_model
 from .ir.structure import discover
@@ -59,7 +59,8 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
             accuracy_level: int = 0) -> CompileResult:
     """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``.
 
-    ``calib``: a .txt/.jsonl/.npz file (default: built-in text); ``tokenizer``: a HF tokenizer folder
+    ``calib``: a .txt/.jsonl/.npz file (default: ``<model>.calib.npz`` beside the model if
+    ``llmq-export --self-calib`` wrote one, else the built-in text); ``tokenizer``: a HF tokenizer folder
     (default: ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names;
     ``max_loss``: the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the
     recipe's count; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit linears (onnxruntime backend:
@@ -89,6 +90,9 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
                         "nothing to compile: check that this is the model you meant")
     times["load_s"] = time.perf_counter() - t0
 
+    if calib is None and os.path.isfile(calib_path_for(model)):
+        calib = calib_path_for(model)
+        logger.info("calibrating on %s (text the model sampled itself at export)", calib)
     tok_path = resolve_tokenizer(tokenizer, tokenizer_dir_for(model))
     tok = check_tokenizer(tok_path, structure.vocab_size) if tok_path else None
     patterns = tuple(recipe.exclude) + tuple(exclude)

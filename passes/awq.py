@@ -3,20 +3,24 @@
 Same exact rewrite as SmoothQuant — ``X·W = (X·diag(s)⁻¹)·(diag(s)·W)`` with ``1/s`` folded into the norm,
 ``v`` (tied across GQA heads), ``up``, or an explicit ``Mul`` — but ``s`` is chosen for the weights'
 quantizer, not for the activations (which stay float, W4A16). Per group of linears reading one tensor X
-(norm → q/k/v, norm → gate/up, v → o, up → down), on a calibration sample of X:
+(norm → q/k/v, norm → gate/up, v → o, up → down):
 
     s(r) = mean|X_j|^r / sqrt(max · min of mean|X|^r),   r = i / grid, i = 0 … grid−1
 
 and r minimises ``Σ_members ‖X·W − (X/s)·Q(diag(s)·W)‖²`` with Q the weight quantizer that follows (4-bit,
 group 128, symmetric by default). The error is the group's own linear outputs (the reference measures the
-whole attention / MLP block output).
+whole attention / MLP block output), taken over **every** calibration token: X's Gram matrix ``XᵀX/n`` and
+mean |X| are streamed over all batches, and ``‖X·Δ‖² = Σ Δ ⊙ (XᵀX Δ)`` — K²·N work per candidate instead of
+tokens·K·N, so the search uses all tokens and stays fast (a 512-token sample, as before, gave SmolLM2-135M
+47.9 at 16 WikiText windows; all 8192 tokens 45.2).
 
 Clip search (after scaling, all linears but q and k): per output channel and input group, the weight range
 shrinks by ``1 − i/grid`` for i < ``max_shrink·grid`` (1.0 → 0.55 with the defaults), keeping the one with
-the least error of that group's partial output ``X_g·W_g`` on up to ``clip_tokens`` tokens; the weight is
-clamped to it in float, so the RTN quantizer that follows (``quantize-weights``) uses the clipped range.
+the least error of that group's partial output ``X_g·W_g`` (its diagonal block of the Gram matrix); the
+weight is clamped to it in float, so the RTN quantizer that follows (``quantize-weights``) uses the clipped
+range.
 
-The report records, per linear, the relative output error of plain RTN and of AWQ on the sample.
+The report records, per linear, the relative output error of plain RTN and of AWQ over the calibration tokens.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.passes import PassContext
-from .qdq_math import block_size_for, fake_quant_blocks, relative_error
+from .qdq_math import block_size_for, fake_quant_blocks
 from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
-__all__ = ["ActivationAwareScalesPass", "weight_fake_quant", "clip_search"]
+__all__ = ["ActivationAwareScalesPass", "clip_search", "output_error", "weight_fake_quant"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,32 +45,59 @@ def weight_fake_quant(w_kn: np.ndarray, bits: int, group: int, symmetric: bool) 
     return fake_quant_blocks(w_kn, bits, block_size_for(w_kn.shape[0], group), symmetric)
 
 
-def clip_search(x: np.ndarray, w_kn: np.ndarray, bits: int, group: int, symmetric: bool, grid: int = 20,
+def output_error(gram: np.ndarray, delta_kn: np.ndarray, axis=None):
+    """``‖X·Δ‖²`` per token from the input's Gram matrix ``XᵀX/n``: ``Σ Δ ⊙ (G Δ)`` (per output channel with
+    ``axis=0``) — exact over every calibration token without holding them."""
+    d = delta_kn.astype(gram.dtype)
+    return np.sum(d * (gram @ d), axis=axis, dtype=np.float64)
+
+
+def clip_search(gram: np.ndarray, w_kn: np.ndarray, bits: int, group: int, symmetric: bool, grid: int = 20,
                 max_shrink: float = 0.5) -> np.ndarray:
-    """Per (input group, output channel) clip ratio minimising the group's partial-output error; returns the
-    clamped weight ``[K, N]``."""
+    """Per (input group, output channel) clip ratio minimising that group's partial-output error
+    ``‖X_g (W_g − Q(clip(W_g)))‖²`` (its block of the Gram matrix); returns the clamped weight ``[K, N]``."""
     k, n = w_kn.shape
     b = block_size_for(k, group)
     out = w_kn.copy()
     steps = max(1, int(max_shrink * grid))
     for g in range(k // b):
-        xg, wg = x[:, g * b:(g + 1) * b], w_kn[g * b:(g + 1) * b]
-        ref = xg @ wg
-        hi, lo = wg.max(axis=0), wg.min(axis=0)
+        rows = slice(g * b, (g + 1) * b)
+        gg, wg = gram[rows, rows], w_kn[rows]
+        hi, lo, amax = wg.max(axis=0), wg.min(axis=0), np.abs(wg).max(axis=0)
         best_err = np.full(n, np.inf)
         best = wg
         for i in range(steps):
             ratio = 1.0 - i / grid
-            wc = np.clip(wg, lo * ratio, hi * ratio) if not symmetric else \
-                np.clip(wg, -np.abs(wg).max(axis=0) * ratio, np.abs(wg).max(axis=0) * ratio)
-            q = fake_quant_blocks(wc, bits, b, symmetric)  # one block: a scale per output channel
-            err = np.mean((xg @ q - ref) ** 2, axis=0)
+            wc = np.clip(wg, -amax * ratio, amax * ratio) if symmetric else np.clip(wg, lo * ratio, hi * ratio)
+            err = output_error(gg, wg - fake_quant_blocks(wc, bits, b, symmetric), axis=0)  # one block per column
             better = err < best_err
             if np.any(better):
                 best_err = np.where(better, err, best_err)
                 best = np.where(better[None, :], wc, best)
-        out[g * b:(g + 1) * b] = best
+        out[rows] = best
     return out
+
+
+class _Inputs:
+    """What AWQ keeps of one group's input over all calibration tokens: the Gram matrix and mean |x|."""
+
+    def __init__(self, width: int):
+        self.gram = np.zeros((width, width), np.float64)
+        self.abs_sum = np.zeros(width, np.float64)
+        self.abs_max = np.zeros(width, np.float32)
+        self.n = 0
+
+    def update(self, value: np.ndarray) -> None:
+        x = value.reshape(-1, value.shape[-1]).astype(np.float32)
+        self.gram += x.T @ x  # one batch in float32 (fast), the running sum in float64
+        self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
+        self.abs_max = np.maximum(self.abs_max, np.abs(x).max(axis=0))
+        self.n += len(x)
+
+    def finish(self) -> "_Inputs":
+        self.gram = (self.gram / max(self.n, 1)).astype(np.float32)  # float32 scores the candidates twice as fast
+        self.mean_abs = self.abs_sum / max(self.n, 1)
+        return self
 
 
 class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
@@ -86,8 +117,6 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         grid: int = 20
         clip: bool = True
         max_shrink: float = 0.5
-        clip_tokens: int = 512
-        tokens: int = 512  # tokens of the calibration sample the scale search runs on
         groups: tuple = ("qkv", "gate_up", "o", "down")
         fallback_mul: bool = True
 
@@ -103,50 +132,62 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
     def _needs_samples(self) -> bool:
         return True
 
-    def _sample_rows(self, sample, limit: int) -> np.ndarray:
-        x = sample.reshape(-1, sample.shape[-1]).astype(np.float32)
-        if len(x) > limit:  # evenly spaced tokens: deterministic
-            x = x[np.linspace(0, len(x) - 1, limit).round().astype(int)]
-        return x
+    def _samples(self, graph: Graph, ctx: PassContext, names: list) -> dict:
+        """``{tensor: _Inputs}`` streamed over every calibration batch (one batch if no stream is given)."""
+        acc: dict = {}
 
-    def _group_scales(self, members: list, x_max: np.ndarray, sample, tie) -> tuple:
+        def each(name, value):
+            acc.setdefault(name, _Inputs(value.shape[-1])).update(value)
+
+        if ctx.stream_provider is not None:
+            ctx.stream_provider(graph, names, each)
+        else:
+            for name, value in ctx.activation_sample(graph, names).items():
+                each(name, value)
+        return {name: inputs.finish() for name, inputs in acc.items()}
+
+    def _channel_absmax(self, graph: Graph, ctx: PassContext, names: list, samples: dict) -> dict:
+        return {name: samples[name].abs_max for name in names}  # streamed with the Gram matrices: no second run
+
+    def _group_scales(self, members: list, x_max: np.ndarray, inputs: _Inputs, tie) -> tuple:
         o = self.options
-        x = self._sample_rows(sample, o.tokens)
-        mean_abs = np.abs(x).mean(axis=0).astype(np.float64)
+        mean_abs = inputs.mean_abs
         if tie is not None:
             mean_abs = _tie(mean_abs, *tie)
-        weights = [_oriented(m, _weight(m)) for m in members]
-        refs = [x @ w for w in weights]
+        weights = [_oriented(m, _weight(m)).astype(np.float32) for m in members]
         best = (np.inf, 0.0, np.ones(len(mean_abs)))
         for i in range(o.grid):
             r = i / o.grid
             s = np.power(np.maximum(mean_abs, 1e-4), r)
             s = s / np.sqrt(s.max() * s.min())
             s_full = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
-            xs = x / s_full
-            err = sum(np.sum((ref - xs @ weight_fake_quant(w * s_full[:, None], o.bits, o.group_size, o.symmetric)) ** 2)
-                      for w, ref in zip(weights, refs))
+            err = sum(output_error(inputs.gram, w - weight_fake_quant(w * s_full[:, None], o.bits, o.group_size,
+                                                                      o.symmetric) / s_full[:, None])
+                      for w in weights)
             if err < best[0]:
                 best = (err, r, s)
         _, r, s = best
         s_fold = s.astype(np.float32)
         s = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
-        rtn = [relative_error(ref, x @ weight_fake_quant(w, o.bits, o.group_size, o.symmetric)) for w, ref in zip(weights, refs)]
-        self._pending = {m.name: e for m, e in zip(members, rtn)}
+        self._pending = {m.name: _relative(inputs.gram, w, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
+                         for m, w in zip(members, weights)}
         return s, s_fold, {"awq_ratio": r}
 
-    def _after_group(self, graph: Graph, ctx: PassContext, members: list, sample, s: np.ndarray) -> None:
+    def _after_group(self, graph: Graph, ctx: PassContext, members: list, inputs: _Inputs, s: np.ndarray) -> None:
         o = self.options
-        x = self._sample_rows(sample, max(o.tokens, o.clip_tokens)) / s  # the input the scaled weights now see
-        xc = x[np.linspace(0, len(x) - 1, min(len(x), o.clip_tokens)).round().astype(int)]
+        gram = (inputs.gram / np.outer(s, s)).astype(np.float32)  # the input the scaled weights now see: X / s
         for m in members:
             w = _oriented(m, _weight(m))  # already scaled by s
-            ref = x @ w
+            ref = w
             if o.clip and m.role not in ("q", "k", "qkv"):
-                w = clip_search(xc, w, o.bits, o.group_size, o.symmetric, o.grid, o.max_shrink)
+                w = clip_search(gram, w, o.bits, o.group_size, o.symmetric, o.grid, o.max_shrink)
                 stored = w if m.weight_axis == 1 else w.T
                 m.node.inputs[1] = graph.make_constant(f"{m.name}.weight_clipped", np.ascontiguousarray(stored), self.name)
-            err = relative_error(ref, x @ weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
+            err = _relative(gram, ref, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
             ctx.record(m.name, weight_out_err_rtn=self._pending.get(m.name), weight_out_err_awq=err,
                        awq_clipped=bool(o.clip and m.role not in ("q", "k", "qkv")))
 
+
+def _relative(gram: np.ndarray, w_kn: np.ndarray, approx_kn: np.ndarray) -> float:
+    """``‖X(W − Ŵ)‖² / ‖XW‖²`` over the calibration tokens (what ``relative_error`` gives on X·W)."""
+    return float(output_error(gram, w_kn - approx_kn) / max(float(output_error(gram, w_kn)), 1e-30))

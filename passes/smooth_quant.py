@@ -169,13 +169,13 @@ class FoldSmoothQuantScalesPass(Pass):
             plans.append((name, members))
         if not plans:
             return PassResult(False, {"smoothed_groups": 0})
-        stats = ctx.activation_stats(graph, [n for n, _ in plans])
-        samples = ctx.activation_sample(graph, [n for n, _ in plans]) if self._needs_samples() else {}
+        samples = self._samples(graph, ctx, [n for n, _ in plans]) if self._needs_samples() else {}
+        channel_absmax = self._channel_absmax(graph, ctx, [n for n, _ in plans], samples)
         by_role_layer = {(lin.role, lin.layer): lin for lin in structure.linears}
         counts: dict = {}
         iterator = ctx.progress(plans, self.name) if ctx.progress else plans
         for name, members in iterator:
-            x_max = stats[name].channel_absmax.astype(np.float64)
+            x_max = channel_absmax[name].astype(np.float64)
             fold = self._fold_target(members, by_role_layer)
             tie = fold[2] if fold and fold[0] == "v" else None
             if fold is None and not o.fallback_mul:
@@ -196,6 +196,12 @@ class FoldSmoothQuantScalesPass(Pass):
     # ---- the scale rule (subclasses replace these) ----
     def _needs_samples(self) -> bool:
         return bool(self.options.alpha_grid)
+
+    def _samples(self, graph: Graph, ctx: PassContext, names: list) -> dict:
+        return ctx.activation_sample(graph, names)
+
+    def _channel_absmax(self, graph: Graph, ctx: PassContext, names: list, samples: dict) -> dict:
+        return {name: st.channel_absmax for name, st in ctx.activation_stats(graph, names).items()}
 
     def _group_scales(self, members: list, x_max: np.ndarray, sample, tie) -> tuple:
         """(s for the consumers' rows, s for the producer's columns, what to record per linear)."""

@@ -45,7 +45,7 @@ def test_clip_search_never_increases_a_group_error():
     x = rng.standard_normal((256, 64)).astype(np.float32)
     w = rng.standard_normal((64, 16)).astype(np.float32)
     w[5, 3] = 12.0  # one large weight stretches its group's range
-    clipped = clip_search(x, w, 4, 32, True)
+    clipped = clip_search(x.T.astype(np.float64) @ x / len(x), w, 4, 32, True)
     assert np.abs(clipped).max() < 12.0
     for g in range(2):
         xs, rows = x[:, 32 * g:32 * (g + 1)], slice(32 * g, 32 * (g + 1))
@@ -54,3 +54,16 @@ def test_clip_search_never_increases_a_group_error():
         err_clip = np.mean((xs @ weight_fake_quant(clipped[rows], 4, 32, True) - ref) ** 2, axis=0)
         assert np.all(err_clip <= err_rtn * (1 + 1e-6))
         assert np.any(err_clip < err_rtn)
+
+
+def test_gram_error_is_the_output_error():
+    """AWQ scores candidates from the streamed Gram matrix: it must equal the token-by-token output error."""
+    from llmq.passes.awq import output_error
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 48)) * np.where(np.arange(48) == 7, 40.0, 1.0)  # one massive channel
+    delta = rng.standard_normal((48, 10)) * 1e-2
+    gram = x.T @ x / len(x)
+    direct = np.sum((x @ delta) ** 2, axis=0) / len(x)
+    assert np.allclose(output_error(gram, delta, axis=0), direct, rtol=1e-10)
+    assert np.isclose(output_error(gram, delta), direct.sum(), rtol=1e-10)

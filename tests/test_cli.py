@@ -47,3 +47,23 @@ def test_max_loss_sets_the_sensitivity_budget(tmp_path, capsys, tiny_llama_onnx,
     written = yaml.safe_load(open(os.path.join(out, "recipe.yaml"), encoding="utf-8"))
     sens_opts = next(p["sensitivity"] for p in written["passes"] if isinstance(p, dict) and "sensitivity" in p)
     assert sens_opts["max_kl"] == math.log1p(0.01) and sens_opts["keep_float"] == 0
+
+
+def test_self_calibration_is_written_and_used(tmp_path, capsys, tiny_llama_dir):
+    import numpy as np
+
+    onnx_path = str(tmp_path / "tiny.onnx")
+    assert export_main([tiny_llama_dir, "-o", onnx_path, "--self-calib", "2", "--quiet"]) == 0
+    calib = str(tmp_path / "tiny.calib.npz")
+    ids = np.load(calib)["input_ids"]
+    assert ids.shape == (2, 512) and ids.dtype == np.int64 and not any(n.endswith(".tmp.npz") for n in os.listdir(tmp_path))
+    again = str(tmp_path / "again.onnx")
+    assert export_main([tiny_llama_dir, "-o", again, "--self-calib", "2", "--quiet"]) == 0
+    assert np.array_equal(np.load(str(tmp_path / "again.calib.npz"))["input_ids"], ids)  # deterministic
+    assert len({tuple(r) for r in ids}) == 2 and len(np.unique(ids)) > 50  # sampled, not a repeated token
+
+    out = str(tmp_path / "out")
+    assert compile_main([onnx_path, "--recipe", "w4a16", "--calib-samples", "2", "-o", out, "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration"]["source"] == calib and report["calibration"]["samples"] == 2
+    assert export_main([tiny_llama_dir, "-o", str(tmp_path / "bad.onnx"), "--self-calib", "-1", "--quiet"]) != 0
