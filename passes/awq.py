@@ -32,7 +32,7 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.passes import PassContext
-from .qdq_math import block_size_for, fake_quant_blocks
+from .qdq_math import block_size_for, fake_quant_blocks, symmetric_weight_scale, weight_code_range
 from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
 __all__ = ["ActivationAwareScalesPass", "clip_search", "output_error", "weight_fake_quant"]
@@ -63,12 +63,16 @@ def clip_search(gram: np.ndarray, w_kn: np.ndarray, bits: int, group: int, symme
     for g in range(k // b):
         rows = slice(g * b, (g + 1) * b)
         gg, wg = gram[rows, rows], w_kn[rows]
-        hi, lo, amax = wg.max(axis=0), wg.min(axis=0), np.abs(wg).max(axis=0)
+        hi, lo = wg.max(axis=0), wg.min(axis=0)
+        step = symmetric_weight_scale(lo, hi, bits)
+        code_lo, code_hi = weight_code_range(bits)
         best_err = np.full(n, np.inf)
         best = wg
         for i in range(steps):
             ratio = 1.0 - i / grid
-            wc = np.clip(wg, -amax * ratio, amax * ratio) if symmetric else np.clip(wg, lo * ratio, hi * ratio)
+            # symmetric: shrink the step and clamp to the codes it reaches (the quantizer then finds that step)
+            wc = (np.clip(wg, code_lo * step * ratio, code_hi * step * ratio) if symmetric
+                  else np.clip(wg, lo * ratio, hi * ratio))
             err = output_error(gg, wg - fake_quant_blocks(wc, bits, b, symmetric), axis=0)  # one block per column
             better = err < best_err
             if np.any(better):
@@ -115,6 +119,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         group_size: int = 128
         symmetric: bool = True
         grid: int = 20
+        duo: bool = True  # also try AutoAWQ's mean|x|^r / w_mean^(1-r) scales (2 × grid candidates)
         clip: bool = True
         max_shrink: float = 0.5
         groups: tuple = ("qkv", "gate_up", "o", "down")
@@ -156,22 +161,29 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
             mean_abs = _tie(mean_abs, *tie)
         weights = [_oriented(m, _weight(m)).astype(np.float32) for m in members]
         best = (np.inf, 0.0, np.ones(len(mean_abs)))
-        for i in range(o.grid):
-            r = i / o.grid
+        candidates = [(i / o.grid, False) for i in range(o.grid)]
+        if o.duo:
+            w_mean = _weight_mean(weights, o.group_size)
+            if tie is not None:
+                w_mean = _tie(w_mean, *tie)
+            candidates += [(i / o.grid, True) for i in range(o.grid)]
+        for r, duo in candidates:
             s = np.power(np.maximum(mean_abs, 1e-4), r)
+            if duo:
+                s = np.maximum(s / (np.power(w_mean, 1 - r) + 1e-4), 1e-4)
             s = s / np.sqrt(s.max() * s.min())
             s_full = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
             err = sum(output_error(inputs.gram, w - weight_fake_quant(w * s_full[:, None], o.bits, o.group_size,
                                                                       o.symmetric) / s_full[:, None])
                       for w in weights)
             if err < best[0]:
-                best = (err, r, s)
-        _, r, s = best
+                best = (err, (r, duo), s)
+        _, (r, duo), s = best
         s_fold = s.astype(np.float32)
         s = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
         self._pending = {m.name: _relative(inputs.gram, w, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
                          for m, w in zip(members, weights)}
-        return s, s_fold, {"awq_ratio": r}
+        return s, s_fold, {"awq_ratio": r, "awq_duo": duo}
 
     def _after_group(self, graph: Graph, ctx: PassContext, members: list, inputs: _Inputs, s: np.ndarray) -> None:
         o = self.options
@@ -186,6 +198,18 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
             err = _relative(gram, ref, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
             ctx.record(m.name, weight_out_err_rtn=self._pending.get(m.name), weight_out_err_awq=err,
                        awq_clipped=bool(o.clip and m.role not in ("q", "k", "qkv")))
+
+
+def _weight_mean(weights: list, group: int) -> np.ndarray:
+    """Per input channel, the mean over all members' output channels of ``|w|`` relative to its group's max
+    (AutoAWQ's ``w_mean`` for its "duo" scales ``mean|x|^r / w_mean^(1−r)``)."""
+    parts = []
+    for w in weights:  # [K, N]
+        k = w.shape[0]
+        b = block_size_for(k, group)
+        a = np.abs(w).reshape(k // b, b, -1)
+        parts.append((a / (a.max(axis=1, keepdims=True) + 1e-6)).reshape(k, -1))
+    return np.concatenate(parts, axis=1).mean(axis=1).astype(np.float64)
 
 
 def _relative(gram: np.ndarray, w_kn: np.ndarray, approx_kn: np.ndarray) -> float:

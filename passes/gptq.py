@@ -36,7 +36,8 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import QuantizedWeight, add_dequantize, block_size_for, qmax, quantize_weight, relative_error, sqnr_db
+from .qdq_math import (QuantizedWeight, add_dequantize, block_size_for, quantize_weight, relative_error, sqnr_db,
+                       weight_code_range)
 from .select import selected_linears
 
 __all__ = ["GPTQPass", "gptq_quantize", "hessians"]
@@ -83,7 +84,7 @@ def _group_params(w_block_kn: np.ndarray, bits: int, symmetric: bool) -> tuple:
 
 
 def _quantize_col(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, symmetric: bool) -> tuple:
-    lo, hi = (-qmax(bits), qmax(bits)) if symmetric else (0, 2 ** bits - 1)
+    lo, hi = weight_code_range(bits) if symmetric else (0, 2 ** bits - 1)
     q = np.clip(np.rint(w / scale) + zp, lo, hi)
     return q, (q - zp) * scale
 

@@ -1,8 +1,10 @@
 """Symmetric integer quantization and the Q/DQ node builders the quantize passes share.
 
 Symmetric, zero point 0 (TensorRT accepts no other): ``scale = amax / qmax``, ``q = clip(round(x / scale),
--qmax, qmax)`` with round-half-to-even, as ONNX ``QuantizeLinear`` rounds. Weights use the narrow range
-``±(2^(b-1) − 1)``; activations saturate to ``[-2^(b-1), 2^(b-1) − 1]`` like ``QuantizeLinear``.
+-qmax, qmax)`` with round-half-to-even, as ONNX ``QuantizeLinear`` rounds. INT8 weights use the narrow range
+``±127``; INT4 weights use all 16 codes ``[-8, 7]`` with ``s = max(−min / 8, max / 7)`` per block (every weight
+stays representable, and the side that reaches −8 gets a finer step: RTN g128 on SmolLM2-135M 53.6 → 52.1 at
+16 WikiText windows); activations saturate to ``[-2^(b-1), 2^(b-1) − 1]`` like ``QuantizeLinear``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..ir.graph import Graph
 
-__all__ = ["qmax", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
+__all__ = ["qmax", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
            "relative_error", "block_size_for", "QuantizedWeight", "quantize_weight", "fake_quant_blocks", "GRANULARITIES"]
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
@@ -26,6 +28,19 @@ TINY = np.float32(1e-12)
 
 def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
+
+
+def weight_code_range(bits: int) -> tuple:
+    """Codes a symmetric weight uses: ``[-8, 7]`` at 4 bits, the narrow ``±127`` at 8."""
+    return (-qmax(bits) - 1, qmax(bits)) if bits == 4 else (-qmax(bits), qmax(bits))
+
+
+def symmetric_weight_scale(mn: np.ndarray, mx: np.ndarray, bits: int) -> np.ndarray:
+    """The scale of a symmetric weight block from its min and max: the smallest that keeps both inside
+    :func:`weight_code_range` (``max|w| / 127`` at 8 bits); an all-zero block gets 1."""
+    lo, hi = weight_code_range(bits)
+    s = np.maximum(np.asarray(mn, np.float32) / np.float32(lo), np.asarray(mx, np.float32) / np.float32(hi))
+    return np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
 
 
 def weight_scales(w: np.ndarray, axis: int | None, bits: int) -> np.ndarray:
@@ -117,8 +132,8 @@ def quantize_weight(w: np.ndarray, out_axis: int, bits: int = 8, granularity: st
                     group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
     """Quantize a 2-D weight whose output channels lie on ``out_axis`` (the basic quantizers).
 
-    Symmetric (absmax): ``s = max|w| / (2^(b−1) − 1)``, ``q = clip(round(w / s), ±(2^(b−1) − 1))``, signed, zero
-    point 0. Asymmetric (zero point): over the range ``[min(0, w_min), max(0, w_max)]``, ``s = (hi − lo) / (2^b − 1)``,
+    Symmetric (absmax): ``s = max|w| / 127``, ``q = clip(round(w / s), ±127)`` at 8 bits; at 4 bits
+    ``s = max(−min / 8, max / 7)``, ``q`` in ``[-8, 7]`` (:func:`symmetric_weight_scale`); signed, zero point 0. Asymmetric (zero point): over the range ``[min(0, w_min), max(0, w_max)]``, ``s = (hi − lo) / (2^b − 1)``,
     ``z = round(−lo / s)``, ``q = clip(round(w / s) + z, 0, 2^b − 1)``, unsigned. Granularity: one scale per tensor,
     per output channel, or per group of ``group_size`` input channels and output channel (blocked along the
     input axis, the block reduced to the largest power of two dividing K — see :func:`block_size_for`).
@@ -139,10 +154,10 @@ def quantize_weight(w: np.ndarray, out_axis: int, bits: int = 8, granularity: st
     axis = None if granularity == "per-tensor" else (out_axis if granularity == "per-channel" else in_axis)
     dtype = _STORAGE[(bits, symmetric)]
     if symmetric:
-        amax = reduce(lambda a, axis=None: np.abs(a).max(axis=axis))
-        scale = (np.where(amax > 0, amax, 1.0) / qmax(bits)).astype(np.float32)
+        scale = symmetric_weight_scale(reduce(lambda a, axis=None: a.min(axis=axis)),
+                                       reduce(lambda a, axis=None: a.max(axis=axis)), bits)
         zp = np.zeros(scale.shape, np.float32)
-        lo, hi = -qmax(bits), qmax(bits)
+        lo, hi = weight_code_range(bits)
     else:
         mn = np.minimum(reduce(lambda a, axis=None: a.min(axis=axis)), 0.0)
         mx = np.maximum(reduce(lambda a, axis=None: a.max(axis=axis)), 0.0)
@@ -160,9 +175,8 @@ def fake_quant_blocks(w_kn: np.ndarray, bits: int, block: int, symmetric: bool =
     k, n = w_kn.shape
     w = w_kn.reshape(k // block, block, n).astype(np.float32)
     if symmetric:
-        amax = np.abs(w).max(axis=1, keepdims=True)
-        scale = np.where(amax > 0, amax, np.float32(1.0)) / np.float32(qmax(bits))
-        return (np.clip(np.rint(w / scale), -qmax(bits), qmax(bits)) * scale).reshape(k, n)
+        scale = symmetric_weight_scale(w.min(axis=1, keepdims=True), w.max(axis=1, keepdims=True), bits)
+        return (np.clip(np.rint(w / scale), *weight_code_range(bits)) * scale).reshape(k, n)
     lo = np.minimum(w.min(axis=1, keepdims=True), 0.0)
     hi = np.maximum(w.max(axis=1, keepdims=True), 0.0)
     scale = np.where(hi > lo, hi - lo, np.float32(1.0)) / np.float32(2 ** bits - 1)
