@@ -96,3 +96,33 @@ def test_w8a8_dynamic_bound(smollm2, windows, fp32_ppl, tmp_path):
     assert result.report["totals"]["int8_act_mac_fraction_decoder"] == 1.0
     ppl = perplexity(result.paths["model"], windows)["perplexity"]
     assert ppl <= fp32_ppl * 1.035, (ppl, fp32_ppl)
+
+
+@pytest.fixture(scope="module")
+def self_calib(smollm2, tmp_path_factory):
+    """8 windows of 512 tokens the model samples itself (what ``llmq-export --self-calib 8`` writes)."""
+    import numpy as np
+
+    from llmq.frontends.packaged import packaged_gguf
+    from llmq.frontends.torch_export import load_hf, self_calibration
+
+    model, _ = load_hf(packaged_gguf())
+    path = str(tmp_path_factory.mktemp("selfcalib") / "calib.npz")
+    np.savez(path, input_ids=self_calibration(model, 8, 512))
+    return path
+
+
+def test_w4a16_awq_bound(smollm2, windows, fp32_ppl, self_calib, tmp_path):
+    """AWQ W4A16 (symmetric g128/64) on self-sampled calibration text: a regression bound at +26 % of fp32
+    (measured +22 % on 16 windows with 16 calibration windows; the issue's goal of +15 % is not reached yet),
+    and at most 0.6 × RTN's loss on the same windows."""
+    from llmq.driver import compile as llmq_compile
+    from llmq.evaluate import perplexity
+
+    awq = llmq_compile(smollm2, "w4a16", str(tmp_path / "awq"), backend="onnxruntime", calib=self_calib, quiet=True)
+    assert awq.report["backend"]["tensorrt_rule_violations"] == []
+    rtn = llmq_compile(smollm2, "w4a16-rtn", str(tmp_path / "rtn"), backend="onnxruntime", quiet=True)
+    ppl_awq = perplexity(awq.paths["model"], windows)["perplexity"]
+    ppl_rtn = perplexity(rtn.paths["model"], windows)["perplexity"]
+    assert ppl_awq <= fp32_ppl * 1.26, (ppl_awq, fp32_ppl)
+    assert ppl_awq - fp32_ppl <= 0.6 * (ppl_rtn - fp32_ppl), (ppl_awq, ppl_rtn, fp32_ppl)

@@ -6,7 +6,10 @@ Each peer runs on the opset-21 export first (what llmq-export writes) and, where
 export of the same model (``llmq-export --opset 18``), with its documented defaults for LLM INT8:
 
 * ORT ``quantize_static``: QDQ format, MinMax calibration, per-channel INT8 weights, default (UINT8) activations;
-* ModelOpt ``modelopt.onnx.quantization.quantize``: ``quantize_mode='int8'``, ``calibration_method='max'``.
+* ModelOpt ``modelopt.onnx.quantization.quantize``: ``quantize_mode='int8'``, ``calibration_method='max'``;
+* ORT ``MatMulNBitsQuantizer`` (4-bit weight-only, block 128, asymmetric as it defaults): RTN, and its GPTQ on the
+  same calibration windows — against ``w4a16@onnxruntime``. Perplexity is evaluated at ``--accuracy-level``
+  (0: float activations, as llmq's W4A16; the reference figure +39.7 % was level 4).
 
     python tools/bench_peers.py --windows 40 --recipes w8a8@onnxruntime w8a8-kv8@onnxruntime
 """
@@ -27,11 +30,15 @@ from bench_spine import compile_recipe, export_real_model, size_mb  # noqa: E402
 
 
 def calibration_windows(model: str, calib_data: str | None, samples: int, seq_len: int):
+    """The windows llmq-compile calibrates on by default (``--calib-data``, else the export's self-sampled
+    ``<name>.calib.npz``, else the built-in text), so every tool sees the same tokens."""
     from llmq.calib.data import load_calibration
-    from llmq.frontends.torch_export import tokenizer_dir_for
+    from llmq.frontends.torch_export import calib_path_for, tokenizer_dir_for
     from llmq.tokenizer import load_tokenizer
 
-    return load_calibration(calib_data, load_tokenizer(tokenizer_dir_for(model)), samples, seq_len)
+    if calib_data is None and os.path.exists(calib_path_for(model)):
+        calib_data = calib_path_for(model)
+    return calib_data, load_calibration(calib_data, load_tokenizer(tokenizer_dir_for(model)), samples, seq_len)
 
 
 def ort_quantize_static(model: str, out: str, windows) -> None:
@@ -59,6 +66,27 @@ def modelopt_int8(model: str, out: str, windows) -> None:
              calibration_method="max", output_path=out)
 
 
+def ort_matmulnbits(model: str, out: str, windows, algo: str) -> None:
+    """ONNX Runtime's own 4-bit weight-only quantizer (``MatMulNBitsQuantizer``), block 128, with its
+    defaults (asymmetric, zero points), RTN or its GPTQ (the Neural-Compressor path) on our calibration windows."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.matmul_nbits_quantizer import (GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer,
+                                                                 RTNWeightOnlyQuantConfig)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input_ids": w[None, :]} for w in windows])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    config = RTNWeightOnlyQuantConfig() if algo == "rtn" else GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader())
+    quantizer = MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=128, is_symmetric=False, algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(out, use_external_data_format=False)
+
+
 def loads_in_ort(path: str) -> str | None:
     import onnxruntime as ort
 
@@ -75,31 +103,38 @@ def main() -> int:
     ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "shared", "data", "wikitext2", "wiki.test.raw"))
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--calib-data", default=None, help="calibration text (default: llmq's built-in text)")
+    ap.add_argument("--calib-data", default=None,
+                    help="calibration text (default: --self-calib windows the model samples itself at export)")
+    ap.add_argument("--self-calib", type=int, default=16, help="calibration windows sampled at export (0: llmq's built-in text)")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--recipes", nargs="*", default=["w8a8@onnxruntime"], help="llmq recipes (recipe@backend)")
-    ap.add_argument("--peers", nargs="*", default=["ort-static", "modelopt"], choices=["ort-static", "modelopt"])
+    # (4-bit side by side: --recipes w4a16@onnxruntime w4a16-rtn@onnxruntime --peers ort-nbits-rtn ort-nbits-gptq)
+    ap.add_argument("--peers", nargs="*", default=["ort-static", "modelopt"],
+                    choices=["ort-static", "modelopt", "ort-nbits-rtn", "ort-nbits-gptq"])
+    ap.add_argument("--accuracy-level", type=int, default=0, help="ONNX Runtime MatMulNBits accuracy level for evaluation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     os.makedirs(args.artifacts, exist_ok=True)
     exports = {21: os.path.join(args.artifacts, "smollm2.onnx"), 18: os.path.join(args.artifacts, "smollm2-op18.onnx")}
     for opset, path in exports.items():
-        export_real_model(path, "--opset", str(opset))
-    windows = calibration_windows(exports[21], args.calib_data, args.calib_samples, 512)
-    print(f"calibration: {len(windows)} × {windows.shape[1]} tokens of {args.calib_data or 'the built-in text'}", flush=True)
+        export_real_model(path, "--opset", str(opset), self_calib=args.self_calib if opset == 21 else 0)
+    calib_data, windows = calibration_windows(exports[21], args.calib_data, args.calib_samples, 512)
+    print(f"calibration: {len(windows)} × {windows.shape[1]} tokens of {calib_data or 'the built-in text'}", flush=True)
 
     rows = [{"model": "fp32", "path": exports[21]}]
     for spec in args.recipes:
         recipe, _, backend = spec.partition("@")
         out = os.path.join(args.artifacts, f"peers-llmq-{recipe}" + (f"-{backend}" if backend else ""))
         print(f"llmq {spec} ...", flush=True)
-        secs, rss = compile_recipe(exports[21], recipe, backend or "qdq", out, args.calib_data,
+        secs, rss = compile_recipe(exports[21], recipe, backend or "qdq", out, calib_data,
                                    "--calib-samples", str(args.calib_samples))
         rows.append({"model": f"llmq {spec}", "path": os.path.join(out, "model.onnx"), "compile_s": round(secs, 1),
                      "compile_peak_rss_mb": round(rss)})
 
-    peers = {"ort-static": ("ORT quantize_static", ort_quantize_static), "modelopt": ("ModelOpt int8", modelopt_int8)}
+    peers = {"ort-static": ("ORT quantize_static", ort_quantize_static), "modelopt": ("ModelOpt int8", modelopt_int8),
+             "ort-nbits-rtn": ("ORT MatMulNBits RTN", lambda m, o, w: ort_matmulnbits(m, o, w, "rtn")),
+             "ort-nbits-gptq": ("ORT MatMulNBits GPTQ", lambda m, o, w: ort_matmulnbits(m, o, w, "gptq"))}
     for key in args.peers:
         label, fn = peers[key]
         for opset in (21, 18):
@@ -137,7 +172,7 @@ def main() -> int:
         if "error" in row:
             continue
         print(f"evaluating {row['model']} ...", flush=True)
-        res = perplexity(row["path"], eval_windows)
+        res = perplexity(row["path"], eval_windows, accuracy_level=args.accuracy_level)
         base = base or res["perplexity"]
         row.update(perplexity=round(res["perplexity"], 3), delta_pct=round(100 * (res["perplexity"] / base - 1), 2),
                    prefill_tokens_per_s=res["prefill_tokens_per_s"],

