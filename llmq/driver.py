@@ -56,7 +56,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
             tokenizer: str | None = None, calib_samples: int | None = None, calib_seq_len: int | None = None,
             exclude: tuple = (), backend: str = "qdq", overwrite: bool = False, dump_dir: str | None = None,
             verify: bool = False, quiet: bool = False, sqnr: bool = True, max_loss: float | None = None,
-            accuracy_level: int = 0) -> CompileResult:
+            accuracy_level: int = 0, asym: bool = False) -> CompileResult:
     """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``.
 
     ``calib``: a .txt/.jsonl/.npz file (default: ``<model>.calib.npz`` beside the model if
@@ -64,7 +64,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     (default: ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names;
     ``max_loss``: the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the
     recipe's count; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit linears (onnxruntime backend:
-    0 float activations, 4 int8 activations).
+    0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8) weights, ONNX Runtime only.
     Returns the written paths and the report (also written as ``report.json``).
     """
     t0 = time.perf_counter()
@@ -72,6 +72,11 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if max_loss is not None:
         recipe = recipe.with_loss_budget(max_loss)
+    if asym:
+        if backend != "onnxruntime":
+            raise LlmqError(f"--asym (zero-point weights) cannot target the {backend} backend: TensorRT takes "
+                            "symmetric weights only", "use --backend onnxruntime, or drop --asym")
+        recipe = recipe.with_asymmetric_weights()
     if backend not in BACKENDS:
         raise LlmqError(f"unknown backend '{backend}'", f"choose one of {', '.join(BACKENDS)}")
     if backend not in recipe.backends:

@@ -67,3 +67,21 @@ def test_self_calibration_is_written_and_used(tmp_path, capsys, tiny_llama_dir):
     report = json.loads(capsys.readouterr().out)
     assert report["calibration"]["source"] == calib and report["calibration"]["samples"] == 2
     assert export_main([tiny_llama_dir, "-o", str(tmp_path / "bad.onnx"), "--self-calib", "-1", "--quiet"]) != 0
+
+
+def test_asym_is_onnxruntime_only(tmp_path, capsys, tiny_llama_onnx, calib_text):
+    """--asym: UINT4 zero-point weights lowered to MatMulNBits with zero points; refused for TensorRT targets."""
+    import onnx
+
+    common = ["--recipe", "w4a16", "--calib-data", calib_text, "--calib-samples", "2", "--calib-seq-len", "64", "--quiet"]
+    assert compile_main([tiny_llama_onnx, *common, "--asym", "-o", str(tmp_path / "qdq")]) != 0
+    err = capsys.readouterr().err
+    assert "--asym" in err and "symmetric" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "qdq")
+    out = str(tmp_path / "ort")
+    assert compile_main([tiny_llama_onnx, *common, "--asym", "--backend", "onnxruntime", "-o", out, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["recipe"]["name"] == "w4a16-asym" and report["recipe"]["backends"] == ["onnxruntime"]
+    assert all(r.get("weight_symmetric") is False for r in report["layers"] if r.get("weight_bits") == 4)
+    nbits = [n for n in onnx.load(os.path.join(out, "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero points given

@@ -61,6 +61,26 @@ class Recipe:
                 data["passes"][i] = {"sensitivity": options}
         return parse_recipe(yaml.safe_dump(data, sort_keys=False), f"recipe '{self.name}' with --max-loss")
 
+    def with_asymmetric_weights(self) -> "Recipe":
+        """This recipe with zero-point (unsigned) weights in every weight quantizer (``awq``, ``gptq``,
+        ``quantize-weights``); ONNX Runtime only — TensorRT takes symmetric weights — so the backends narrow to it."""
+        weight_passes = ("awq", "gptq", "quantize-weights")
+        if not any(name in weight_passes for name, _ in self.passes):
+            raise LlmqError(f"recipe '{self.name}' quantizes no weights, so --asym changes nothing",
+                            "use a weight-quantizing recipe (e.g. w4a16)")
+        if "onnxruntime" not in self.backends:
+            raise LlmqError(f"recipe '{self.name}' cannot run on ONNX Runtime, the only backend for asymmetric weights")
+        data = yaml.safe_load(self.source_text)
+        for i, item in enumerate(data["passes"]):
+            name = item if isinstance(item, str) else next(iter(item))
+            if name in weight_passes:
+                options = {} if isinstance(item, str) else dict(item[name] or {})
+                options["symmetric"] = False
+                data["passes"][i] = {name: options}
+        data["backends"] = ["onnxruntime"]
+        data["name"] = f"{self.name}-asym"
+        return parse_recipe(yaml.safe_dump(data, sort_keys=False), f"recipe '{self.name}' with --asym")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source_text")
