@@ -67,12 +67,11 @@ def modelopt_int8(model: str, out: str, windows) -> None:
 
 
 def ort_matmulnbits(model: str, out: str, windows, algo: str) -> None:
-    """ONNX Runtime's own 4-bit weight-only quantizer (``MatMulNBitsQuantizer``), block 128, with its
-    defaults (asymmetric, zero points), RTN or its GPTQ (the Neural-Compressor path) on our calibration windows."""
+    """ONNX Runtime's own 4-bit weight-only quantizer (``MatMulNBitsQuantizer``), block 128, asymmetric (its
+    default): its default RTN, or its GPTQ (the Neural-Compressor path) on our calibration windows."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
-    from onnxruntime.quantization.matmul_nbits_quantizer import (GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer,
-                                                                 RTNWeightOnlyQuantConfig)
+    from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -81,7 +80,10 @@ def ort_matmulnbits(model: str, out: str, windows, algo: str) -> None:
         def get_next(self):
             return next(self.items, None)
 
-    config = RTNWeightOnlyQuantConfig() if algo == "rtn" else GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader())
+    # "rtn": the quantizer's default algorithm (its own blockwise RTN, which pads a ragged last block);
+    # RTNWeightOnlyQuantConfig and GPTQWeightOnlyQuantConfig take the Neural-Compressor path, which fails on
+    # SmolLM2's 576-wide inputs (576 is not a multiple of 128)
+    config = None if algo == "rtn" else GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader())
     quantizer = MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=128, is_symmetric=False, algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(out, use_external_data_format=False)
