@@ -7,20 +7,25 @@ quantizer, not for the activations (which stay float, W4A16). Per group of linea
 
     s(r) = mean|X_j|^r / sqrt(max · min of mean|X|^r),   r = i / grid, i = 0 … grid−1
 
-and r minimises ``Σ_members ‖X·W − (X/s)·Q(diag(s)·W)‖²`` with Q the weight quantizer that follows (4-bit,
+(with ``duo``, also AutoAWQ's ``mean|X_j|^r / w_mean_j^(1−r)``, ``w_mean`` the mean of ``|w|`` relative to its
+group's max: 2 × grid candidates) and r minimises ``Σ_members ‖X·W − (X/s)·Q(diag(s)·W)‖²`` with Q the weight quantizer that follows (4-bit,
 group 128, symmetric by default). The error is the group's own linear outputs (the reference measures the
 whole attention / MLP block output), taken over **every** calibration token: X's Gram matrix ``XᵀX/n`` and
 mean |X| are streamed over all batches, and ``‖X·Δ‖² = Σ Δ ⊙ (XᵀX Δ)`` — K²·N work per candidate instead of
 tokens·K·N, so the search uses all tokens and stays fast (a 512-token sample, as before, gave SmolLM2-135M
 47.9 at 16 WikiText windows; all 8192 tokens 45.2).
 
-Clip search (after scaling, all linears but q and k): per output channel and input group, the weight range
-shrinks by ``1 − i/grid`` for i < ``max_shrink·grid`` (1.0 → 0.55 with the defaults), keeping the one with
+Clip search (after scaling; q and k too unless ``clip_qk`` is off, as the reference has it): per output channel and input group, the weight range
+shrinks by ``1 − i/grid`` for i < ``max_shrink·grid`` (1.0 → 0.55 with the defaults; symmetric INT4 shrinks
+the step of its −8…7 codes), keeping the one with
 the least error of that group's partial output ``X_g·W_g`` (its diagonal block of the Gram matrix); the
 weight is clamped to it in float, so the RTN quantizer that follows (``quantize-weights``) uses the clipped
 range.
 
 The report records, per linear, the relative output error of plain RTN and of AWQ over the calibration tokens.
+All statistics come from one streamed run of the graph as the pass finds it (the float model's inputs, as the
+reference searches on float activations); the Gram matrices of all groups (float64 while streaming: about
+0.8 GB for SmolLM2-135M's 120 groups) are the pass's memory peak.
 """
 
 from __future__ import annotations
