@@ -37,10 +37,10 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.passes import PassContext
-from .qdq_math import block_size_for, fake_quant_blocks, symmetric_weight_scale, weight_code_range
+from .qdq_math import block_size_for, fake_quant_blocks, output_error, symmetric_weight_scale, weight_code_range
 from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
-__all__ = ["ActivationAwareScalesPass", "clip_search", "output_error", "weight_fake_quant"]
+__all__ = ["ActivationAwareScalesPass", "clip_search", "weight_fake_quant"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +48,6 @@ logger = logging.getLogger(__name__)
 def weight_fake_quant(w_kn: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
     """Quantize-dequantize a ``[K, N]`` weight with the per-group quantizer ``quantize-weights`` applies."""
     return fake_quant_blocks(w_kn, bits, block_size_for(w_kn.shape[0], group), symmetric)
-
-
-def output_error(gram: np.ndarray, delta_kn: np.ndarray, axis=None):
-    """``‖X·Δ‖²`` per token from the input's Gram matrix ``XᵀX/n``: ``Σ Δ ⊙ (G Δ)`` (per output channel with
-    ``axis=0``) — exact over every calibration token without holding them."""
-    d = delta_kn.astype(gram.dtype)
-    return np.sum(d * (gram @ d), axis=axis, dtype=np.float64)
 
 
 def clip_search(gram: np.ndarray, w_kn: np.ndarray, bits: int, group: int, symmetric: bool, grid: int = 20,

@@ -36,8 +36,8 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import (QuantizedWeight, add_dequantize, block_size_for, quantize_weight, relative_error, sqnr_db,
-                       weight_code_range)
+from .qdq_math import (QuantizedWeight, add_dequantize, block_size_for, output_error, quantize_weight, relative_error,
+                       sqnr_db, weight_code_range)
 from .select import selected_linears
 
 __all__ = ["GPTQPass", "gptq_quantize", "hessians"]
@@ -69,12 +69,6 @@ def hessians(graph: Graph, ctx: PassContext, names: list) -> dict:
         even = (2.0 / n0) * h0
         out[name] = (even, (2.0 / n1) * h1 if n1 else even)
     return out
-
-
-def heldout_error(w_kn: np.ndarray, q_kn: np.ndarray, h: np.ndarray) -> float:
-    """``‖X(W − Q)‖²`` per token up to a constant, from the held-out inputs' Hessian: ``tr(Δᵀ H Δ)``."""
-    d = (w_kn - q_kn).astype(np.float64)
-    return float(np.sum(d * (h @ d)))
 
 
 def _group_params(w_block_kn: np.ndarray, bits: int, symmetric: bool) -> tuple:
@@ -179,9 +173,10 @@ class GPTQPass(Pass):
             rtn = quantize_weight(w_kn, 1, o.bits, "per-group", o.group_size, o.symmetric)
             if o.holdout_check:  # two-fold: fit on one half of the batches, measure on the other
                 w_rtn = rtn.dequantize()
-                cv_gptq = (heldout_error(w_kn, gptq_quantize(w_kn, h_even, *args).dequantize(), h_odd)
-                           + heldout_error(w_kn, gptq_quantize(w_kn, h_odd, *args).dequantize(), h_even))
-                cv_rtn = heldout_error(w_kn, w_rtn, h_odd) + heldout_error(w_kn, w_rtn, h_even)
+                # tr(ΔᵀHΔ): the output error on the held-out half's inputs
+                cv_gptq = (output_error(h_odd, w_kn - gptq_quantize(w_kn, h_even, *args).dequantize())
+                           + output_error(h_even, w_kn - gptq_quantize(w_kn, h_odd, *args).dequantize()))
+                cv_rtn = output_error(h_odd, w_kn - w_rtn) + output_error(h_even, w_kn - w_rtn)
                 cv_ratio = cv_gptq / max(cv_rtn, 1e-30)
                 if cv_gptq >= cv_rtn:
                     method = "rtn"

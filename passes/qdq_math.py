@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..ir.graph import Graph
 
-__all__ = ["qmax", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
+__all__ = ["qmax", "output_error", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
            "relative_error", "block_size_for", "QuantizedWeight", "quantize_weight", "fake_quant_blocks", "GRANULARITIES"]
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
@@ -77,6 +77,13 @@ def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
     """``Σ (y − ŷ)² / Σ y²`` (what :func:`sqnr_db` puts in dB, as a plain ratio)."""
     ref = reference.astype(np.float64)
     return float(np.sum((ref - approx) ** 2) / max(float(np.sum(ref ** 2)), 1e-30))
+
+
+def output_error(gram: np.ndarray, delta_kn: np.ndarray, axis=None):
+    """``‖X·Δ‖²`` per token from the input's Gram matrix ``XᵀX/n`` (or GPTQ's Hessian, up to its factor 2):
+    ``Σ Δ ⊙ (G Δ)``, per output channel with ``axis=0`` — exact over every token without holding them."""
+    d = delta_kn.astype(gram.dtype)
+    return np.sum(d * (gram @ d), axis=axis, dtype=np.float64)
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:

@@ -58,7 +58,7 @@ def test_clip_search_never_increases_a_group_error():
 
 def test_gram_error_is_the_output_error():
     """AWQ scores candidates from the streamed Gram matrix: it must equal the token-by-token output error."""
-    from llmq.passes.awq import output_error
+    from llmq.passes.qdq_math import output_error
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((300, 48)) * np.where(np.arange(48) == 7, 40.0, 1.0)  # one massive channel
