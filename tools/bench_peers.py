@@ -41,8 +41,9 @@ def calibration_windows(model: str, calib_data: str | None, samples: int, seq_le
     return calib_data, load_calibration(calib_data, load_tokenizer(tokenizer_dir_for(model)), samples, seq_len)
 
 
-def ort_quantize_static(model: str, out: str, windows) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+def windows_reader(windows):
+    """ONNX Runtime's calibration reader over our windows, one ``[1, seq]`` batch each (both ORT peers)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -51,9 +52,15 @@ def ort_quantize_static(model: str, out: str, windows) -> None:
         def get_next(self):
             return next(self.items, None)
 
+    return Reader()
+
+
+def ort_quantize_static(model: str, out: str, windows) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     # (its CalibMaxIntermediateOutputs option drops the collected batches without reducing them in ORT 1.32:
     # "No data is collected"; the default keeps every batch's activations until the end)
-    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(model, out, windows_reader(windows), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
 
@@ -70,20 +77,12 @@ def ort_matmulnbits(model: str, out: str, windows, algo: str) -> None:
     """ONNX Runtime's own 4-bit weight-only quantizer (``MatMulNBitsQuantizer``), block 128, asymmetric (its
     default): its default RTN, or its GPTQ (the Neural-Compressor path) on our calibration windows."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input_ids": w[None, :]} for w in windows])
-
-        def get_next(self):
-            return next(self.items, None)
 
     # "rtn": the quantizer's default algorithm (its own blockwise RTN, which pads a ragged last block);
     # RTNWeightOnlyQuantConfig and GPTQWeightOnlyQuantConfig take the Neural-Compressor path, which fails on
     # SmolLM2's 576-wide inputs (576 is not a multiple of 128)
-    config = None if algo == "rtn" else GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader())
+    config = None if algo == "rtn" else GPTQWeightOnlyQuantConfig(calibration_data_reader=windows_reader(windows))
     quantizer = MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=128, is_symmetric=False, algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(out, use_external_data_format=False)
