@@ -2,6 +2,7 @@
 
 from .awq import ActivationAwareScalesPass
 from .gptq import GPTQPass
+from .low_rank import QuantizeWeightsLowRankPass
 from .quantize_activations import QuantizeActivationsPass
 from .quantize_dynamic import QuantizeActivationsPerTokenPass
 from .quantize_kv_cache import QuantizeKVCachePass
@@ -12,6 +13,6 @@ from .smooth_attention import FoldSmoothAttentionScalesPass
 from .smooth_quant import FoldSmoothQuantScalesPass
 from .split_outliers import SplitOutlierChannelsPass
 
-REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass, GPTQPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass, QuantizeWeightsLowRankPass, GPTQPass)}
 
-__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "GPTQPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass"]
+__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "GPTQPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsLowRankPass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass"]

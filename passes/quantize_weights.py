@@ -61,28 +61,39 @@ class QuantizeWeightsPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        structure = ctx.structure(graph)
         done, worst, reduced = 0, None, 0
-        kind = f"{'int' if o.symmetric else 'uint'}{o.bits}"
-        for lin in selected_linears(structure, ctx, self.name, o.roles, "weight"):
-            w = weight_matrix(lin).astype(np.float32)
-            qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
-            q = graph.make_constant(f"{lin.name}.weight_{kind}", qw.q, self.name)
-            lin.node.inputs[1] = add_dequantize(graph, q, qw.scale, qw.axis, self.name, f"{lin.name}.weight",
-                                                zero_point=qw.zero_point, block_size=qw.block_size)
-            wsqnr = sqnr_db(w, qw.dequantize())
-            row = dict(weight_bits=o.bits, weight_granularity=o.granularity, weight_axis=qw.axis,
-                       weight_symmetric=o.symmetric, weight_scale_min=float(qw.scale.min()),
-                       weight_scale_max=float(qw.scale.max()), weight_sqnr_db=round(wsqnr, 2))
-            if qw.block_size:
-                row["weight_block_size"] = qw.block_size
-                if qw.block_size != o.group_size:
-                    reduced += 1
-                    row["weight_block_note"] = (f"block {o.group_size} does not divide K = {lin.in_features}; "
-                                                f"used {qw.block_size}")
-            ctx.record(lin.name, **row)
+        for lin in selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "weight"):
+            wsqnr, was_reduced = self._quantize(graph, ctx, lin)
             worst = wsqnr if worst is None else min(worst, wsqnr)
+            reduced += was_reduced
             done += 1
-        return PassResult(done > 0, {"quantized": done, "format": kind, "granularity": o.granularity,
-                                     "blocks_reduced": reduced,
-                                     "worst_weight_sqnr_db": None if worst is None else round(float(worst), 2)})
+        return PassResult(done > 0, self._stats(done, reduced, worst))
+
+    def _stats(self, done: int, reduced: int, worst) -> dict:
+        o = self.options
+        return {"quantized": done, "format": f"{'int' if o.symmetric else 'uint'}{o.bits}", "granularity": o.granularity,
+                "blocks_reduced": reduced, "worst_weight_sqnr_db": None if worst is None else round(float(worst), 2)}
+
+    def _quantize(self, graph: Graph, ctx: PassContext, lin, w: np.ndarray | None = None) -> tuple:
+        """Replace ``lin``'s weight (``w`` if given, in the op's layout) by its DequantizeLinear; returns
+        (weight SQNR in dB, whether the block was reduced) and leaves the dequantized weight in ``self._dq``."""
+        o = self.options
+        kind = f"{'int' if o.symmetric else 'uint'}{o.bits}"
+        w = (weight_matrix(lin) if w is None else w).astype(np.float32)
+        qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
+        q = graph.make_constant(f"{lin.name}.weight_{kind}", qw.q, self.name)
+        lin.node.inputs[1] = add_dequantize(graph, q, qw.scale, qw.axis, self.name, f"{lin.name}.weight",
+                                            zero_point=qw.zero_point, block_size=qw.block_size)
+        self._dq = qw.dequantize()
+        wsqnr = sqnr_db(w, self._dq)
+        row = dict(weight_bits=o.bits, weight_granularity=o.granularity, weight_axis=qw.axis,
+                   weight_symmetric=o.symmetric, weight_scale_min=float(qw.scale.min()),
+                   weight_scale_max=float(qw.scale.max()), weight_sqnr_db=round(wsqnr, 2))
+        reduced = bool(qw.block_size and qw.block_size != o.group_size)
+        if qw.block_size:
+            row["weight_block_size"] = qw.block_size
+            if reduced:
+                row["weight_block_note"] = (f"block {o.group_size} does not divide K = {lin.in_features}; "
+                                            f"used {qw.block_size}")
+        ctx.record(lin.name, **row)
+        return wsqnr, reduced

@@ -1,0 +1,82 @@
+"""Low-rank error branch: the exact weighted optimum, a lower output error than the quantizer alone on every
+linear, branches that structure discovery does not take for linears, and the MatMulNBits lowering intact."""
+
+from __future__ import annotations
+
+import numpy as np
+from test_matmulnbits import _session
+from test_smooth_attention import _ids
+from test_smooth_quant import _ctx, _logits
+
+from llmq.backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass
+from llmq.frontends.onnx_loader import load_graph
+from llmq.ir.passes import PassManager
+from llmq.ir.structure import discover
+from llmq.passes import QuantizeWeightsLowRankPass, QuantizeWeightsPass
+from llmq.passes.low_rank import low_rank_error
+from llmq.passes.qdq_math import output_error
+
+
+def _activations(seed=0, n=400, k=48):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, k)) * np.where(np.arange(k) % 11 == 3, 30.0, 1.0)  # a few massive channels
+
+
+def test_low_rank_error_is_the_weighted_optimum():
+    """With no damping the error left is exactly the discarded singular values of Lᵀ·E (Eckart–Young in the
+    output norm), it beats the plain SVD of E at the same rank, and full rank recovers E."""
+    x = _activations()
+    gram = x.T @ x / len(x)
+    e = np.random.default_rng(2).standard_normal((48, 20)) * 1e-2
+    for r in (1, 4, 8):
+        a, b = low_rank_error(gram, e, r, damp=0.0)
+        assert a.shape == (48, r) and b.shape == (r, 20)
+        left = output_error(gram, e - a.astype(np.float64) @ b)
+        sv = np.linalg.svd(np.linalg.cholesky(gram).T @ e, compute_uv=False)
+        np.testing.assert_allclose(left, np.sum(sv[r:] ** 2), rtol=1e-4)
+        u, s, vt = np.linalg.svd(e, full_matrices=False)
+        plain = output_error(gram, e - (u[:, :r] * s[:r]) @ vt[:r])
+        assert left < plain
+    a, b = low_rank_error(gram, e, 20, damp=0.0)
+    np.testing.assert_allclose(a.astype(np.float64) @ b, e, atol=1e-5)
+
+
+def test_branch_lowers_every_linear_error_and_the_logit_error(planted):
+    graph = load_graph(planted)
+    ctx = _ctx()
+    records = PassManager([QuantizeWeightsLowRankPass(bits=4, granularity="per-group", group_size=32, rank=4)],
+                          verify=True).run(graph, ctx)
+    stats = records[0]["stats"]
+    assert stats["quantized"] == 14 and stats["mean_out_err_lowrank"] < 0.5 * stats["mean_out_err_quantized"]
+    rows = [row for row in ctx.layers.values() if "lowrank_rank" in row]
+    assert len(rows) == 14
+    for row in rows:
+        assert row["weight_out_err_lowrank"] < row["weight_out_err_quantized"], row
+    # discovery still sees the same 15 linears (the branches carry the float-branch role)
+    assert len(discover(load_graph(planted)).linears) == len(discover(graph).linears) == 15
+    rtn = load_graph(planted)
+    PassManager([QuantizeWeightsPass(bits=4, granularity="per-group", group_size=32)]).run(rtn, _ctx())
+    held_out = np.random.default_rng(7).integers(0, 256, (2, 40), dtype=np.int64)
+    ref = _logits(planted, held_out)
+    err_lr = np.abs(_logits(graph.to_model(), held_out) - ref).mean()
+    err_rtn = np.abs(_logits(rtn.to_model(), held_out) - ref).mean()
+    assert err_lr < 0.7 * err_rtn, (err_lr, err_rtn)
+
+
+def test_branch_survives_matmulnbits_lowering(tiny_llama_onnx):
+    graph = load_graph(tiny_llama_onnx)
+    ctx = _ctx()
+    PassManager([QuantizeWeightsLowRankPass(bits=4, granularity="per-group", group_size=32, rank=2,
+                                            branch_dtype="float16")]).run(graph, ctx)
+    qdq = graph.to_model()
+    assert sum(n.op_type == "Cast" for n in qdq.graph.node) >= 28  # A and B of 14 branches stored as float16
+    records = PassManager([LowerBlockInt4ToMatMulNBitsPass()], verify=True).run(graph, ctx)
+    assert records[0]["stats"]["lowered"] == 14
+    lowered = graph.to_model()
+    assert sum(n.op_type == "MatMulNBits" for n in lowered.graph.node) == 14
+    ids = _ids()
+    # the Q/DQ reference unoptimized: ONNX Runtime's own DQ→MatMulNBits fusion defaults to int8 activations
+    ref = _session(qdq, optimize=False).run(None, {"input_ids": ids})[0]
+    for optimize in (False, True):
+        got = _session(lowered, optimize).run(None, {"input_ids": ids})[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
