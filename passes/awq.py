@@ -40,7 +40,7 @@ from ..ir.passes import PassContext
 from .qdq_math import block_size_for, fake_quant_blocks, output_error, symmetric_weight_scale, weight_code_range
 from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
-__all__ = ["ActivationAwareScalesPass", "clip_search", "weight_fake_quant"]
+__all__ = ["ActivationAwareScalesPass", "clip_search", "stream_inputs", "weight_fake_quant"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,22 @@ class _Inputs:
         return self
 
 
+def stream_inputs(graph: Graph, ctx: PassContext, names: list) -> dict:
+    """``{tensor: _Inputs}`` (Gram matrix, mean and max |x|) streamed over every calibration batch (one batch
+    if no stream is given)."""
+    acc: dict = {}
+
+    def each(name, value):
+        acc.setdefault(name, _Inputs(value.shape[-1])).update(value)
+
+    if ctx.stream_provider is not None:
+        ctx.stream_provider(graph, names, each)
+    else:
+        for name, value in ctx.activation_sample(graph, names).items():
+            each(name, value)
+    return {name: inputs.finish() for name, inputs in acc.items()}
+
+
 class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
     """AWQ scale search and clip search; folds like ``smooth-quant``. Run ``quantize-weights`` (4-bit,
     per-group, same group and symmetry) after it."""
@@ -137,18 +153,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         return True
 
     def _samples(self, graph: Graph, ctx: PassContext, names: list) -> dict:
-        """``{tensor: _Inputs}`` streamed over every calibration batch (one batch if no stream is given)."""
-        acc: dict = {}
-
-        def each(name, value):
-            acc.setdefault(name, _Inputs(value.shape[-1])).update(value)
-
-        if ctx.stream_provider is not None:
-            ctx.stream_provider(graph, names, each)
-        else:
-            for name, value in ctx.activation_sample(graph, names).items():
-                each(name, value)
-        return {name: inputs.finish() for name, inputs in acc.items()}
+        return stream_inputs(graph, ctx, names)
 
     def _channel_absmax(self, graph: Graph, ctx: PassContext, names: list, samples: dict) -> dict:
         return {name: samples[name].abs_max for name in names}  # streamed with the Gram matrices: no second run

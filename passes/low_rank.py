@@ -31,30 +31,43 @@ import onnx_graphsurgeon as gs
 from ..ir.graph import FLOAT_BRANCH, ROLE_KEY, Graph
 from ..ir.passes import PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .awq import _Inputs
-from .qdq_math import output_error
+from .awq import stream_inputs
+from .qdq_math import output_error, quantize_weight
 from .quantize_weights import QuantizeWeightsPass
 from .select import selected_linears
 
-__all__ = ["QuantizeWeightsLowRankPass", "low_rank_error"]
+__all__ = ["QuantizeWeightsLowRankPass", "low_rank_error", "whitening"]
 
 logger = logging.getLogger(__name__)
 
 BRANCH_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def low_rank_error(gram: np.ndarray, error_kn: np.ndarray, rank: int, damp: float = 0.01) -> tuple:
-    """``(A [K, r], B [r, N])`` minimising ``‖Lᵀ(E − A·B)‖_F`` with ``L·Lᵀ = gram + damp·mean(diag)·I``:
-    the rank-r correction with the least output error over the tokens whose Gram matrix is ``gram``."""
+def whitening(gram: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """Lower Cholesky factor ``L`` of ``gram + damp·mean(diag)·I`` (float64): ``‖X·Δ‖² = ‖Lᵀ·Δ‖_F²`` per token."""
     g = gram.astype(np.float64)
-    g = g + damp * max(float(np.mean(np.diag(g))), 1e-12) * np.eye(len(g))
-    lower = np.linalg.cholesky(g)
-    t = (lower.T @ error_kn.astype(np.float64)).astype(np.float32)
-    u, sv, vt = np.linalg.svd(t, full_matrices=False)
-    r = min(rank, len(sv))
-    root = np.sqrt(sv[:r]).astype(np.float64)
-    a = np.linalg.solve(lower.T, u[:, :r].astype(np.float64) * root)  # L⁻ᵀ U_r Σ_r^½
-    b = root[:, None] * vt[:r].astype(np.float64)
+    return np.linalg.cholesky(g + damp * max(float(np.mean(np.diag(g))), 1e-12) * np.eye(len(g)))
+
+
+def low_rank_error(gram: np.ndarray, error_kn: np.ndarray, rank: int, damp: float = 0.01,
+                   lower: np.ndarray | None = None) -> tuple:
+    """``(A [K, r], B [r, N])`` minimising ``‖Lᵀ(E − A·B)‖_F`` with ``L·Lᵀ = gram + damp·mean(diag)·I``:
+    the rank-r correction with the least output error over the tokens whose Gram matrix is ``gram``.
+    The top singular pairs of ``T = Lᵀ·E`` come from the eigenvectors of the smaller of ``T·Tᵀ`` and ``Tᵀ·T``."""
+    lower = whitening(gram, damp) if lower is None else lower
+    t = lower.T @ error_kn.astype(np.float64)
+    k, n = t.shape
+    r = min(rank, k, n)
+    small = t @ t.T if k <= n else t.T @ t
+    values, vectors = np.linalg.eigh(small)  # ascending
+    top = vectors[:, ::-1][:, :r]
+    sv = np.sqrt(np.maximum(values[::-1][:r], 0.0))
+    root = np.sqrt(sv)
+    inv_root = np.where(sv > 0, 1.0 / np.maximum(root, 1e-30), 0.0)
+    if k <= n:  # top = U_r:  A = L⁻ᵀ U_r Σ^½,  B = Σ^-½ U_rᵀ T  (= Σ^½ V_rᵀ)
+        a, b = np.linalg.solve(lower.T, top * root), inv_root[:, None] * (top.T @ t)
+    else:  # top = V_r:  A = L⁻ᵀ T V_r Σ^-½  (= L⁻ᵀ U_r Σ^½),  B = Σ^½ V_rᵀ
+        a, b = np.linalg.solve(lower.T, (t @ top) * inv_root), root[:, None] * top.T
     return a.astype(np.float32), b.astype(np.float32)
 
 
@@ -72,11 +85,14 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         rank: int = 16
         damp: float = 0.01  # λ = damp × the mean of the Gram matrix's diagonal
         branch_dtype: str = "float16"
+        iterations: int = 1  # > 1: alternate W_q = Q(W − A·B) and A·B = the branch of W − W_q
 
         def __post_init__(self):
             super().__post_init__()
             if self.rank < 1:
                 raise ValueError("rank must be ≥ 1")
+            if self.iterations < 1:
+                raise ValueError("iterations must be ≥ 1")
             if self.damp < 0:
                 raise ValueError("damp must be ≥ 0")
             if self.branch_dtype not in BRANCH_DTYPES:
@@ -87,16 +103,25 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         linears = selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "weight")
         if not linears:
             return PassResult(False, self._stats(0, 0, None))
-        inputs = self._grams(graph, ctx, sorted({lin.act.name for lin in linears}))
+        inputs = stream_inputs(graph, ctx, sorted({lin.act.name for lin in linears}))
         done, worst, reduced, branch_macs, err_before, err_after = 0, None, 0, 0, 0.0, 0.0
+        lowers: dict = {}
         steps = ctx.progress(linears, "low-rank branches") if ctx.progress else linears
         for lin in steps:
             x, w = lin.act, weight_matrix(lin).astype(np.float32)
-            wsqnr, was_reduced = self._quantize(graph, ctx, lin, w)
             gram = inputs[x.name].gram
-            kn = (lambda m: m) if lin.weight_axis == 1 else (lambda m: m.T)  # the op's layout → [K, N]
+            if x.name not in lowers:  # q/k/v (gate/up) share their input's factor
+                lowers[x.name] = whitening(gram, o.damp)
+            lower = lowers[x.name]
+            kn = (lambda m: m) if lin.weight_axis == 1 else (lambda m: m.T)  # the op's layout ↔ [K, N]
+            target = w
+            for _ in range(o.iterations - 1):
+                dq = quantize_weight(target, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric).dequantize()
+                a, b = low_rank_error(gram, kn(w) - kn(dq), o.rank, o.damp, lower)
+                target = w - kn(a @ b)
+            wsqnr, was_reduced = self._quantize(graph, ctx, lin, target)
             error = kn(w) - kn(self._dq)
-            a, b = low_rank_error(gram, error, o.rank, o.damp)
+            a, b = low_rank_error(gram, error, o.rank, o.damp, lower)
             stored_a, stored_b = a.astype(BRANCH_DTYPES[o.branch_dtype]), b.astype(BRANCH_DTYPES[o.branch_dtype])
             reference = float(output_error(gram, kn(w)))
             before = float(output_error(gram, error)) / max(reference, 1e-30)
@@ -115,21 +140,6 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         stats.update(rank=o.rank, branch_dtype=o.branch_dtype, branch_macs_per_token=branch_macs,
                      mean_out_err_quantized=round(err_before / done, 6), mean_out_err_lowrank=round(err_after / done, 6))
         return PassResult(True, stats)
-
-    @staticmethod
-    def _grams(graph: Graph, ctx: PassContext, names: list) -> dict:
-        """``{tensor: _Inputs}`` (Gram matrix ``XᵀX/n``) streamed over every calibration batch."""
-        acc: dict = {}
-
-        def each(name, value):
-            acc.setdefault(name, _Inputs(value.shape[-1])).update(value)
-
-        if ctx.stream_provider is not None:
-            ctx.stream_provider(graph, names, each)
-        else:
-            for name, value in ctx.activation_sample(graph, names).items():
-                each(name, value)
-        return {name: inputs.finish() for name, inputs in acc.items()}
 
     def _branch(self, graph: Graph, lin, a: np.ndarray, b: np.ndarray) -> None:
         """``y = lin(x) + (x·A)·B`` with A and B cast to float32 when stored narrower."""

@@ -114,8 +114,9 @@ def self_calib(smollm2, tmp_path_factory):
 
 def test_w4a16_awq_bound(smollm2, windows, fp32_ppl, self_calib, tmp_path):
     """AWQ W4A16 (symmetric g128/64) on self-sampled calibration text: a regression bound at +26 % of fp32
-    (measured +22 % on 16 windows with 16 calibration windows; the issue's goal of +15 % is not reached yet),
-    and at most 0.6 × RTN's loss on the same windows."""
+    (measured here +19.8 %: 36.20 against 30.23), at most 0.6 × RTN's loss (RTN +39.5 %); and ``w4a16-lr``
+    (the same plus rank-16 low-rank error branches) within the issue's +15 % (measured +12.1 %) and below
+    ``w4a16``."""
     from llmq.driver import compile as llmq_compile
     from llmq.evaluate import perplexity
 
@@ -126,3 +127,8 @@ def test_w4a16_awq_bound(smollm2, windows, fp32_ppl, self_calib, tmp_path):
     ppl_rtn = perplexity(rtn.paths["model"], windows)["perplexity"]
     assert ppl_awq <= fp32_ppl * 1.26, (ppl_awq, fp32_ppl)
     assert ppl_awq - fp32_ppl <= 0.6 * (ppl_rtn - fp32_ppl), (ppl_awq, ppl_rtn, fp32_ppl)
+    lr = llmq_compile(smollm2, "w4a16-lr", str(tmp_path / "lr"), backend="onnxruntime", calib=self_calib, quiet=True)
+    assert lr.report["backend"]["tensorrt_rule_violations"] == []
+    ppl_lr = perplexity(lr.paths["model"], windows)["perplexity"]
+    assert ppl_lr <= fp32_ppl * 1.15, (ppl_lr, fp32_ppl)
+    assert ppl_lr < ppl_awq, (ppl_lr, ppl_awq)

@@ -44,11 +44,12 @@ def main() -> int:
     export_real_model(fp32, "--kv-cache", self_calib=args.self_calib)
     models = [("fp32", fp32, None)]
     for recipe in args.recipes:
-        out = os.path.join(args.artifacts, f"smollm2-kv-{recipe}")
+        label = os.path.splitext(os.path.basename(recipe))[0]  # a recipe name, or a recipe file's stem
+        out = os.path.join(args.artifacts, f"smollm2-kv-{label}")
         print(f"compiling {recipe} on the KV-cache decoder ...", flush=True)
         secs, rss = compile_recipe(fp32, recipe, "onnxruntime", out, args.calib_data,
                                    "--accuracy-level", str(args.accuracy_level))
-        models.append((recipe, os.path.join(out, "model.onnx"), (secs, rss)))
+        models.append((label, os.path.join(out, "model.onnx"), (secs, rss)))
 
     tok = load_tokenizer(tokenizer_dir_for(fp32))
     ids = tok(read_eval_text(args.text)[:20000], add_special_tokens=False)["input_ids"][:args.prompt_tokens]
