@@ -63,7 +63,7 @@ class QuantizeWeightsPass(Pass):
         o = self.options
         done, worst, reduced = 0, None, 0
         for lin in selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "weight"):
-            wsqnr, was_reduced = self._quantize(graph, ctx, lin)
+            wsqnr, was_reduced, _ = self._quantize(graph, ctx, lin)
             worst = wsqnr if worst is None else min(worst, wsqnr)
             reduced += was_reduced
             done += 1
@@ -76,7 +76,7 @@ class QuantizeWeightsPass(Pass):
 
     def _quantize(self, graph: Graph, ctx: PassContext, lin, w: np.ndarray | None = None) -> tuple:
         """Replace ``lin``'s weight (``w`` if given, in the op's layout) by its DequantizeLinear; returns
-        (weight SQNR in dB, whether the block was reduced) and leaves the dequantized weight in ``self._dq``."""
+        (weight SQNR in dB, whether the block was reduced, the dequantized weight in the op's layout)."""
         o = self.options
         kind = f"{'int' if o.symmetric else 'uint'}{o.bits}"
         w = (weight_matrix(lin) if w is None else w).astype(np.float32)
@@ -84,8 +84,8 @@ class QuantizeWeightsPass(Pass):
         q = graph.make_constant(f"{lin.name}.weight_{kind}", qw.q, self.name)
         lin.node.inputs[1] = add_dequantize(graph, q, qw.scale, qw.axis, self.name, f"{lin.name}.weight",
                                             zero_point=qw.zero_point, block_size=qw.block_size)
-        self._dq = qw.dequantize()
-        wsqnr = sqnr_db(w, self._dq)
+        dq = qw.dequantize()
+        wsqnr = sqnr_db(w, dq)
         row = dict(weight_bits=o.bits, weight_granularity=o.granularity, weight_axis=qw.axis,
                    weight_symmetric=o.symmetric, weight_scale_min=float(qw.scale.min()),
                    weight_scale_max=float(qw.scale.max()), weight_sqnr_db=round(wsqnr, 2))
@@ -96,4 +96,4 @@ class QuantizeWeightsPass(Pass):
                 row["weight_block_note"] = (f"block {o.group_size} does not divide K = {lin.in_features}; "
                                             f"used {qw.block_size}")
         ctx.record(lin.name, **row)
-        return wsqnr, reduced
+        return wsqnr, reduced, dq

@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--accuracy-level", type=int, default=0)
     ap.add_argument("--calib-data", default=None)
     ap.add_argument("--self-calib", type=int, default=16, help="calibration windows sampled at export (0: llmq's built-in text)")
+    ap.add_argument("--reuse", action="store_true", help="keep an already compiled model in --artifacts (no compile time reported)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -46,6 +47,9 @@ def main() -> int:
     for recipe in args.recipes:
         label = os.path.splitext(os.path.basename(recipe))[0]  # a recipe name, or a recipe file's stem
         out = os.path.join(args.artifacts, f"smollm2-kv-{label}")
+        if args.reuse and os.path.exists(os.path.join(out, "model.onnx")):
+            models.append((label, os.path.join(out, "model.onnx"), (None, None)))
+            continue
         print(f"compiling {recipe} on the KV-cache decoder ...", flush=True)
         secs, rss = compile_recipe(fp32, recipe, "onnxruntime", out, args.calib_data,
                                    "--accuracy-level", str(args.accuracy_level))
@@ -73,7 +77,7 @@ def main() -> int:
                      "decode_tokens_per_s": float(np.median(decode)), "decode_tokens_per_s_best": max(decode),
                      "size_mb": round(size_mb(path if compiled is None else os.path.dirname(path)), 1),
                      "tokens_matching_fp32": f"{same}/{len(reference)}",
-                     "compile_s": None if compiled is None else round(compiled[0], 1),
+                     "compile_s": None if compiled is None or compiled[0] is None else round(compiled[0], 1),
                      "text": tok.decode(results[0]["tokens"])})
     base = rows[0]
     print(f"\nSmolLM2-135M KV-cache decoder, ONNX Runtime CPU, batch 1, prompt {prompt.shape[1]} tokens, "

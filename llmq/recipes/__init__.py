@@ -62,8 +62,8 @@ class Recipe:
         return parse_recipe(yaml.safe_dump(data, sort_keys=False), f"recipe '{self.name}' with --max-loss")
 
     def with_asymmetric_weights(self) -> "Recipe":
-        """This recipe with zero-point (unsigned) weights in every weight quantizer (``awq``, ``gptq``, ``quantize-weights-lowrank``,
-        ``quantize-weights``); ONNX Runtime only — TensorRT takes symmetric weights — so the backends narrow to it."""
+        """This recipe with zero-point (unsigned) weights in every weight quantizer (``awq``, ``gptq``,
+        ``quantize-weights``, ``quantize-weights-lowrank``); ONNX Runtime only — TensorRT takes symmetric weights — so the backends narrow to it."""
         weight_passes = ("awq", "gptq", "quantize-weights", "quantize-weights-lowrank")
         if not any(name in weight_passes for name, _ in self.passes):
             raise LlmqError(f"recipe '{self.name}' quantizes no weights, so --asym changes nothing",
