@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--recipes", nargs="+", default=["w8a16", "w8a8@onnxruntime", "w8a8-kv8@onnxruntime",
                                                     "w8a8-dynamic@onnxruntime", "w4a16-rtn@onnxruntime",
-                                                    "w4a16@onnxruntime", "w4a16-gptq@onnxruntime"],
+                                                    "w4a16@onnxruntime", "w4a16-lr@onnxruntime", "w4a16-gptq@onnxruntime"],
                     help="recipe names; recipe@backend compiles for that backend (default backend qdq)")
     ap.add_argument("--calib-data", default=None,
                     help="calibration text (default: --self-calib windows the model samples itself at export)")
