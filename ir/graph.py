@@ -210,6 +210,18 @@ class Graph:
         return out
 
 
+    def add_to_output(self, node: gs.Node, extra: gs.Tensor, base: str, pass_name: str) -> gs.Variable:
+        """Make ``node``'s first output ``node(...) + extra``: the node writes a new tensor (returned) and an
+        ``Add`` writes the old one, so every consumer now reads the sum (side branches beside a linear)."""
+        y = node.outputs[0]
+        own = gs.Variable(self.unique_name(base), dtype=y.dtype)
+        node.outputs[0] = own
+        add = gs.Node("Add", name=self.unique_name(f"{pass_name}/Add"), inputs=[own, extra], outputs=[y])
+        self.gs.nodes.append(add)
+        self.tag(add.name, pass_name)
+        self.touch()
+        return own
+
 
 def _dequantize(q: np.ndarray, node: gs.Node) -> np.ndarray:
     scale = np.asarray(node.inputs[1].values, dtype=np.float32)

@@ -37,7 +37,8 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.passes import PassContext
-from .qdq_math import block_size_for, fake_quant_blocks, output_error, symmetric_weight_scale, weight_code_range
+from .qdq_math import (block_size_for, fake_quant_blocks, output_error, relative_output_error, symmetric_weight_scale,
+                       weight_code_range)
 from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
 __all__ = ["ActivationAwareScalesPass", "clip_search", "stream_inputs", "weight_fake_quant"]
@@ -185,7 +186,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         _, (r, duo), s = best
         s_fold = s.astype(np.float32)
         s = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
-        self._pending = {m.name: _relative(inputs.gram, w, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
+        self._pending = {m.name: relative_output_error(inputs.gram, w, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
                          for m, w in zip(members, weights)}
         return s, s_fold, {"awq_ratio": r, "awq_duo": duo}
 
@@ -199,7 +200,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 w = clip_search(gram, w, o.bits, o.group_size, o.symmetric, o.grid, o.max_shrink)
                 stored = w if m.weight_axis == 1 else w.T
                 m.node.inputs[1] = graph.make_constant(f"{m.name}.weight_clipped", np.ascontiguousarray(stored), self.name)
-            err = _relative(gram, ref, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
+            err = relative_output_error(gram, ref, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
             ctx.record(m.name, weight_out_err_rtn=self._pending.get(m.name), weight_out_err_awq=err,
                        awq_clipped=bool(o.clip and (o.clip_qk or m.role not in ("q", "k", "qkv"))))
 
@@ -214,8 +215,3 @@ def _weight_mean(weights: list, group: int) -> np.ndarray:
         a = np.abs(w).reshape(k // b, b, -1)
         parts.append((a / (a.max(axis=1, keepdims=True) + 1e-6)).reshape(k, -1))
     return np.concatenate(parts, axis=1).mean(axis=1).astype(np.float64)
-
-
-def _relative(gram: np.ndarray, w_kn: np.ndarray, approx_kn: np.ndarray) -> float:
-    """``‖X(W − Ŵ)‖² / ‖XW‖²`` over the calibration tokens (what ``relative_error`` gives on X·W)."""
-    return float(output_error(gram, w_kn - approx_kn) / max(float(output_error(gram, w_kn)), 1e-30))

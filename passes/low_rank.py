@@ -26,13 +26,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..ir.graph import FLOAT_BRANCH, ROLE_KEY, Graph
 from ..ir.passes import PassContext, PassResult
 from ..ir.structure import weight_matrix
 from .awq import stream_inputs
-from .qdq_math import output_error, quantize_weight
+from .qdq_math import quantize_weight, relative_output_error
 from .quantize_weights import QuantizeWeightsPass
 from .select import selected_linears
 
@@ -123,9 +122,8 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
             error = kn(w) - kn(dq)
             a, b = low_rank_error(gram, error, o.rank, o.damp, lower)
             stored_a, stored_b = a.astype(BRANCH_DTYPES[o.branch_dtype]), b.astype(BRANCH_DTYPES[o.branch_dtype])
-            reference = float(output_error(gram, kn(w)))
-            before = float(output_error(gram, error)) / max(reference, 1e-30)
-            after = float(output_error(gram, error - stored_a.astype(np.float32) @ stored_b.astype(np.float32))) / max(reference, 1e-30)
+            before = relative_output_error(gram, kn(w), kn(dq))
+            after = relative_output_error(gram, kn(w), kn(dq) + stored_a.astype(np.float32) @ stored_b.astype(np.float32))
             self._branch(graph, lin, stored_a, stored_b)
             macs = a.shape[1] * (a.shape[0] + b.shape[1])
             ctx.record(lin.name, lowrank_rank=int(a.shape[1]), lowrank_float_macs_per_token=int(macs),
@@ -156,9 +154,4 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
                              out_dtype=np.float32)
         for t in (down, up):
             graph.node_metadata.setdefault(Graph.producer(t).name, {})[ROLE_KEY] = FLOAT_BRANCH
-        y = lin.node.outputs[0]
-        main = gs.Variable(graph.unique_name(f"{lin.name}.quantized_out"), dtype=np.float32)
-        lin.node.outputs[0] = main
-        add = gs.Node("Add", name=graph.unique_name(f"{self.name}/Add"), inputs=[main, up], outputs=[y])
-        graph.gs.nodes.append(add)
-        graph.tag(add.name, self.name)
+        graph.add_to_output(lin.node, up, f"{lin.name}.quantized_out", self.name)

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..ir.graph import Graph
 
-__all__ = ["qmax", "output_error", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
+__all__ = ["qmax", "output_error", "relative_output_error", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
            "relative_error", "block_size_for", "QuantizedWeight", "quantize_weight", "fake_quant_blocks", "GRANULARITIES"]
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
@@ -84,6 +84,12 @@ def output_error(gram: np.ndarray, delta_kn: np.ndarray, axis=None):
     ``Σ Δ ⊙ (G Δ)``, per output channel with ``axis=0`` — exact over every token without holding them."""
     d = delta_kn.astype(gram.dtype)
     return np.sum(d * (gram @ d), axis=axis, dtype=np.float64)
+
+
+def relative_output_error(gram: np.ndarray, w_kn: np.ndarray, approx_kn: np.ndarray) -> float:
+    """``‖X(W − Ŵ)‖² / ‖XW‖²`` over the tokens whose Gram matrix is ``gram`` (what :func:`relative_error`
+    gives on ``X·W`` and ``X·Ŵ``)."""
+    return float(output_error(gram, w_kn - approx_kn) / max(float(output_error(gram, w_kn)), 1e-30))
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:

@@ -69,19 +69,21 @@ class QuantizeWeightsPass(Pass):
             done += 1
         return PassResult(done > 0, self._stats(done, reduced, worst))
 
+    def _format(self) -> str:
+        return f"{'int' if self.options.symmetric else 'uint'}{self.options.bits}"
+
     def _stats(self, done: int, reduced: int, worst) -> dict:
         o = self.options
-        return {"quantized": done, "format": f"{'int' if o.symmetric else 'uint'}{o.bits}", "granularity": o.granularity,
+        return {"quantized": done, "format": self._format(), "granularity": o.granularity,
                 "blocks_reduced": reduced, "worst_weight_sqnr_db": None if worst is None else round(float(worst), 2)}
 
     def _quantize(self, graph: Graph, ctx: PassContext, lin, w: np.ndarray | None = None) -> tuple:
         """Replace ``lin``'s weight (``w`` if given, in the op's layout) by its DequantizeLinear; returns
         (weight SQNR in dB, whether the block was reduced, the dequantized weight in the op's layout)."""
         o = self.options
-        kind = f"{'int' if o.symmetric else 'uint'}{o.bits}"
         w = (weight_matrix(lin) if w is None else w).astype(np.float32)
         qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
-        q = graph.make_constant(f"{lin.name}.weight_{kind}", qw.q, self.name)
+        q = graph.make_constant(f"{lin.name}.weight_{self._format()}", qw.q, self.name)
         lin.node.inputs[1] = add_dequantize(graph, q, qw.scale, qw.axis, self.name, f"{lin.name}.weight",
                                             zero_point=qw.zero_point, block_size=qw.block_size)
         dq = qw.dequantize()

@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..ir.graph import FLOAT_BRANCH, ROLE_KEY, Graph
 from ..ir.passes import Pass, PassContext, PassResult
@@ -93,10 +92,5 @@ class SplitOutlierChannelsPass(Pass):
         side = graph.make_node("MatMul", [picked, graph.make_constant(f"{lin.name}.outlier_weight", w[channels], self.name)],
                                f"{lin.name}.outlier_out", self.name, out_dtype=np.float32)
         graph.node_metadata[Graph.producer(side).name][ROLE_KEY] = FLOAT_BRANCH
-        y = lin.node.outputs[0]
-        inliers_out = gs.Variable(graph.unique_name(f"{lin.name}.inlier_out"), dtype=np.float32)
-        lin.node.outputs[0] = inliers_out
-        add = gs.Node("Add", name=graph.unique_name(f"{self.name}/Add"), inputs=[inliers_out, side], outputs=[y])
-        graph.gs.nodes.append(add)
-        graph.tag(add.name, self.name)
+        graph.add_to_output(lin.node, side, f"{lin.name}.inlier_out", self.name)
         lin.node.inputs[0] = masked
