@@ -48,6 +48,8 @@ def layer_sqnr(before: Structure, after: Graph, sample: dict) -> dict:
         if w_q is None and not act_q:
             continue
         w = weight_matrix(lin).astype(np.float32)
+        if w_q is not None and w_q.shape != w.shape:  # extra input rows (a fused low-rank branch reports its own error)
+            continue
         x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
         w_eff = w_q if w_q is not None else w
         if lin.node.op == "Gemm" and lin.weight_axis == 0:

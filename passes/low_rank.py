@@ -13,11 +13,19 @@ LLM activations put most of their energy in a few directions (massive-activation
 removes most of the output error: on SmolLM2-135M, plain RTN g128 with r = 8 keeps 24 % of the layers'
 output error and moves WikiText perplexity from 52.1 to 43.1 (16 windows, a torch simulation).
 
-The branch is two plain float MatMuls and an Add beside the quantized MatMul, so TensorRT and ONNX Runtime
-both run it; ``A``/``B`` are stored in ``branch_dtype`` (float16 by default: a ``Cast`` to float32 that ONNX
-Runtime folds at load). It costs ``r·(K + N)`` float MACs per token; the report gives them per linear with
-the output error before and after the branch. The branch MatMuls carry the float-branch role, so structure
-discovery, the MAC accounting and later passes do not take them for linears.
+Layouts. *Fused* (the default, for MatMul weights quantized per group): the linears that read the same
+``x`` (q/k/v, gate/up) share one float ``t = x·[A_1 … A_m 0]`` padded with zero columns to a whole number of
+blocks, and each reads ``Concat(x, t)`` with the weight ``[Q(W_i); Q(B_i) in its own rows, zeros elsewhere]``
+— ``B_i`` becomes extra INT4 blocks of the weight (orthonormal rows ``Vᵀ``, so one scale per block and column
+suits them, with ``A_i`` refitted to the quantized ``B̂_i``), and the branch costs one MatMul and one Concat
+per input instead of two MatMuls and an Add per linear. ONNX Runtime then runs the whole thing as one
+MatMulNBits per linear (on SmolLM2-135M: 240 extra nodes instead of 630, and the B factors in 4 bits instead
+of 32). *Separate* (``fuse: false``, and Gemm or non-blocked weights): two plain float MatMuls and an Add
+beside the quantized MatMul. Either way TensorRT and ONNX Runtime both run it; the float factors are stored
+in ``branch_dtype`` (float16 by default: a ``Cast`` to float32 that ONNX Runtime folds at load). The report
+gives per linear the layout, the float MACs per token (``r·K`` fused, ``r·(K + N)`` separate) and the output
+error before and after the branch. The branch MatMuls carry the float-branch role, so structure discovery,
+the MAC accounting and later passes do not take them for linears.
 """
 
 from __future__ import annotations
@@ -85,6 +93,7 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         damp: float = 0.01  # λ = damp × the mean of the Gram matrix's diagonal
         branch_dtype: str = "float16"
         iterations: int = 1  # > 1: alternate W_q = Q(W − A·B) and A·B = the branch of W − W_q
+        fuse: bool = True  # per-group MatMul weights: B as extra INT4 rows of the weight, one x·A per input
 
         def __post_init__(self):
             super().__post_init__()
@@ -103,41 +112,118 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         if not linears:
             return PassResult(False, self._stats(0, 0, None))
         inputs = stream_inputs(graph, ctx, sorted({lin.act.name for lin in linears}))
-        done, worst, reduced, branch_macs, err_before, err_after = 0, None, 0, 0, 0.0, 0.0
-        lowers: dict = {}
-        steps = ctx.progress(linears, "low-rank branches") if ctx.progress else linears
-        for lin in steps:
-            x, w = lin.act, weight_matrix(lin).astype(np.float32)
-            gram = inputs[x.name].gram
-            if x.name not in lowers:  # q/k/v (gate/up) share their input's factor
-                lowers[x.name] = whitening(gram, o.damp)
-            lower = lowers[x.name]
-            kn = (lambda m: m) if lin.weight_axis == 1 else (lambda m: m.T)  # the op's layout ↔ [K, N]
-            target = w
-            for _ in range(o.iterations - 1):
-                dq = quantize_weight(target, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric).dequantize()
-                a, b = low_rank_error(gram, kn(w) - kn(dq), o.rank, o.damp, lower)
-                target = w - kn(a @ b)
-            wsqnr, was_reduced, dq = self._quantize(graph, ctx, lin, target)
-            error = kn(w) - kn(dq)
-            a, b = low_rank_error(gram, error, o.rank, o.damp, lower)
-            stored_a, stored_b = a.astype(BRANCH_DTYPES[o.branch_dtype]), b.astype(BRANCH_DTYPES[o.branch_dtype])
-            before = relative_output_error(gram, kn(w), kn(dq))
-            after = relative_output_error(gram, kn(w), kn(dq) + stored_a.astype(np.float32) @ stored_b.astype(np.float32))
-            self._branch(graph, lin, stored_a, stored_b)
-            macs = a.shape[1] * (a.shape[0] + b.shape[1])
-            ctx.record(lin.name, lowrank_rank=int(a.shape[1]), lowrank_float_macs_per_token=int(macs),
-                       weight_out_err_quantized=round(before, 6), weight_out_err_lowrank=round(after, 6))
-            worst = wsqnr if worst is None else min(worst, wsqnr)
-            reduced += was_reduced
-            branch_macs += macs
-            err_before += before
-            err_after += after
-            done += 1
-        stats = self._stats(done, reduced, worst)
-        stats.update(rank=o.rank, branch_dtype=o.branch_dtype, branch_macs_per_token=branch_macs,
-                     mean_out_err_quantized=round(err_before / done, 6), mean_out_err_lowrank=round(err_after / done, 6))
+        groups: dict = {}  # q/k/v (gate/up) share their input: one factor, one fused branch input
+        for lin in linears:
+            groups.setdefault(lin.act.name, []).append(lin)
+        totals = dict(done=0, worst=None, reduced=0, branch_macs=0, before=0.0, after=0.0, fused=0)
+        steps = ctx.progress(list(groups.values()), "low-rank branches") if ctx.progress else groups.values()
+        for members in steps:
+            gram = inputs[members[0].act.name].gram
+            lower = whitening(gram, o.damp)
+            fitted = [self._fit(lin, gram, lower) for lin in members]
+            fused = [f for f in fitted if self._fusable(f)]
+            if fused:
+                self._fuse(graph, ctx, fused)
+            for f in fitted:
+                if not self._fusable(f):
+                    wsqnr, was_reduced, _ = self._quantize(graph, ctx, f["lin"], f["target"], qw=f["qw"])
+                    f.update(wsqnr=wsqnr, reduced=was_reduced, branch=self._cast(f["a"]) @ self._cast(f["b"]))
+                    self._branch(graph, f["lin"], *(x.astype(BRANCH_DTYPES[o.branch_dtype]) for x in (f["a"], f["b"])))
+                self._account(ctx, f, gram, totals)
+        stats = self._stats(totals["done"], totals["reduced"], totals["worst"])
+        stats.update(rank=o.rank, branch_dtype=o.branch_dtype, fused=totals["fused"],
+                     branch_float_macs_per_token=totals["branch_macs"],
+                     mean_out_err_quantized=round(totals["before"] / totals["done"], 6),
+                     mean_out_err_lowrank=round(totals["after"] / totals["done"], 6))
         return PassResult(True, stats)
+
+    def _fit(self, lin, gram: np.ndarray, lower: np.ndarray) -> dict:
+        """The quantized weight and its branch for one linear (alternated ``iterations`` times), not yet
+        written to the graph. Everything in ``[K, N]`` except ``target`` (the op's layout)."""
+        o = self.options
+        w = weight_matrix(lin).astype(np.float32)
+        kn = (lambda m: m) if lin.weight_axis == 1 else (lambda m: m.T)  # the op's layout ↔ [K, N]
+        target = w
+        for step in range(o.iterations):
+            qw = quantize_weight(target, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
+            dq = qw.dequantize()
+            a, b = low_rank_error(gram, kn(w) - kn(dq), o.rank, o.damp, lower)
+            if step < o.iterations - 1:
+                target = w - kn(a @ b)
+        return dict(lin=lin, w=kn(w), target=target, qw=qw, dq=kn(dq), a=a, b=b)
+
+    def _fusable(self, f: dict) -> bool:
+        """Fused layout: a MatMul whose weight is blocked along K (``[K, N]``, per group)."""
+        return self.options.fuse and f["lin"].node.op == "MatMul" and f["qw"].block_size > 0
+
+    def _cast(self, m: np.ndarray) -> np.ndarray:
+        """``m`` as the graph computes with it: rounded to ``branch_dtype``, in float32."""
+        return m.astype(BRANCH_DTYPES[self.options.branch_dtype]).astype(np.float32)
+
+    def _fuse(self, graph: Graph, ctx: PassContext, fitted: list) -> None:
+        """One branch input for the linears that share ``x``: ``t = x·[A_1 … A_m 0]`` (float, padded to a whole
+        number of the weights' blocks), and each linear reads ``[x, t]`` with ``[Q(W_i); Q(B_i) in its rows]``.
+
+        ``B_i`` is taken with orthonormal rows (``Vᵀ``: one INT4 scale per block and column then suits every
+        row), quantized in its own blocks, and ``A_i = E_i·B̂_iᵀ(B̂_i·B̂_iᵀ)⁻¹`` refitted to the quantized
+        ``B̂_i`` (the least-squares optimum for a fixed ``B``, whitened or not)."""
+        o = self.options
+        lin0 = fitted[0].get("lin")
+        k, block = lin0.in_features, fitted[0]["qw"].block_size
+        total = sum(f["b"].shape[0] for f in fitted)
+        width = -(-total // block) * block
+        a_cat = np.zeros((k, width), np.float32)
+        row = 0
+        for f in fitted:
+            r, n = f["b"].shape
+            norms = np.linalg.norm(f["b"], axis=1)
+            unit = f["b"] / np.where(norms > 0, norms, 1.0)[:, None]
+            ext = np.zeros((width, n), np.float32)
+            ext[row:row + r] = unit
+            qb = quantize_weight(ext, 1, o.bits, "per-group", block, o.symmetric)
+            b_hat = qb.dequantize()[row:row + r]
+            error = f["w"] - f["dq"]
+            a = np.linalg.lstsq(b_hat.T.astype(np.float64), error.T.astype(np.float64), rcond=None)[0].T
+            a_cat[:, row:row + r] = a
+            f.update(qb=qb, a=a.astype(np.float32), b=b_hat, branch=self._cast(a) @ b_hat)
+            row += r
+        stored = a_cat[:, :total].astype(BRANCH_DTYPES[o.branch_dtype])
+        const = graph.make_constant(f"{lin0.name}.lowrank_a", stored, self.name)
+        if stored.dtype != np.float32:
+            const = graph.make_node("Cast", [const], f"{lin0.name}.lowrank_a_f32", self.name, {"to": 1},
+                                    out_dtype=np.float32, out_shape=[k, total])
+        x = lin0.act
+        t = graph.make_node("MatMul", [x, const], f"{lin0.name}.lowrank_xa", self.name, out_dtype=np.float32)
+        graph.node_metadata.setdefault(Graph.producer(t).name, {})[ROLE_KEY] = FLOAT_BRANCH
+        if width > total:  # zeros up to a whole block, on the small t (zero columns of A would be read per token)
+            pads = graph.make_constant(f"{lin0.name}.lowrank_pads", np.array([0, width - total], np.int64), self.name)
+            axes = graph.make_constant(f"{lin0.name}.lowrank_pad_axes", np.array([-1], np.int64), self.name)
+            zero = graph.make_constant(f"{lin0.name}.lowrank_pad_value", np.array(0.0, np.float32), self.name)
+            t = graph.make_node("Pad", [t, pads, zero, axes],
+                                f"{lin0.name}.lowrank_xa_padded", self.name, out_dtype=np.float32)
+        xt = graph.make_node("Concat", [x, t], f"{lin0.name}.lowrank_in", self.name, {"axis": -1}, out_dtype=np.float32)
+        for f in fitted:
+            wsqnr, was_reduced, _ = self._quantize(graph, ctx, f["lin"], f["target"], append=f["qb"], qw=f["qw"])
+            f["lin"].node.inputs[0] = xt
+            f.update(wsqnr=wsqnr, reduced=was_reduced, fused=True)
+        graph.touch()
+
+    def _account(self, ctx: PassContext, f: dict, gram: np.ndarray, totals: dict) -> None:
+        lin, a, b = f["lin"], f["a"], f["b"]
+        before = relative_output_error(gram, f["w"], f["dq"])
+        after = relative_output_error(gram, f["w"], f["dq"] + f["branch"])
+        fused = f.get("fused", False)
+        macs = a.shape[0] * a.shape[1] + (0 if fused else b.size)  # fused: B runs inside the INT4 MatMul
+        ctx.record(lin.name, lowrank_rank=int(a.shape[1]), lowrank_layout="fused" if fused else "separate",
+                   lowrank_float_macs_per_token=int(macs),
+                   weight_out_err_quantized=round(before, 6), weight_out_err_lowrank=round(after, 6))
+        totals["worst"] = f["wsqnr"] if totals["worst"] is None else min(totals["worst"], f["wsqnr"])
+        totals["reduced"] += f["reduced"]
+        totals["branch_macs"] += macs
+        totals["before"] += before
+        totals["after"] += after
+        totals["fused"] += fused
+        totals["done"] += 1
 
     def _branch(self, graph: Graph, lin, a: np.ndarray, b: np.ndarray) -> None:
         """``y = lin(x) + (x·A)·B`` with A and B cast to float32 when stored narrower."""

@@ -125,6 +125,14 @@ class QuantizedWeight:
         """The numpy dtype of the codes: int8 / uint8 / int4 / uint4."""
         return _STORAGE[(bits, symmetric)]
 
+    def concat(self, other: "QuantizedWeight") -> "QuantizedWeight":
+        """This weight with ``other``'s blocks after its own along the blocked (input) axis."""
+        if not (self.block_size and other.block_size == self.block_size and other.axis == self.axis):
+            raise ValueError("only weights blocked alike along the same axis concatenate")
+        cat = lambda a, b: np.concatenate([a, b], axis=self.axis)  # noqa: E731
+        return QuantizedWeight(cat(self.q, other.q), cat(self.scale, other.scale),
+                               cat(self.zero_point, other.zero_point), self.axis, self.block_size)
+
     def dequantize(self) -> np.ndarray:
         x = self.q.astype(np.float32) - _expand(self.zero_point.astype(np.float32), self.axis, self.block_size)
         return x * _expand(self.scale, self.axis, self.block_size)

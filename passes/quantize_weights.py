@@ -20,7 +20,7 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import GRANULARITIES, add_dequantize, quantize_weight, sqnr_db
+from .qdq_math import GRANULARITIES, QuantizedWeight, add_dequantize, quantize_weight, sqnr_db
 from .select import selected_linears
 
 __all__ = ["QuantizeWeightsPass"]
@@ -77,15 +77,19 @@ class QuantizeWeightsPass(Pass):
         return {"quantized": done, "format": self._format(), "granularity": o.granularity,
                 "blocks_reduced": reduced, "worst_weight_sqnr_db": None if worst is None else round(float(worst), 2)}
 
-    def _quantize(self, graph: Graph, ctx: PassContext, lin, w: np.ndarray | None = None) -> tuple:
-        """Replace ``lin``'s weight (``w`` if given, in the op's layout) by its DequantizeLinear; returns
-        (weight SQNR in dB, whether the block was reduced, the dequantized weight in the op's layout)."""
+    def _quantize(self, graph: Graph, ctx: PassContext, lin, w: np.ndarray | None = None,
+                  append: QuantizedWeight | None = None, qw: QuantizedWeight | None = None) -> tuple:
+        """Replace ``lin``'s weight (``w`` if given, in the op's layout; ``qw`` if already quantized) by its
+        DequantizeLinear, with the blocks of ``append`` after its own along K if given; returns (weight SQNR
+        in dB, whether the block was reduced, the dequantized weight in the op's layout)."""
         o = self.options
         w = (weight_matrix(lin) if w is None else w).astype(np.float32)
-        qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
-        q = graph.make_constant(f"{lin.name}.weight_{self._format()}", qw.q, self.name)
-        lin.node.inputs[1] = add_dequantize(graph, q, qw.scale, qw.axis, self.name, f"{lin.name}.weight",
-                                            zero_point=qw.zero_point, block_size=qw.block_size)
+        if qw is None:
+            qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
+        stored = qw if append is None else qw.concat(append)
+        q = graph.make_constant(f"{lin.name}.weight_{self._format()}", stored.q, self.name)
+        lin.node.inputs[1] = add_dequantize(graph, q, stored.scale, stored.axis, self.name, f"{lin.name}.weight",
+                                            zero_point=stored.zero_point, block_size=stored.block_size)
         dq = qw.dequantize()
         wsqnr = sqnr_db(w, dq)
         row = dict(weight_bits=o.bits, weight_granularity=o.granularity, weight_axis=qw.axis,
