@@ -23,7 +23,7 @@ DEFAULT_ACCURACY_LEVEL = 0
 
 
 def _options(accuracy_level: int, optimized_path: str | None = None, threads: int | None = None,
-             optimize: bool = True):
+             optimize: bool = True, spinning: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -35,14 +35,16 @@ def _options(accuracy_level: int, optimized_path: str | None = None, threads: in
         opts.optimized_model_filepath = optimized_path
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:  # idle worker threads sleep instead of spinning (several live sessions do not steal cores)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
 def make_session(model_path: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None,
-                 optimize: bool = True):
+                 optimize: bool = True, spinning: bool = True):
     import onnxruntime as ort
 
-    return ort.InferenceSession(model_path, _options(accuracy_level, threads=threads, optimize=optimize),
+    return ort.InferenceSession(model_path, _options(accuracy_level, threads=threads, optimize=optimize, spinning=spinning),
                                 providers=["CPUExecutionProvider"])
 
 

@@ -9,6 +9,7 @@ written to a temporary name and renamed, so a failed export leaves nothing behin
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
@@ -152,6 +153,39 @@ def _kv_geometry(model) -> tuple:
     return cfg.num_hidden_layers, kv_heads, head_dim
 
 
+def divide_by_rms(graph) -> int:
+    """Rewrite ``x · Reciprocal(Sqrt(v))`` as ``x / Sqrt(v)`` in an ONNX graph (in place); returns how many.
+    That is the RMSNorm form ONNX Runtime fuses into one ``SimplifiedLayerNormalization`` (its fusion matches
+    Pow → ReduceMean → Add → Sqrt → Div → Mul, and torch's ``rsqrt`` exports as Sqrt → Reciprocal → Mul):
+    seven nodes become one per norm. The same value up to one rounding."""
+    nodes = list(graph.node)
+    producers = {o: i for i, n in enumerate(nodes) for o in n.output}
+    uses = collections.Counter(i for n in nodes for i in n.input)
+    uses.update(o.name for o in graph.output)
+    dead = set()
+    for node in nodes:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        for j, name in enumerate(node.input):
+            r = producers.get(name)
+            if r is None or nodes[r].op_type != "Reciprocal" or uses[name] != 1:
+                continue
+            s = producers.get(nodes[r].input[0])
+            if s is None or nodes[s].op_type != "Sqrt":
+                continue
+            x = node.input[1 - j]
+            node.op_type = "Div"
+            del node.input[:]
+            node.input.extend([x, nodes[r].input[0]])
+            dead.add(r)
+            break
+    if dead:
+        keep = [n for i, n in enumerate(nodes) if i not in dead]
+        del graph.node[:]
+        graph.node.extend(keep)
+    return len(dead)
+
+
 def export_module(module, example_inputs: tuple, output: str, input_names: list, output_names: list,
                   dynamic_shapes=None, opset: int = 21, metadata: dict | None = None) -> str:
     """Export any ``nn.Module`` to ``output`` (dynamo exporter); returns the path written."""
@@ -172,12 +206,14 @@ def export_module(module, example_inputs: tuple, output: str, input_names: list,
         model = program.model_proto if params < LARGE else None
         name = os.path.basename(output)
         if model is not None:
+            divide_by_rms(model.graph)
             for key, value in sorted((metadata or {}).items()):
                 model.metadata_props.add(key=key, value=str(value))
             onnx.save_model(model, os.path.join(tmp, name))
         else:
             program.save(os.path.join(tmp, name), external_data=True)
             model = onnx.load(os.path.join(tmp, name), load_external_data=False)
+            divide_by_rms(model.graph)
             for key, value in sorted((metadata or {}).items()):
                 model.metadata_props.add(key=key, value=str(value))
             onnx.save_model(model, os.path.join(tmp, name))

@@ -157,10 +157,11 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     violations = check_tensorrt_rules(graph)
     lowering = []
     if backend == "onnxruntime":
-        from .backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass
+        from .backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass, MergeMatMulNBitsPass
 
         t = time.perf_counter()
-        lowering = PassManager([LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=accuracy_level)],
+        lowering = PassManager([LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=accuracy_level),
+                                MergeMatMulNBitsPass()],
                                verify=verify,
                                dump_dir=os.path.join(dump_dir, "backend") if dump_dir else None).run(graph, ctx)
         times["lowering_s"] = time.perf_counter() - t

@@ -76,36 +76,56 @@ def perplexity(model_path: str, windows: np.ndarray, accuracy_level: int = DEFAU
             "accuracy_level": accuracy_level}
 
 
+class Decoder:
+    """Greedy decoding with one model, a token at a time: :meth:`prefill` the prompt, then :meth:`step` per new
+    token — with the KV cache when the graph has one, else by re-running the whole sequence. Each call returns
+    its wall time in seconds, so a benchmark can interleave several models step by step."""
+
+    def __init__(self, model_path: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None,
+                 spinning: bool = True):
+        self.session = make_session(model_path, accuracy_level, threads=threads, spinning=spinning)
+        self.inputs = [(i.name, i.shape) for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.kv = is_kv_decoder(self.inputs)
+        self.pairs = {f"past_key_values.{n[len('present.'):]}": n for n in self.outputs if n.startswith("present.")}
+        self.ids = np.zeros((1, 0), np.int64)
+        self.tokens: list = []
+        self.result = None
+
+    def prefill(self, prompt_ids: np.ndarray) -> float:
+        self.ids = np.asarray(prompt_ids, np.int64).reshape(1, -1)
+        started = time.perf_counter()
+        self.result = self.session.run(self.outputs, prompt_feeds(self.inputs, self.ids))
+        spent = time.perf_counter() - started
+        self.tokens = [int(np.argmax(self.result[0][0, -1]))]
+        return spent
+
+    def step(self) -> float:
+        """Feed the last token, read the next one."""
+        started = time.perf_counter()
+        if self.kv:
+            named = dict(zip(self.outputs, self.result))
+            past = {p: named[o] for p, o in self.pairs.items()}
+            self.result = self.session.run(self.outputs, prompt_feeds(self.inputs, np.asarray([[self.tokens[-1]]]), past))
+        else:
+            seq = np.concatenate([self.ids, np.asarray([self.tokens])], axis=1)
+            self.result = self.session.run(self.outputs, prompt_feeds(self.inputs, seq))
+        spent = time.perf_counter() - started
+        self.tokens.append(int(np.argmax(self.result[0][0, -1])))
+        return spent
+
+
 def generate(model_path: str, prompt_ids: np.ndarray, max_new_tokens: int = 32, eos_id: int | None = None,
              accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None) -> dict:
-    """Greedy decoding of ``prompt_ids [1, n]``: with the KV cache when the graph has one (prefill once, then
-    one token per step), else by re-running the whole sequence each step. Returns the new token ids and the
+    """Greedy decoding of ``prompt_ids [1, n]`` (see :class:`Decoder`). Returns the new token ids and the
     prefill and decode throughput."""
-    session = make_session(model_path, accuracy_level, threads=threads)
-    inputs = [(i.name, i.shape) for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    kv = is_kv_decoder(inputs)
-    pairs = {f"past_key_values.{name[len('present.'):]}": name for name in outputs if name.startswith("present.")}
-    ids = np.asarray(prompt_ids, np.int64).reshape(1, -1)
-    started = time.perf_counter()
-    result = session.run(outputs, prompt_feeds(inputs, ids))
-    prefill_s = time.perf_counter() - started
-    new, decode_s = [], 0.0
-    for _ in range(max_new_tokens):
-        token = int(np.argmax(result[0][0, -1]))
-        new.append(token)
-        if eos_id is not None and token == eos_id or len(new) == max_new_tokens:
-            break
-        started = time.perf_counter()
-        if kv:
-            named = dict(zip(outputs, result))
-            past = {p: named[o] for p, o in pairs.items()}
-            result = session.run(outputs, prompt_feeds(inputs, np.asarray([[token]]), past))
-        else:
-            result = session.run(outputs, prompt_feeds(inputs, np.concatenate([ids, np.asarray([new])], axis=1)))
-        decode_s += time.perf_counter() - started
-    steps = max(len(new) - 1, 0)
-    return {"tokens": new, "kv_cache": kv, "prompt_tokens": int(ids.shape[1]),
-            "prefill_tokens_per_s": round(ids.shape[1] / prefill_s, 1) if prefill_s else None,
+    decoder = Decoder(model_path, accuracy_level, threads=threads)
+    prefill_s = decoder.prefill(prompt_ids)
+    decode_s = 0.0
+    while len(decoder.tokens) < max_new_tokens and not (eos_id is not None and decoder.tokens[-1] == eos_id):
+        decode_s += decoder.step()
+    steps = len(decoder.tokens) - 1
+    return {"tokens": decoder.tokens, "kv_cache": decoder.kv, "prompt_tokens": int(decoder.ids.shape[1]),
+            "prefill_tokens_per_s": round(decoder.ids.shape[1] / prefill_s, 1) if prefill_s else None,
             "decode_tokens_per_s": round(steps / decode_s, 1) if decode_s else None,
             "accuracy_level": accuracy_level}

@@ -10,7 +10,7 @@ import pytest
 from test_smooth_attention import _ids
 from test_smooth_quant import _ctx
 
-from llmq.backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass, pack_matmulnbits, unpack_matmulnbits
+from llmq.backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass, MergeMatMulNBitsPass, pack_matmulnbits, unpack_matmulnbits
 from llmq.frontends.onnx_loader import load_graph
 from llmq.ir.passes import PassManager
 from llmq.passes import QuantizeWeightsPass
@@ -51,8 +51,15 @@ def test_lowered_model_matches_the_qdq_model(tiny_llama_onnx, symmetric):
     lowered = graph.to_model()
     assert sum(n.op_type == "MatMulNBits" for n in lowered.graph.node) == 14
     assert not any(n.op_type == "DequantizeLinear" for n in lowered.graph.node)
+    # q/k/v and gate/up read one tensor each: merged into one wider MatMulNBits and a Split per layer
+    records = PassManager([MergeMatMulNBitsPass()], verify=True).run(graph, ctx)
+    assert records[0]["stats"] == {"merged": 10, "into": 4}
+    merged = graph.to_model()
+    assert sum(n.op_type == "MatMulNBits" for n in merged.graph.node) == 8
+    assert sum(n.op_type == "Split" for n in merged.graph.node) == 4
     ids = _ids()
     ref = _session(qdq, optimize=False).run(None, {"input_ids": ids})[0]
-    for optimize in (False, True):
-        got = _session(lowered, optimize).run(None, {"input_ids": ids})[0]
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    for model in (lowered, merged):
+        for optimize in (False, True):
+            got = _session(model, optimize).run(None, {"input_ids": ids})[0]
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -37,6 +37,16 @@ def test_export_matches_torch_with_dynamic_axes(family, request):
         np.testing.assert_allclose(logits, _torch_logits(folder, ids), rtol=1e-4, atol=1e-4)
 
 
+def test_export_writes_rmsnorm_as_onnx_runtime_fuses_it(tiny_llama_onnx, tiny_llama_kv_onnx):
+    """torch's rsqrt exports as Sqrt → Reciprocal → Mul, which ONNX Runtime does not fuse; the exporter writes
+    ``x / Sqrt(v)`` instead, so every RMSNorm (2 layers × 2 + the final one) runs as one node."""
+    from llmq.backends.onnxruntime import fused_ops
+
+    for path in (tiny_llama_onnx, tiny_llama_kv_onnx):
+        assert not any(n.op_type == "Reciprocal" for n in onnx.load(path).graph.node)
+        assert fused_ops(path).get("SimplifiedLayerNormalization") == 5
+
+
 def test_llama_structure(tiny_llama_onnx):
     st = discover(load_graph(tiny_llama_onnx))
     assert st.summary()["roles"] == {"q": 2, "k": 2, "v": 2, "o": 2, "gate": 2, "up": 2, "down": 2, "lm_head": 1}

@@ -2,7 +2,8 @@
 
 Exports SmolLM2-135M with ``--kv-cache`` (once, cached in --artifacts), compiles each recipe on that graph for
 the onnxruntime backend (4-bit linears lowered to MatMulNBits), then greedy-decodes the same prompt with each
-(batch 1) and prints prefill and decode tokens/s, size and whether the generated tokens match fp32's.
+(batch 1) in lockstep — a token from each model in turn — and prints prefill and decode tokens/s, size and
+whether the generated tokens match fp32's.
 A benchmark, not a test: it asserts nothing.
 
     python tools/bench_decode.py --recipes w4a16 w4a16-rtn w8a8-dynamic --new-tokens 64
@@ -27,7 +28,7 @@ def main() -> int:
     ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "shared", "data", "wikitext2", "wiki.test.raw"))
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=7, help="generations per model, interleaved (medians reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="generations per model, in lockstep (medians reported)")
     ap.add_argument("--recipes", nargs="*", default=["w4a16", "w4a16-rtn"])
     ap.add_argument("--accuracy-level", type=int, default=0)
     ap.add_argument("--calib-data", default=None)
@@ -36,7 +37,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from llmq.evaluate import generate, read_eval_text
+    from llmq.evaluate import Decoder, read_eval_text
     from llmq.frontends.torch_export import tokenizer_dir_for
     from llmq.tokenizer import load_tokenizer
 
@@ -60,13 +61,22 @@ def main() -> int:
     import numpy as np
 
     prompt = np.asarray([ids])
-    # repeats interleaved across the models, medians reported: on a shared 2-core machine one generation can run
-    # at half speed (seen: 33 and 60 tokens/s for the same model a minute apart), and back-to-back runs of one
-    # model would hand a slow spell to a single row
+    # lockstep: every repeat prefills each model, then decodes one token with each model in turn, so a slow
+    # spell of this shared 2-core machine falls on all models alike (whole generations one after another
+    # swung 2× for the same model); the sessions live side by side, so their idle threads sleep instead of
+    # spinning (a spinning idle session steals a core from the one running)
     runs = {name: [] for name, _, _ in models}
     for _ in range(args.repeats):
-        for name, path, _ in models:
-            runs[name].append(generate(path, prompt, args.new_tokens, None, args.accuracy_level))
+        decoders = {name: Decoder(path, args.accuracy_level, spinning=False) for name, path, _ in models}
+        prefill = {name: d.prefill(prompt) for name, d in decoders.items()}
+        decode = dict.fromkeys(decoders, 0.0)
+        for _ in range(args.new_tokens - 1):
+            for name, d in decoders.items():
+                decode[name] += d.step()
+        for name, d in decoders.items():
+            runs[name].append({"tokens": d.tokens, "prefill_tokens_per_s": prompt.shape[1] / prefill[name],
+                               "decode_tokens_per_s": (args.new_tokens - 1) / decode[name] if decode[name] else None})
+        del decoders
     rows, reference = [], None
     for name, path, compiled in models:
         results = runs[name]
@@ -81,7 +91,7 @@ def main() -> int:
                      "text": tok.decode(results[0]["tokens"])})
     base = rows[0]
     print(f"\nSmolLM2-135M KV-cache decoder, ONNX Runtime CPU, batch 1, prompt {prompt.shape[1]} tokens, "
-          f"{args.new_tokens} new tokens (greedy), accuracy level {args.accuracy_level}, median of {args.repeats}")
+          f"{args.new_tokens} new tokens (greedy), accuracy level {args.accuracy_level}, lockstep, median of {args.repeats}")
     print(f"{'model':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'× fp32':>7} {'best':>6} {'MB':>7} {'same tokens':>12}")
     for r in rows:
         print(f"{r['model']:<14} {r['prefill_tokens_per_s']:>14.0f} {r['decode_tokens_per_s']:>13.1f} "
