@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import FLOAT_BRANCH, ROLE_KEY, TRANSPARENT_OPS, ConstantView, Graph
+from .graph import FLOAT_BRANCH, FUSED_INPUT, ROLE_KEY, TRANSPARENT_OPS, ConstantView, Graph
 
 __all__ = ["Linear", "Norm", "Structure", "discover"]
 
@@ -148,6 +148,16 @@ def _through_qdq(tensor: gs.Tensor) -> gs.Tensor:
     return tensor
 
 
+def _own_input(graph: Graph, tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor a linear transforms: through Q/DQ, and through a fused side-branch ``Concat`` (a low-rank
+    branch appended to the input) to its first input."""
+    tensor = _through_qdq(tensor)
+    node = Graph.producer(tensor)
+    if node is not None and node.op == "Concat" and graph.node_metadata.get(node.name, {}).get(ROLE_KEY) == FUSED_INPUT:
+        return _through_qdq(node.inputs[0])
+    return tensor
+
+
 def _ancestor_ops(node: gs.Node, depth: int) -> set:
     ops, frontier, seen = set(), [node], set()
     for _ in range(depth):
@@ -196,8 +206,9 @@ def _classify_norm(graph: Graph, tensor: gs.Tensor) -> Norm | None:
     return Norm(kind, node_for_bias if bias is not None else node, consts[0], bias)
 
 
-def _trace_back_to_linears(start: gs.Tensor, linear_nodes: set, limit: int = 64) -> list:
-    """Linears reached walking data edges backward from ``start``, stopping at each linear found."""
+def _trace_back_to_linears(start: gs.Tensor, linear_nodes: set, limit: int = 64, branches: frozenset = frozenset()) -> list:
+    """Linears reached walking data edges backward from ``start``, stopping at each linear found and not
+    entering the float side branches named in ``branches`` (they read the linear's input, not its output)."""
     found, queue, seen = [], deque([start]), set()
     steps = 0
     while queue and steps < limit:
@@ -210,7 +221,7 @@ def _trace_back_to_linears(start: gs.Tensor, linear_nodes: set, limit: int = 64)
         if node.name in linear_nodes:
             found.append(node)
             continue
-        if node.op in STOP_OPS:
+        if node.op in STOP_OPS or node.name in branches:
             continue
         inputs = node.inputs[:1] if node.op in DATA_INPUT0_OPS else node.inputs
         for t in inputs:
@@ -219,17 +230,23 @@ def _trace_back_to_linears(start: gs.Tensor, linear_nodes: set, limit: int = 64)
     return found
 
 
+def _branch_nodes(graph: Graph) -> frozenset:
+    """Names of the float side-branch MatMuls passes created (low-rank, split outliers)."""
+    return frozenset(name for name, md in graph.node_metadata.items() if md.get(ROLE_KEY) == FLOAT_BRANCH)
+
+
 def _scales_by_constant(node: gs.Node) -> bool:
     """A ``Mul`` by a constant (e.g. smooth-quant's explicit ``1/s``): values rescaled, roles unchanged."""
     return node.op == "Mul" and len(node.inputs) == 2 and any(isinstance(t, gs.Constant) for t in node.inputs)
 
 
-def _forward(tensor: gs.Tensor, through: set, scaling: bool = False) -> list:
-    """Consumers of ``tensor``, looking through ops in ``through`` (and constant scalings if ``scaling``)."""
+def _forward(tensor: gs.Tensor, through: set, scaling: bool = False, nodes: frozenset = frozenset()) -> list:
+    """Consumers of ``tensor``, looking through ops in ``through``, nodes named in ``nodes`` (and constant
+    scalings if ``scaling``)."""
     out, queue = [], deque([tensor])
     while queue:
         for consumer in queue.popleft().outputs:
-            if consumer.op in through or (scaling and _scales_by_constant(consumer)):
+            if consumer.op in through or consumer.name in nodes or (scaling and _scales_by_constant(consumer)):
                 queue.extend(consumer.outputs)
             else:
                 out.append(consumer)
@@ -253,6 +270,8 @@ def _reaches_activation(tensor: gs.Tensor, linear_nodes: set, depth: int = 6) ->
 
 def _attention_blocks(graph: Graph, linear_nodes: set) -> list:
     blocks = []
+    fused_inputs = frozenset(name for name, md in graph.node_metadata.items() if md.get(ROLE_KEY) == FUSED_INPUT)
+    branches = _branch_nodes(graph)
     score_ops = {"Mul", "Div", "Add", "Where", "Cast", "Sub"}
     for sm in [n for n in graph.gs.nodes if n.op == "Softmax"]:
         qk = Graph.producer(sm.inputs[0])
@@ -266,10 +285,11 @@ def _attention_blocks(graph: Graph, linear_nodes: set) -> list:
                    if c.op == "MatMul"), None)
         if pv is None:
             continue
-        q = _trace_back_to_linears(qk.inputs[0], linear_nodes)
-        k = _trace_back_to_linears(qk.inputs[1], linear_nodes)
-        v = _trace_back_to_linears(pv.inputs[1], linear_nodes)
-        o = [c for c in _forward(pv.outputs[0], TRANSPARENT_OPS | QDQ_OPS, scaling=True) if c.name in linear_nodes]
+        q = _trace_back_to_linears(qk.inputs[0], linear_nodes, branches=branches)
+        k = _trace_back_to_linears(qk.inputs[1], linear_nodes, branches=branches)
+        v = _trace_back_to_linears(pv.inputs[1], linear_nodes, branches=branches)
+        o = [c for c in _forward(pv.outputs[0], TRANSPARENT_OPS | QDQ_OPS, scaling=True, nodes=fused_inputs)
+             if c.name in linear_nodes]
         blocks.append({"softmax": sm, "scores": qk, "context": pv, "q": q, "k": k, "v": v, "o": o})
     return blocks
 
@@ -313,12 +333,14 @@ def discover(graph: Graph) -> Structure:
         return before[-1] if before else None
 
     # producers and MLP roles
+    branches = _branch_nodes(graph)
     groups: dict = {}
     for lin in linears:
-        norm = _classify_norm(graph, lin.act)
+        source = _own_input(graph, lin.act)
+        norm = _classify_norm(graph, source)
         if norm is not None:
             lin.producer, lin.norm = norm.kind, norm
-        groups.setdefault(_through_qdq(lin.act).name, []).append(lin)
+        groups.setdefault(source.name, []).append(lin)
     for members in groups.values():  # one group per activation tensor: q/k/v, gate/up, ...
         free = [m for m in members if m.role == "unknown"]
         if not free or free[0].norm is None:
@@ -336,8 +358,8 @@ def discover(graph: Graph) -> Structure:
     for lin in linears:
         if lin.role != "unknown":
             continue
-        sources = {by_name[n.name].role for n in _trace_back_to_linears(lin.act, names)}
-        producer = _skip_transparent_back(lin.act)
+        sources = {by_name[n.name].role for n in _trace_back_to_linears(lin.act, names, branches=branches)}
+        producer = _skip_transparent_back(_own_input(graph, lin.act))
         if lin.producer == "other" and producer is not None and (producer.op in ACTIVATION_OPS or producer.op == "Mul"):
             lin.producer = "activation"
         if sources and sources <= {"gate", "up"} and "up" in sources:

@@ -14,14 +14,16 @@ removes most of the output error: on SmolLM2-135M, plain RTN g128 with r = 8 kee
 output error and moves WikiText perplexity from 52.1 to 43.1 (16 windows, a torch simulation).
 
 Layouts. *Fused* (the default, for MatMul weights quantized per group): the linears that read the same
-``x`` (q/k/v, gate/up) share one float ``t = x·[A_1 … A_m 0]`` padded with zero columns to a whole number of
-blocks, and each reads ``Concat(x, t)`` with the weight ``[Q(W_i); Q(B_i) in its own rows, zeros elsewhere]``
+``x`` (q/k/v, gate/up) share one float ``t = x·[A_1 … A_m]`` (padded with zeros to a whole number of
+blocks), and each reads ``Concat(x, t)`` with the weight ``[Q(W_i); Q(B_i) in its own rows, zeros elsewhere]``
 — ``B_i`` becomes extra INT4 blocks of the weight (orthonormal rows ``Vᵀ``, so one scale per block and column
 suits them, with ``A_i`` refitted to the quantized ``B̂_i``), and the branch costs one MatMul and one Concat
 per input instead of two MatMuls and an Add per linear. ONNX Runtime then runs the whole thing as one
-MatMulNBits per linear (on SmolLM2-135M: 240 extra nodes instead of 630, and the B factors in 4 bits instead
-of 32). *Separate* (``fuse: false``, and Gemm or non-blocked weights): two plain float MatMuls and an Add
-beside the quantized MatMul. Either way TensorRT and ONNX Runtime both run it; the float factors are stored
+MatMulNBits per linear (on SmolLM2-135M: 360 extra nodes instead of 630 with a branch on every linear, and the
+B factors in 4 bits instead of 32). With ``fill_block`` the ranks of an input's linears are raised until
+they fill whole blocks, so no ``Pad`` is needed (better output error, more float16 bytes for ``A``).
+*Separate* (``fuse: false``, and Gemm or non-blocked weights): two plain float MatMuls and an Add beside
+the quantized MatMul. Either way TensorRT and ONNX Runtime both run it; the float factors are stored
 in ``branch_dtype`` (float16 by default: a ``Cast`` to float32 that ONNX Runtime folds at load). The report
 gives per linear the layout, the float MACs per token (``r·K`` fused, ``r·(K + N)`` separate) and the output
 error before and after the branch. The branch MatMuls carry the float-branch role, so structure discovery,
@@ -35,11 +37,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir.graph import FLOAT_BRANCH, ROLE_KEY, Graph
+from ..ir.graph import FLOAT_BRANCH, FUSED_INPUT, ROLE_KEY, Graph
 from ..ir.passes import PassContext, PassResult
 from ..ir.structure import weight_matrix
 from .awq import stream_inputs
-from .qdq_math import quantize_weight, relative_output_error
+from .qdq_math import block_size_for, quantize_weight, relative_output_error
 from .quantize_weights import QuantizeWeightsPass
 from .select import selected_linears
 
@@ -94,6 +96,7 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         branch_dtype: str = "float16"
         iterations: int = 1  # > 1: alternate W_q = Q(W − A·B) and A·B = the branch of W − W_q
         fuse: bool = True  # per-group MatMul weights: B as extra INT4 rows of the weight, one x·A per input
+        fill_block: bool = False  # fused: raise the ranks of an input's linears until they fill whole blocks
 
         def __post_init__(self):
             super().__post_init__()
@@ -120,7 +123,8 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         for members in steps:
             gram = inputs[members[0].act.name].gram
             lower = whitening(gram, o.damp)
-            fitted = [self._fit(lin, gram, lower) for lin in members]
+            ranks = self._ranks(members)
+            fitted = [self._fit(lin, gram, lower, ranks[i]) for i, lin in enumerate(members)]
             fused = [f for f in fitted if self._fusable(f)]
             if fused:
                 self._fuse(graph, ctx, fused)
@@ -137,7 +141,21 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
                      mean_out_err_lowrank=round(totals["after"] / totals["done"], 6))
         return PassResult(True, stats)
 
-    def _fit(self, lin, gram: np.ndarray, lower: np.ndarray) -> dict:
+    def _ranks(self, members: list) -> list:
+        """Each linear's rank: ``rank``, or with ``fill_block`` in the fused layout the linears that share an input
+        split the whole blocks ``rank × their number`` rounds up to (q/k/v at rank 20, blocks of 64: 22, 21,
+        21) — the rows would be zero padding otherwise."""
+        o = self.options
+        ranks = [o.rank] * len(members)
+        fusable = [i for i, lin in enumerate(members) if self._fusable_linear(lin)]
+        if o.fill_block and fusable:
+            block = block_size_for(members[fusable[0]].in_features, o.group_size)
+            total = -(-o.rank * len(fusable) // block) * block
+            for j, i in enumerate(fusable):
+                ranks[i] = total // len(fusable) + (j < total % len(fusable))
+        return ranks
+
+    def _fit(self, lin, gram: np.ndarray, lower: np.ndarray, rank: int) -> dict:
         """The quantized weight and its branch for one linear (alternated ``iterations`` times), not yet
         written to the graph. Everything in ``[K, N]`` except ``target`` (the op's layout)."""
         o = self.options
@@ -147,32 +165,35 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         for step in range(o.iterations):
             qw = quantize_weight(target, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
             dq = qw.dequantize()
-            a, b = low_rank_error(gram, kn(w) - kn(dq), o.rank, o.damp, lower)
+            a, b = low_rank_error(gram, kn(w) - kn(dq), rank, o.damp, lower)
             if step < o.iterations - 1:
                 target = w - kn(a @ b)
         return dict(lin=lin, w=kn(w), target=target, qw=qw, dq=kn(dq), a=a, b=b)
 
-    def _fusable(self, f: dict) -> bool:
+    def _fusable_linear(self, lin) -> bool:
         """Fused layout: a MatMul whose weight is blocked along K (``[K, N]``, per group)."""
-        return self.options.fuse and f["lin"].node.op == "MatMul" and f["qw"].block_size > 0
+        return self.options.fuse and lin.node.op == "MatMul" and self.options.granularity == "per-group"
+
+    def _fusable(self, f: dict) -> bool:
+        return self._fusable_linear(f["lin"]) and f["qw"].block_size > 0
 
     def _cast(self, m: np.ndarray) -> np.ndarray:
         """``m`` as the graph computes with it: rounded to ``branch_dtype``, in float32."""
         return m.astype(BRANCH_DTYPES[self.options.branch_dtype]).astype(np.float32)
 
     def _fuse(self, graph: Graph, ctx: PassContext, fitted: list) -> None:
-        """One branch input for the linears that share ``x``: ``t = x·[A_1 … A_m 0]`` (float, padded to a whole
-        number of the weights' blocks), and each linear reads ``[x, t]`` with ``[Q(W_i); Q(B_i) in its rows]``.
+        """One branch input for the linears that share ``x``: ``t = x·[A_1 … A_m]`` (float, padded with zeros to a
+        whole number of the weights' blocks), and each linear reads ``[x, t]`` with ``[Q(W_i); Q(B_i) in its rows]``.
 
         ``B_i`` is taken with orthonormal rows (``Vᵀ``: one INT4 scale per block and column then suits every
         row), quantized in its own blocks, and ``A_i = E_i·B̂_iᵀ(B̂_i·B̂_iᵀ)⁻¹`` refitted to the quantized
         ``B̂_i`` (the least-squares optimum for a fixed ``B``, whitened or not)."""
         o = self.options
-        lin0 = fitted[0].get("lin")
+        lin0 = fitted[0]["lin"]
         k, block = lin0.in_features, fitted[0]["qw"].block_size
         total = sum(f["b"].shape[0] for f in fitted)
         width = -(-total // block) * block
-        a_cat = np.zeros((k, width), np.float32)
+        a_cat = np.zeros((k, total), np.float32)
         row = 0
         for f in fitted:
             r, n = f["b"].shape
@@ -187,7 +208,7 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
             a_cat[:, row:row + r] = a
             f.update(qb=qb, a=a.astype(np.float32), b=b_hat, branch=self._cast(a) @ b_hat)
             row += r
-        stored = a_cat[:, :total].astype(BRANCH_DTYPES[o.branch_dtype])
+        stored = a_cat.astype(BRANCH_DTYPES[o.branch_dtype])
         const = graph.make_constant(f"{lin0.name}.lowrank_a", stored, self.name)
         if stored.dtype != np.float32:
             const = graph.make_node("Cast", [const], f"{lin0.name}.lowrank_a_f32", self.name, {"to": 1},
@@ -202,6 +223,7 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
             t = graph.make_node("Pad", [t, pads, zero, axes],
                                 f"{lin0.name}.lowrank_xa_padded", self.name, out_dtype=np.float32)
         xt = graph.make_node("Concat", [x, t], f"{lin0.name}.lowrank_in", self.name, {"axis": -1}, out_dtype=np.float32)
+        graph.node_metadata.setdefault(Graph.producer(xt).name, {})[ROLE_KEY] = FUSED_INPUT
         for f in fitted:
             wsqnr, was_reduced, _ = self._quantize(graph, ctx, f["lin"], f["target"], append=f["qb"], qw=f["qw"])
             f["lin"].node.inputs[0] = xt

@@ -64,24 +64,37 @@ def test_branch_lowers_every_linear_error_and_the_logit_error(planted):
     assert err_lr < 0.7 * err_rtn, (err_lr, err_rtn)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_branch_survives_matmulnbits_lowering(tiny_llama_onnx, fuse):
+@pytest.mark.parametrize("layout", ["fused", "fused-padded", "separate"])
+def test_branch_survives_matmulnbits_lowering(tiny_llama_onnx, layout):
     graph = load_graph(tiny_llama_onnx)
     ctx = _ctx()
     casts_before = sum(n.op == "Cast" for n in graph.gs.nodes)
+    fuse, fill = layout != "separate", layout == "fused"
     records = PassManager([QuantizeWeightsLowRankPass(bits=4, granularity="per-group", group_size=32, rank=2,
-                                                      branch_dtype="float16", fuse=fuse)], verify=True).run(graph, ctx)
+                                                      branch_dtype="float16", fuse=fuse, fill_block=fill)],
+                          verify=True).run(graph, ctx)
     assert records[0]["stats"]["fused"] == (14 if fuse else 0)
     qdq = graph.to_model()
     casts = sum(n.op_type == "Cast" for n in qdq.graph.node) - casts_before
     concats = [n for n in qdq.graph.node if n.op_type == "Concat" and "lowrank" in n.output[0]]
+    pads = sum(n.op_type == "Pad" for n in qdq.graph.node)
+    ranks = {name: row["lowrank_rank"] for name, row in ctx.layers.items() if "lowrank_rank" in row}
     if fuse:  # one x·A (float16 behind a Cast) and one Concat per shared input: q/k/v, o, gate/up, down × 2 layers
-        assert sum(n.op_type == "Pad" for n in qdq.graph.node) == 8  # t padded to a whole block of 32
         assert casts == len(concats) == 8
     else:  # A and B of each of the 14 branches
         assert casts == 28 and not concats
-    # structure discovery still sees the same 15 linears, and nothing else
-    assert len(discover(load_graph(tiny_llama_onnx)).linears) == len(discover(graph).linears) == 15
+    if fill:  # the ranks of an input's linears fill one block of 32: no padding
+        assert pads == 0
+        assert [ranks[f"layers.0.attn.{r}"] for r in "qkv"] == [11, 11, 10] and ranks["layers.0.attn.o"] == 32
+        assert ranks["layers.0.mlp.gate"] == ranks["layers.0.mlp.up"] == 16
+    else:  # rank 2 each, t padded to a whole block of 32
+        assert pads == (8 if fuse else 0) and set(ranks.values()) == {2}
+    # structure discovery still sees the same 15 linears with the same roles, and nothing else (a later pass
+    # such as quantize-weights on the down projections finds them)
+    before, after = discover(load_graph(tiny_llama_onnx)), discover(graph)
+    assert len(before.linears) == len(after.linears) == 15
+    assert sorted(lin.name for lin in before.linears) == sorted(lin.name for lin in after.linears)
+    assert sorted((lin.name, lin.producer) for lin in before.linears) == sorted((lin.name, lin.producer) for lin in after.linears)
     records = PassManager([LowerBlockInt4ToMatMulNBitsPass()], verify=True).run(graph, ctx)
     assert records[0]["stats"]["lowered"] == 14
     lowered = graph.to_model()
@@ -102,7 +115,7 @@ def test_fused_layout_keeps_the_branch_gain(planted):
         ctx = _ctx()
         graph = load_graph(planted)
         PassManager([QuantizeWeightsLowRankPass(bits=4, granularity="per-group", group_size=32, rank=4,
-                                                fuse=fuse)], verify=True).run(graph, ctx)
+                                                fuse=fuse, fill_block=False)], verify=True).run(graph, ctx)
         errors[fuse] = {name: row for name, row in ctx.layers.items() if "lowrank_rank" in row}
         assert {row["lowrank_layout"] for row in errors[fuse].values()} == {"fused" if fuse else "separate"}
     for name, row in errors[True].items():
@@ -111,3 +124,13 @@ def test_fused_layout_keeps_the_branch_gain(planted):
         before = row["weight_out_err_quantized"]
         kept = (before - row["weight_out_err_lowrank"]) / (before - separate["weight_out_err_lowrank"])
         assert kept >= 0.97, (name, row, separate)  # measured: 0.997 or more on every linear
+
+
+def test_a_later_pass_finds_the_linears_a_fused_branch_left(tiny_llama_onnx):
+    """Branches on the norm-fed linears only, then plain INT4 for the rest: the second pass still finds o and
+    down (structure discovery looks through the fused input and the float branches)."""
+    graph = load_graph(tiny_llama_onnx)
+    records = PassManager([QuantizeWeightsLowRankPass(bits=4, granularity="per-group", group_size=32, rank=2,
+                                                      roles=("q", "k", "v", "gate", "up")),
+                           QuantizeWeightsPass(bits=4, granularity="per-group", group_size=32)], verify=True).run(graph, _ctx())
+    assert records[0]["stats"]["quantized"] == 10 and records[1]["stats"]["quantized"] == 4
