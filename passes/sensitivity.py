@@ -112,7 +112,7 @@ class AnalyzeSensitivityPass(Pass):
             ranking = sorted(names, key=lambda n: -marginal[n])
         else:
             ranking = sorted(names, key=lambda n: -kls[n])
-        cap = self._mac_cap(ctx.structure(graph), ranking, groups) if o.action == "float" else len(ranking)
+        cap = self._mac_cap(ctx, ctx.structure(graph), ranking, groups) if o.action == "float" else len(ranking)
         count = min(o.keep_float, cap)
         if o.max_kl is not None:  # the smallest prefix of the ranking whose removal meets the budget
             lo, hi = count, cap
@@ -139,11 +139,14 @@ class AnalyzeSensitivityPass(Pass):
                                   "kl_joint_after_budget": joint_after, "max_kl": o.max_kl,
                                   "limited_by_min_int8_macs": count == cap < len(ranking) and o.min_int8_macs > 0})
 
-    def _mac_cap(self, structure, ranking: list, groups: dict) -> int:
+    def _mac_cap(self, ctx: PassContext, structure, ranking: list, groups: dict) -> int:
         """The longest prefix of the ranking that may go float with ``min_int8_macs`` of the decoder's
-        linear MACs (all linears but the LM head) still reading INT8 activations."""
-        total = sum(lin.macs_per_token for lin in structure.linears if lin.role != "lm_head")
-        allowed, spent = (1.0 - self.options.min_int8_macs) * total, 0
+        linear MACs (all linears but the LM head) still reading INT8 activations — counted as the report
+        counts them: the float MACs of split-off outlier channels are in the total and already float."""
+        decoder = [lin for lin in structure.linears if lin.role != "lm_head"]
+        split = sum(ctx.layers.get(lin.name, {}).get("split_float_macs_per_token", 0) for lin in decoder)
+        total = sum(lin.macs_per_token for lin in decoder) + split
+        allowed, spent = (1.0 - self.options.min_int8_macs) * total, split
         for i, n in enumerate(ranking):
             spent += sum(lin.macs_per_token for lin in groups[n])
             if spent > allowed + 1e-9 * total:

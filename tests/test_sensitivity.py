@@ -103,14 +103,20 @@ def test_budget_can_switch_groups_to_per_token(tiny_llama_onnx, tmp_path, calib_
         llmq_compile(tiny_llama_onnx, str(recipe), str(tmp_path / "o2"), calib=calib_text, quiet=True)
 
 
-def test_min_int8_macs_caps_the_float_budget(tiny_llama_onnx):
+@pytest.mark.parametrize("split", [False, True])
+def test_min_int8_macs_caps_the_float_budget(tiny_llama_onnx, split):
+    """The floor holds as the report counts it, also when split-off outlier channels already run in float
+    (their MACs are in the total and count as float: a recipe once reported 89.99 % against a 90 % floor)."""
+    from llmq.passes import SplitOutlierChannelsPass
     from llmq.report import int8_act_mac_fraction, layer_table
 
     graph = load_graph(tiny_llama_onnx)
     ctx = _ctx()
-    records = PassManager([AnalyzeSensitivityPass(max_kl=0.0, min_int8_macs=0.75), QuantizeActivationsPass()]).run(graph, ctx)
-    stats = records[0]["stats"]
+    first = [SplitOutlierChannelsPass(ratio=2.0, max_fraction=0.25)] if split else []
+    records = PassManager(first + [AnalyzeSensitivityPass(max_kl=0.0, min_int8_macs=0.75), QuantizeActivationsPass()]).run(graph, ctx)
+    stats = records[len(first)]["stats"]
     assert 0 < len(stats["kept_float"]) < 8 and stats["limited_by_min_int8_macs"]
+    assert any("split_float_macs_per_token" in row for row in ctx.layers.values()) == split
     rows = layer_table(ctx.structure(graph), ctx.layers, {})
     assert int8_act_mac_fraction(rows, include_lm_head=False) >= 0.75
 
@@ -125,3 +131,22 @@ def test_marginal_ranking_meets_the_same_budget_with_no_more_groups(tiny_llama_o
         assert stats["kl_joint_after_budget"] <= budget
         kept[ranking] = len(stats["kept_float"])
     assert 0 < kept["marginal"] <= kept["isolated"]
+
+
+def test_mac_floor_counts_split_channels_as_the_report_does():
+    """Four groups of 100 MACs, 40 more MACs of split-off outlier channels already float, a 75 % floor: the
+    report counts (400 − kept) / 440, so not even one group may go float (one would leave 68 %)."""
+    from types import SimpleNamespace
+
+    from llmq.report import int8_act_mac_fraction
+
+    lins = [SimpleNamespace(name=f"l{i}", role="down", macs_per_token=100) for i in range(4)]
+    ctx = _ctx()
+    ctx.layers["l0"] = {"split_float_macs_per_token": 40}
+    groups = {f"g{i}": [lin] for i, lin in enumerate(lins)}
+    cap = AnalyzeSensitivityPass(min_int8_macs=0.75)._mac_cap(ctx, SimpleNamespace(linears=lins), list(groups), groups)
+    assert cap == 0
+    rows = [{"role": "down", "macs_per_token": 100, "act_bits": 8, **ctx.layers.get(lin.name, {})} for lin in lins]
+    assert int8_act_mac_fraction(rows) >= 0.75
+    rows[1].pop("act_bits")  # one group more in float breaks the floor
+    assert int8_act_mac_fraction(rows) < 0.75
