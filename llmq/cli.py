@@ -196,6 +196,8 @@ def eval_main(argv=None) -> int:
 
             from .evaluate import generate
 
+            if args.max_new_tokens < 1:
+                raise LlmqError(f"--max-new-tokens is {args.max_new_tokens}", "give at least 1")
             prompt = tok(args.generate, add_special_tokens=False)["input_ids"]
             if not prompt:
                 raise LlmqError("the prompt is empty after tokenization", "give some text to --generate")
