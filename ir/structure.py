@@ -268,10 +268,9 @@ def _reaches_activation(tensor: gs.Tensor, linear_nodes: set, depth: int = 6) ->
     return False
 
 
-def _attention_blocks(graph: Graph, linear_nodes: set) -> list:
+def _attention_blocks(graph: Graph, linear_nodes: set, branches: frozenset) -> list:
     blocks = []
     fused_inputs = frozenset(name for name, md in graph.node_metadata.items() if md.get(ROLE_KEY) == FUSED_INPUT)
-    branches = _branch_nodes(graph)
     score_ops = {"Mul", "Div", "Add", "Where", "Cast", "Sub"}
     for sm in [n for n in graph.gs.nodes if n.op == "Softmax"]:
         qk = Graph.producer(sm.inputs[0])
@@ -311,7 +310,8 @@ def discover(graph: Graph) -> Structure:
         st.embedding = gathers[0]
         st.vocab_size = int(gathers[0].inputs[0].shape[0])
 
-    blocks = _attention_blocks(graph, names)
+    branches = _branch_nodes(graph)
+    blocks = _attention_blocks(graph, names, branches)
     blocks.sort(key=lambda b: order[id(b["softmax"])])
     softmax_pos = [order[id(b["softmax"])] for b in blocks]
     for layer, b in enumerate(blocks):
@@ -333,7 +333,6 @@ def discover(graph: Graph) -> Structure:
         return before[-1] if before else None
 
     # producers and MLP roles
-    branches = _branch_nodes(graph)
     groups: dict = {}
     for lin in linears:
         source = _own_input(graph, lin.act)
