@@ -306,7 +306,14 @@ def discover(graph: Graph) -> Structure:
 
     gathers = [n for n in graph.gs.nodes if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant)
                and n.inputs[0].values.ndim == 2 and not isinstance(n.inputs[1], gs.Constant)]
-    if gathers:
+    if gathers:  # the token embedding reads the ids input (GPT-2's position table may come first)
+        def source(t):
+            while (p := Graph.producer(t)) is not None and p.op in ("Reshape", "Unsqueeze", "Squeeze", "Cast",
+                                                                    "Identity", "Flatten"):
+                t = p.inputs[0]
+            return t.name
+
+        gathers.sort(key=lambda n: (source(n.inputs[1]) != "input_ids", source(n.inputs[1]) == "position_ids"))
         st.embedding = gathers[0]
         st.vocab_size = int(gathers[0].inputs[0].shape[0])
 

@@ -56,7 +56,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
             tokenizer: str | None = None, calib_samples: int | None = None, calib_seq_len: int | None = None,
             exclude: tuple = (), backend: str = "qdq", overwrite: bool = False, dump_dir: str | None = None,
             verify: bool = False, quiet: bool = False, sqnr: bool = True, max_loss: float | None = None,
-            accuracy_level: int = 0, asym: bool = False) -> CompileResult:
+            accuracy_level: int = 0, asym: bool = False, fuse_attention: bool = True) -> CompileResult:
     """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``.
 
     ``calib``: a .txt/.jsonl/.npz file (default: ``<model>.calib.npz`` beside the model if
@@ -64,7 +64,8 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     (default: ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names;
     ``max_loss``: the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the
     recipe's count; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit linears (onnxruntime backend:
-    0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8) weights, ONNX Runtime only.
+    0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8) weights, ONNX Runtime only;
+    ``fuse_attention``: onnxruntime backend, write each attention block as GroupQueryAttention (probed).
     Returns the written paths and the report (also written as ``report.json``).
     """
     t0 = time.perf_counter()
@@ -157,11 +158,13 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     violations = check_tensorrt_rules(graph)
     lowering = []
     if backend == "onnxruntime":
+        from .backends.ort_attention import FuseAttentionPass
         from .backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass, MergeMatMulNBitsPass
 
         t = time.perf_counter()
-        lowering = PassManager([LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=accuracy_level),
-                                MergeMatMulNBitsPass()],
+        lowering_passes = [LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=accuracy_level),
+                           MergeMatMulNBitsPass()] + ([FuseAttentionPass()] if fuse_attention else [])
+        lowering = PassManager(lowering_passes,
                                verify=verify,
                                dump_dir=os.path.join(dump_dir, "backend") if dump_dir else None).run(graph, ctx)
         times["lowering_s"] = time.perf_counter() - t

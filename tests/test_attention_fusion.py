@@ -1,0 +1,137 @@
+"""The onnxruntime backend's attention fusion (GroupQueryAttention + RotaryEmbedding): the fused KV-cache
+decoder computes what the exported one does, step by step; what it cannot express is declined and left as it
+was; a fusion that disagrees with the original on the probe is not kept."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+from conftest import TINY_VOCAB
+
+from llmq.backends import ort_attention
+from llmq.backends.onnxruntime import fused_ops, make_session
+from llmq.evaluate import Decoder, generate
+from llmq.ir.feeds import prompt_feeds
+
+PROMPT = np.random.default_rng(5).integers(0, TINY_VOCAB, (1, 11))
+
+
+def _compile(model, recipe, out, **kw):
+    from llmq.driver import compile as llmq_compile
+
+    kw.setdefault("sqnr", False)
+    return llmq_compile(model, recipe, str(out), backend="onnxruntime", quiet=True, **kw)
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _lowering(report) -> dict:
+    return next(r for r in report["backend"]["lowering"] if r["pass"] == "fuse-attention-gqa")
+
+
+def _steps(path: str, prompt: np.ndarray, steps: int) -> list:
+    """Logits of the prefill and of ``steps`` greedy decode steps (fed the same tokens to every model)."""
+    dec = Decoder(path)
+    sess = dec.session
+    names = [o.name for o in sess.get_outputs()]
+    inputs = [(i.name, i.shape) for i in sess.get_inputs()]
+    out = dict(zip(names, sess.run(None, prompt_feeds(inputs, prompt))))
+    logits = [out["logits"]]
+    for token in range(steps):
+        past = {f"past_key_values.{n[len('present.'):]}": out[n] for n in names if n.startswith("present.")}
+        out = dict(zip(names, sess.run(None, prompt_feeds(inputs, np.asarray([[token * 7 % TINY_VOCAB]]), past))))
+        logits.append(out["logits"])
+    return logits
+
+
+def test_fused_kv_decoder_matches_the_export_step_by_step(tiny_llama_kv_onnx, tmp_path):
+    res = _compile(tiny_llama_kv_onnx, "fp32", tmp_path / "fused")
+    low = _lowering(res.report)
+    assert low["modified"] and low["stats"]["fused"] == 2
+    assert low["stats"]["heads"] == 4 and low["stats"]["kv_heads"] == 2 and low["stats"]["head_dim"] == 16
+    assert low["stats"]["probe_max_error"] <= 1.0
+    ops = _ops(res.paths["model"])
+    assert ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 4 and "Softmax" not in ops
+    assert fused_ops(res.paths["model"]).get("com.microsoft.GroupQueryAttention") == 2  # ORT keeps it as written
+    ref, got = _steps(tiny_llama_kv_onnx, PROMPT, 6), _steps(res.paths["model"], PROMPT, 6)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    assert generate(res.paths["model"], PROMPT, 10)["tokens"] == generate(tiny_llama_kv_onnx, PROMPT, 10)["tokens"]
+
+
+def test_fused_positions_are_honoured(tiny_llama_kv_onnx, tmp_path):
+    """RoPE reads position_ids, not the cache length: an offset start (a prompt continued at position 40)
+    and a batch of two rows give the export's logits."""
+    res = _compile(tiny_llama_kv_onnx, "fp32", tmp_path / "fused")
+    ref, new = make_session(tiny_llama_kv_onnx), make_session(res.paths["model"])
+    inputs = [(i.name, i.shape) for i in ref.get_inputs()]
+    ids = np.random.default_rng(1).integers(0, TINY_VOCAB, (2, 4))
+    feeds = prompt_feeds(inputs, ids)
+    feeds["position_ids"] = feeds["position_ids"] + 40
+    for a, b in zip(ref.run(None, feeds), new.run(None, feeds)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def test_fused_w4_model_keeps_its_tokens(tiny_llama_kv_onnx, tmp_path):
+    fused = _compile(tiny_llama_kv_onnx, "w4a16-rtn", tmp_path / "fused")
+    plain = _compile(tiny_llama_kv_onnx, "w4a16-rtn", tmp_path / "plain", fuse_attention=False)
+    assert _lowering(fused.report)["stats"]["fused"] == 2
+    assert not any(r["pass"] == "fuse-attention-gqa" for r in plain.report["backend"]["lowering"])
+    assert "GroupQueryAttention" not in _ops(plain.paths["model"])
+    for a, b in zip(_steps(plain.paths["model"], PROMPT, 4), _steps(fused.paths["model"], PROMPT, 4)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def test_what_cannot_be_fused_is_declined_and_untouched(tiny_llama_onnx, tiny_gpt2_kv_onnx, tmp_path):
+    # the plain graph: RoPE positions computed inside (no position_ids input)
+    plain = _compile(tiny_llama_onnx, "fp32", tmp_path / "plain")
+    reasons = {d["reason"] for d in plain.report["declined"] if d["pass"] == "fuse-attention-gqa"}
+    assert reasons and "GroupQueryAttention" not in _ops(plain.paths["model"])
+    # GPT-2: learned positions, no rotary
+    gpt2 = _compile(tiny_gpt2_kv_onnx, "fp32", tmp_path / "gpt2")
+    reasons = {d["reason"] for d in gpt2.report["declined"] if d["pass"] == "fuse-attention-gqa"}
+    assert any("RoPE" in r for r in reasons), reasons
+    assert generate(gpt2.paths["model"], PROMPT, 5)["tokens"] == generate(tiny_gpt2_kv_onnx, PROMPT, 5)["tokens"]
+
+
+def test_quantized_kv_cache_is_not_fused(tiny_llama_kv_onnx, calib_text, tmp_path):
+    res = _compile(tiny_llama_kv_onnx, "w8a8-kv8", tmp_path / "kv8", calib=calib_text)
+    reasons = {d["reason"] for d in res.report["declined"] if d["pass"] == "fuse-attention-gqa"}
+    assert any("quantized (Q/DQ)" in r for r in reasons), reasons
+    assert "GroupQueryAttention" not in _ops(res.paths["model"])
+
+
+def test_probe_rejects_a_wrong_fusion(tiny_llama_kv_onnx, tmp_path, monkeypatch):
+    """A matcher that got the softmax scale wrong (a plausible bug: √D instead of 1/√D folded twice) must not
+    reach the artifact: the probe sees each block's output move and the pass leaves the graph as it was."""
+    real = ort_attention._match
+
+    def wrong(*args):
+        plan = real(*args)
+        plan.scale *= 1.5
+        return plan
+
+    monkeypatch.setattr(ort_attention, "_match", wrong)
+    res = _compile(tiny_llama_kv_onnx, "fp32", tmp_path / "wrong")
+    low = _lowering(res.report)
+    assert not low["modified"] and low["stats"]["probe_max_error"] > 1.0
+    assert any("on probe inputs; left unfused" in d["reason"] for d in res.report["declined"])
+    assert "GroupQueryAttention" not in _ops(res.paths["model"])
+    ref, got = _steps(tiny_llama_kv_onnx, PROMPT, 2), _steps(res.paths["model"], PROMPT, 2)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_cli_switch(tiny_llama_kv_onnx, tmp_path, flag):
+    from llmq.cli import compile_main
+
+    out = tmp_path / "out"
+    argv = [tiny_llama_kv_onnx, "--recipe", "fp32", "--backend", "onnxruntime", "-o", str(out), "--quiet"]
+    assert compile_main(argv + (["--no-fuse-attention"] if flag else [])) == 0
+    assert ("GroupQueryAttention" in _ops(out / "model.onnx")) is not flag
