@@ -19,20 +19,23 @@ is kept.
 
 What is matched (anything else is declined, with the reason, and stays as it was):
 
-- scores ``MatMul(q_rot · c_q, K · c_k) · c``, plus a mask that depends on input *shapes* only (a causal
-  mask; a padding mask read from an input is not what ``seqlens_k`` expresses), ``Softmax`` on the last axis,
+- scores ``MatMul(q_rot · c_q, K · c_k) · c``, plus a mask that depends on input *shapes* only (a padding
+  mask read from an input is not what ``seqlens_k`` expresses) and is, evaluated on its own at 3 new tokens
+  after 20 000, exactly causal (a sliding window is not), ``Softmax`` on the last axis,
   ``IsNaN``/``Where`` guards, the context ``MatMul`` with V, then ``Transpose(0, 2, 1, 3) → Reshape``;
 - RoPE of the half-rotation form ``x · cos + concat(−x[D/2:], x[:D/2]) · sin`` with ``cos = Cos(concat(f, f))``
   (times a constant, if the export scales it), ``f`` a function of ``position_ids`` and constants only;
 - the KV-cache form (keys and values concatenated to ``past_key_values.*`` on the sequence axis, the results
-  graph outputs) and the cache-less form (whole-sequence prefill, e.g. the perplexity graph);
+  graph outputs), and the cache-less form when the graph takes ``position_ids`` (llmq's own plain export
+  computes its positions inside and is left as it is);
 - keys and values reaching the MatMuls through layout ops only: a quantized KV cache (Q/DQ on them) is
   declined, as GroupQueryAttention would drop the rounding.
 
 ONNX Runtime's kernel runs a prompt with a past cache (``sequence > 1`` and ``past > 0``) for batch 1 only; it
 refuses other batches with its own error. The fused model is checked on the spot: the pass runs random probe
-inputs (prefill with an empty cache, a chunk after a cache, batch-2 decode) with the fused nodes beside the original blocks, reading the same inputs, and keeps the fusion only if every
-block's output and cache agree to fp32 tolerance (see :func:`_probe`; graphs over 2 GB skip the probe).
+inputs (prefill with an empty cache, a chunk after a cache, batch-2 decode) with the fused nodes beside the
+original blocks, reading the same inputs, and keeps the fusion only if every block's output and cache agree
+to fp32 tolerance (see :func:`_probe`; graphs over 2 GB skip the probe).
 """
 
 from __future__ import annotations
@@ -128,6 +131,53 @@ def _shape_only(t: gs.Tensor) -> bool:
             continue
         stack.extend(p.inputs)
     return True
+
+
+MASK_PROBE = (3, 20000)  # (new tokens, past tokens) the mask is evaluated at: sliding windows up to 20k show
+
+
+def _mask_is_causal(mask: gs.Tensor, graph: Graph) -> str | None:
+    """None if ``mask`` (a function of input shapes) is exactly the causal mask with the cache offset at
+    ``MASK_PROBE`` — 0 where key ``j ≤ past + i``, a large negative elsewhere — else what differs. Evaluated by
+    running the mask's own subgraph: a sliding window, a prefix-LM or a bidirectional mask all fail here, at a
+    shape the block probe (a few tokens) would not reach."""
+    import onnxruntime as ort
+
+    seq, past = MASK_PROBE
+    nodes, reads = _ancestors_inputs(mask)
+    specs = {t.name: t for t in graph.gs.inputs}
+    feeds = {}
+    for name in reads:
+        t = specs[name]
+        if name.startswith("past_key_values."):
+            dims = [1, t.shape[1], past, t.shape[3]]
+        elif name in ("input_ids", "position_ids"):
+            dims = [1, seq]
+        elif name == "attention_mask":
+            dims = [1, past + seq]
+        else:
+            return f"the mask reads the shape of input {name}"
+        if not all(isinstance(d, int) for d in dims):
+            return f"input {name} has no static head sizes"
+        feeds[name] = np.zeros(dims, dtype=t.dtype if t.dtype is not None else np.float32)
+    sub = gs.Graph(nodes=nodes, inputs=[specs[n] for n in sorted(reads)], outputs=[mask], opset=graph.opset)
+    try:
+        model = gs.export_onnx(sub, do_type_check=False)
+        model.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT if mask.dtype is None else \
+            onnx.helper.np_dtype_to_tensor_dtype(np.dtype(mask.dtype))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        value = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    except Exception as exc:  # noqa: BLE001 - a mask that cannot be evaluated alone is not fused
+        return f"the mask could not be evaluated on its own ({type(exc).__name__}: {str(exc)[:120]})"
+    value = np.asarray(value, np.float32)
+    if value.ndim < 2 or value.shape[-2:] not in ((seq, past + seq), (1, past + seq)):
+        return f"the mask has shape {list(value.shape)}, not [..., {seq}, {past + seq}]"
+    allowed = np.arange(past + seq)[None, :] <= past + np.arange(seq)[:, None]
+    m = np.broadcast_to(value, value.shape[:-2] + (seq, past + seq))
+    if np.any(m[..., allowed] != 0) or np.any(m[..., ~allowed] > -1e4):
+        return f"the mask is not causal at {seq} new tokens after {past} (a sliding window or another pattern)"
+    return None
 
 
 def _ancestors_inputs(t: gs.Tensor) -> tuple:
@@ -308,6 +358,7 @@ class _Plan:
     cos: gs.Tensor
     sin: gs.Tensor
     softmax: str
+    mask: gs.Tensor
 
 
 def _match(sm: gs.Node, graph_inputs: set, graph_outputs: set) -> _Plan:
@@ -382,7 +433,7 @@ def _match(sm: gs.Node, graph_inputs: set, graph_outputs: set) -> _Plan:
         raise _NoMatch(f"projection widths {qw}/{kw}/{vw} do not split into heads of {d}")
     return _Plan(q=q, k=k, v=v, past_k=past_k, past_v=past_v, present_k=present_k, present_v=present_v,
                  out=rs.outputs[0], heads=qw // d, kv_heads=kw // d, head_dim=d, scale=scale * c_q * c_k,
-                 cos=rq.cos, sin=rq.sin, softmax=sm.name)
+                 cos=rq.cos, sin=rq.sin, softmax=sm.name, mask=mask)
 
 
 class FuseAttentionPass(Pass):
@@ -405,6 +456,13 @@ class FuseAttentionPass(Pass):
                 plans.append(_match(sm, inputs, outputs))
             except _NoMatch as exc:
                 ctx.decline(self.name, sm.name, str(exc))
+        verdicts: dict = {}
+        for p in list(plans):
+            if p.mask.name not in verdicts:
+                verdicts[p.mask.name] = _mask_is_causal(p.mask, graph)
+            if verdicts[p.mask.name] is not None:
+                ctx.decline(self.name, p.softmax, verdicts[p.mask.name])
+                plans.remove(p)
         position = next((t for t in graph.gs.inputs if t.name == "position_ids"), None)
         if plans and position is None:
             for p in plans:

@@ -135,3 +135,43 @@ def test_cli_switch(tiny_llama_kv_onnx, tmp_path, flag):
     argv = [tiny_llama_kv_onnx, "--recipe", "fp32", "--backend", "onnxruntime", "-o", str(out), "--quiet"]
     assert compile_main(argv + (["--no-fuse-attention"] if flag else [])) == 0
     assert ("GroupQueryAttention" in _ops(out / "model.onnx")) is not flag
+
+
+def _mask_graph(window: int | None):
+    """A graph whose output is an attention mask built from input shapes, causal or with a sliding window."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from llmq.ir.graph import Graph
+
+    c = lambda name, v: h.make_tensor(name, T.INT64, [], [v])  # noqa: E731
+    nodes = [h.make_node("Shape", ["past_key_values.0.key"], ["p"], start=2, end=3),
+             h.make_node("Shape", ["input_ids"], ["s"], start=1, end=2),
+             h.make_node("Add", ["p", "s"], ["t"]),
+             h.make_node("Squeeze", ["t"], ["t0"]), h.make_node("Squeeze", ["s"], ["s0"]),
+             h.make_node("Range", ["zero", "t0", "one"], ["j"]), h.make_node("Range", ["zero", "s0", "one"], ["i0"]),
+             h.make_node("Add", ["i0", "p"], ["i"]), h.make_node("Unsqueeze", ["i", "ax1"], ["ic"]),
+             h.make_node("LessOrEqual", ["j", "ic"], ["ok"])]
+    if window:
+        nodes += [h.make_node("Sub", ["ic", "win"], ["lo"]), h.make_node("Greater", ["j", "lo"], ["in_win"]),
+                  h.make_node("And", ["ok", "in_win"], ["ok2"])]
+    nodes.append(h.make_node("Where", ["ok2" if window else "ok", "fzero", "ninf"], ["mask"]))
+    inits = [c("zero", 0), c("one", 1), c("win", window or 0), h.make_tensor("ax1", T.INT64, [1], [1]),
+             h.make_tensor("fzero", T.FLOAT, [], [0.0]), h.make_tensor("ninf", T.FLOAT, [], [float("-inf")])]
+    graph = h.make_graph(nodes, "m", [h.make_tensor_value_info("input_ids", T.INT64, [1, "s"]),
+                                      h.make_tensor_value_info("past_key_values.0.key", T.FLOAT, [1, 2, "p", 16])],
+                         [h.make_tensor_value_info("mask", T.FLOAT, None)], inits)
+    g = Graph.from_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]))
+    return g, g.gs.outputs[0]
+
+
+@pytest.mark.parametrize("window", [None, 4096])
+def test_mask_must_be_causal_at_long_range(window):
+    """A sliding-window mask is causal over any few tokens the block probe runs; it differs only beyond the
+    window, where the mask check evaluates it."""
+    g, mask = _mask_graph(window)
+    verdict = ort_attention._mask_is_causal(mask, g)
+    if window is None:
+        assert verdict is None
+    else:
+        assert verdict is not None and "not causal" in verdict

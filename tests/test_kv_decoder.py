@@ -41,7 +41,10 @@ def test_recipes_compile_the_kv_graph_like_the_plain_one(recipe, tiny_llama_onnx
     # LM head (the plain graph keeps its Q·Kᵀ and P·V ones, partly as FusedMatMul)
     fused = next(r for r in kv.report["backend"]["lowering"] if r["pass"] == "fuse-attention-gqa")
     assert fused["stats"]["fused"] == 2
-    linear_kernels = lambda ops: {k: v for k, v in ops.items() if v and "MatMul" in k and k not in ("MatMul", "com.microsoft.FusedMatMul")}  # noqa: E731
+
+    def linear_kernels(ops):
+        return {k: v for k, v in ops.items() if v and "MatMul" in k and k not in ("MatMul", "com.microsoft.FusedMatMul")}
+
     assert linear_kernels(kv.report["backend"]["fused_ops"]) == linear_kernels(plain.report["backend"]["fused_ops"])
     assert kv.report["backend"]["fused_ops"]["MatMul"] == 1
     assert generate(kv.paths["model"], PROMPT, 8)["tokens"] == generate(plain.paths["model"], PROMPT, 8)["tokens"]
