@@ -159,11 +159,12 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     lowering = []
     if backend == "onnxruntime":
         from .backends.ort_attention import FuseAttentionPass
-        from .backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass, MergeMatMulNBitsPass
+        from .backends.ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass,
+                                            MergeMatMulNBitsPass)
 
         t = time.perf_counter()
         lowering_passes = [LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=accuracy_level),
-                           MergeMatMulNBitsPass()] + ([FuseAttentionPass()] if fuse_attention else [])
+                           MergeMatMulNBitsPass(), DropBranchPadPass()] + ([FuseAttentionPass()] if fuse_attention else [])
         lowering = PassManager(lowering_passes,
                                verify=verify,
                                dump_dir=os.path.join(dump_dir, "backend") if dump_dir else None).run(graph, ctx)

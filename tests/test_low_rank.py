@@ -9,7 +9,7 @@ from test_matmulnbits import _session
 from test_smooth_attention import _ids
 from test_smooth_quant import _ctx, _logits
 
-from llmq.backends.ort_lowering import LowerBlockInt4ToMatMulNBitsPass
+from llmq.backends.ort_lowering import DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass
 from llmq.frontends.onnx_loader import load_graph
 from llmq.ir.passes import PassManager
 from llmq.ir.structure import discover
@@ -95,10 +95,13 @@ def test_branch_survives_matmulnbits_lowering(tiny_llama_onnx, layout):
     assert len(before.linears) == len(after.linears) == 15
     assert sorted(lin.name for lin in before.linears) == sorted(lin.name for lin in after.linears)
     assert sorted((lin.name, lin.producer) for lin in before.linears) == sorted((lin.name, lin.producer) for lin in after.linears)
-    records = PassManager([LowerBlockInt4ToMatMulNBitsPass()], verify=True).run(graph, ctx)
+    records = PassManager([LowerBlockInt4ToMatMulNBitsPass(), DropBranchPadPass()], verify=True).run(graph, ctx)
     assert records[0]["stats"]["lowered"] == 14
+    # the padded layout's Pads go (MatMulNBits takes the ragged last block); the others have none to drop
+    assert records[1]["stats"]["dropped"] == (8 if fuse and not fill else 0)
     lowered = graph.to_model()
     assert sum(n.op_type == "MatMulNBits" for n in lowered.graph.node) == 14
+    assert not any(n.op_type == "Pad" for n in lowered.graph.node)
     ids = _ids()
     # the Q/DQ reference unoptimized: ONNX Runtime's own DQ→MatMulNBits fusion defaults to int8 activations
     ref = _session(qdq, optimize=False).run(None, {"input_ids": ids})[0]
