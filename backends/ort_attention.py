@@ -428,6 +428,8 @@ def _match(sm: gs.Node, graph_inputs: set, graph_outputs: set) -> _Plan:
     k = _heads_source(rk.x)
     v = _heads_source(v_heads)
     d = 2 * rq.half
+    if past_k is not None and past_k.shape is not None and len(past_k.shape) == 4 and past_k.shape[3] != d:
+        raise _NoMatch(f"RoPE rotates {d} dimensions of heads of {past_k.shape[3]} (partial rotary is not handled)")
     qw, kw, vw = _width(q), _width(k), _width(v)
     if not (qw and kw and vw) or qw % d or kw % d or kw != vw or (qw // d) % (kw // d):
         raise _NoMatch(f"projection widths {qw}/{kw}/{vw} do not split into heads of {d}")
