@@ -134,6 +134,7 @@ def _shape_only(t: gs.Tensor) -> bool:
 
 
 MASK_PROBE = (3, 20000)  # (new tokens, past tokens) the mask is evaluated at: sliding windows up to 20k show
+MASK_PROBE_NO_CACHE = (2048, 0)  # a cache-less graph: one 2048-token prompt
 
 
 def _mask_is_causal(mask: gs.Tensor, graph: Graph) -> str | None:
@@ -143,8 +144,8 @@ def _mask_is_causal(mask: gs.Tensor, graph: Graph) -> str | None:
     shape the block probe (a few tokens) would not reach."""
     import onnxruntime as ort
 
-    seq, past = MASK_PROBE
     nodes, reads = _ancestors_inputs(mask)
+    seq, past = MASK_PROBE if any(n.startswith("past_key_values.") for n in reads) else MASK_PROBE_NO_CACHE
     specs = {t.name: t for t in graph.gs.inputs}
     feeds = {}
     for name in reads:
@@ -182,7 +183,7 @@ def _mask_is_causal(mask: gs.Tensor, graph: Graph) -> str | None:
 
 def _ancestors_inputs(t: gs.Tensor) -> tuple:
     """(nodes computing ``t`` in topological order, the graph inputs they read)."""
-    order, inputs, seen = [], set(), set()
+    order, inputs, seen, placed = [], set(), set(), set()
 
     def visit(x):
         if isinstance(x, gs.Constant) or id(x) in seen:
@@ -194,7 +195,8 @@ def _ancestors_inputs(t: gs.Tensor) -> tuple:
             return
         for i in p.inputs:
             visit(i)
-        if p not in order:
+        if id(p) not in placed:
+            placed.add(id(p))
             order.append(p)
 
     visit(t)
@@ -428,8 +430,9 @@ def _match(sm: gs.Node, graph_inputs: set, graph_outputs: set) -> _Plan:
     k = _heads_source(rk.x)
     v = _heads_source(v_heads)
     d = 2 * rq.half
-    if past_k is not None and past_k.shape is not None and len(past_k.shape) == 4 and past_k.shape[3] != d:
-        raise _NoMatch(f"RoPE rotates {d} dimensions of heads of {past_k.shape[3]} (partial rotary is not handled)")
+    head = past_k.shape[3] if past_k is not None and past_k.shape is not None and len(past_k.shape) == 4 else None
+    if isinstance(head, int) and head != d:
+        raise _NoMatch(f"RoPE rotates {d} dimensions of heads of {head} (partial rotary is not handled)")
     qw, kw, vw = _width(q), _width(k), _width(v)
     if not (qw and kw and vw) or qw % d or kw % d or kw != vw or (qw // d) % (kw // d):
         raise _NoMatch(f"projection widths {qw}/{kw}/{vw} do not split into heads of {d}")
@@ -458,13 +461,13 @@ class FuseAttentionPass(Pass):
                 plans.append(_match(sm, inputs, outputs))
             except _NoMatch as exc:
                 ctx.decline(self.name, sm.name, str(exc))
-        verdicts: dict = {}
-        for p in list(plans):
+        verdicts: dict = {}  # one evaluation per distinct mask tensor (the layers usually share one)
+        for p in plans:
             if p.mask.name not in verdicts:
                 verdicts[p.mask.name] = _mask_is_causal(p.mask, graph)
             if verdicts[p.mask.name] is not None:
                 ctx.decline(self.name, p.softmax, verdicts[p.mask.name])
-                plans.remove(p)
+        plans = [p for p in plans if verdicts[p.mask.name] is None]
         position = next((t for t in graph.gs.inputs if t.name == "position_ids"), None)
         if plans and position is None:
             for p in plans:
@@ -493,7 +496,11 @@ class FuseAttentionPass(Pass):
         stats = {"fused": len(plans), "kv_cache": plans[0].past_k is not None, "heads": plans[0].heads,
                  "kv_heads": plans[0].kv_heads, "head_dim": plans[0].head_dim}
         if self.options.probe:
-            err = _probe(graph, plans, fused)
+            try:
+                err = _probe(graph, plans, fused)
+                unprobed = None
+            except _NoMatch as exc:
+                err, unprobed = None, str(exc)
             stats["probe_max_error"] = err  # in units of the tolerance
             if err is None or err > 1.0:
                 for node in fused:
@@ -502,7 +509,7 @@ class FuseAttentionPass(Pass):
                 graph.gs.cleanup(remove_unused_graph_inputs=False)
                 graph.touch()
                 how = "fails to run" if err is None else f"is off by {err:.3g} × the fp32 tolerance"
-                reason = f"the fused attention {how} on probe inputs; left unfused"
+                reason = unprobed or f"the fused attention {how} on probe inputs; left unfused"
                 for p in plans:
                     ctx.decline(self.name, p.softmax, reason)
                 logger.warning("%s: %s", self.name, reason)
@@ -645,8 +652,7 @@ def _probe(graph: Graph, plans: list, fused: list) -> float | None:
             elif name.startswith("past_key_values."):
                 feeds[name] = rng.standard_normal((batch, spec.shape[1], past, spec.shape[3])).astype(np.float32)
             else:
-                logger.warning("fused attention not probed: no probe value for input %s", name)
-                return None
+                raise _NoMatch(f"the graph has an input ({name}) the probe cannot fill; left unfused")
         try:
             got = dict(zip(names, sess.run(None, feeds)))
         except Exception as exc:  # noqa: BLE001

@@ -263,14 +263,19 @@ class DropBranchPadPass(Pass):
         dropped = 0
         for cat in [n for n in graph.gs.nodes if n.op == "Concat" and len(n.inputs) == 2]:
             pad = Graph.producer(cat.inputs[1])
-            if pad is None or pad.op != "Pad" or pad.attrs.get("mode", "constant") != "constant" or cat.attrs.get("axis") != -1:
+            if pad is None or pad.op != "Pad" or pad.attrs.get("mode", "constant") != "constant" \
+                    or cat.attrs.get("axis") != -1:
                 continue
             amount = _end_padding(pad)
             readers = list(cat.outputs[0].outputs)
-            if not amount or not readers or any(r.op != "MatMulNBits" or r.inputs[0] is not cat.outputs[0] for r in readers):
+            if not amount or not readers or any(r.op != "MatMulNBits" or r.inputs[0] is not cat.outputs[0]
+                                                for r in readers):
                 continue
-            if any(-(-(int(r.attrs["K"]) - amount) // int(r.attrs["block_size"])) != -(-int(r.attrs["K"]) // int(r.attrs["block_size"]))
-                   for r in readers):
+
+            def blocks(k, r):
+                return -(-k // int(r.attrs["block_size"]))
+
+            if any(blocks(int(r.attrs["K"]) - amount, r) != blocks(int(r.attrs["K"]), r) for r in readers):
                 continue
             for r in readers:
                 r.attrs["K"] = int(r.attrs["K"]) - amount
@@ -287,8 +292,9 @@ def _end_padding(pad: gs.Node) -> int:
     pads = pad.inputs[1] if len(pad.inputs) > 1 else None
     value = pad.inputs[2] if len(pad.inputs) > 2 else None
     axes = pad.inputs[3] if len(pad.inputs) > 3 else None
-    if not isinstance(pads, gs.Constant) or (value is not None and value.name and
-                                             (not isinstance(value, gs.Constant) or np.any(np.asarray(value.values) != 0))):
+    if not isinstance(pads, gs.Constant):
+        return 0
+    if value is not None and value.name and (not isinstance(value, gs.Constant) or np.any(np.asarray(value.values) != 0)):
         return 0
     p = np.asarray(pads.values).reshape(-1)
     if axes is not None and axes.name:
