@@ -218,7 +218,7 @@ def _rope(t: gs.Tensor) -> _Rope:
     muls = [_producer(i) for i in add.inputs]
     if any(m is None or m.op != "Mul" for m in muls):
         raise _NoMatch("RoPE is not x·cos + rotate_half(x)·sin")
-    rot = cosm = None
+    rot = None
     for m in muls:
         for i in (0, 1):
             p = _producer(m.inputs[i])

@@ -1,12 +1,13 @@
 """Generation speed with the KV cache: fp32 against recipes compiled on the KV-cache decoder, ONNX Runtime CPU.
 
 Exports SmolLM2-135M with ``--kv-cache`` (once, cached in --artifacts), compiles each recipe on that graph for
-the onnxruntime backend (4-bit linears lowered to MatMulNBits), then greedy-decodes the same prompt with each
-(batch 1) in lockstep — a token from each model in turn — and prints prefill and decode tokens/s, size and
-whether the generated tokens match fp32's.
+the onnxruntime backend (4-bit linears lowered to MatMulNBits, attention fused into GroupQueryAttention), then
+greedy-decodes the same prompt with each (batch 1) in lockstep — a token from each model in turn — and prints
+prefill and decode tokens/s against the export as written and against the ``fp32`` recipe (the float model
+through the same lowering), size, and whether the generated tokens match the export's.
 A benchmark, not a test: it asserts nothing.
 
-    python tools/bench_decode.py --recipes w4a16 w4a16-rtn w8a8-dynamic --new-tokens 64
+    python tools/bench_decode.py --recipes fp32 w4a16 w4a16-lr --accuracy-level 4 --repeats 7
 """
 
 from __future__ import annotations
