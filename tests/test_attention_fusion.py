@@ -35,7 +35,7 @@ def _lowering(report) -> dict:
 
 
 def _steps(path: str, prompt: np.ndarray, steps: int) -> list:
-    """Logits of the prefill and of ``steps`` greedy decode steps (fed the same tokens to every model)."""
+    """Logits of the prefill and of ``steps`` decode steps, each fed a fixed token (the same for every model)."""
     dec = Decoder(path)
     sess = dec.session
     names = [o.name for o in sess.get_outputs()]
