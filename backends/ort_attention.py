@@ -47,8 +47,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..ir.feeds import prompt_feeds
 from ..ir.graph import Graph
 from ..ir.passes import TWO_GB, Pass, PassContext, PassResult, _fits_bytesize
+from .onnxruntime import make_session
 
 __all__ = ["FuseAttentionPass"]
 
@@ -142,8 +144,6 @@ def _mask_is_causal(mask: gs.Tensor, graph: Graph) -> str | None:
     ``MASK_PROBE`` — 0 where key ``j ≤ past + i``, a large negative elsewhere — else what differs. Evaluated by
     running the mask's own subgraph: a sliding window, a prefix-LM or a bidirectional mask all fail here, at a
     shape the block probe (a few tokens) would not reach."""
-    import onnxruntime as ort
-
     nodes, reads = _ancestors_inputs(mask)
     seq, past = MASK_PROBE if any(n.startswith("past_key_values.") for n in reads) else MASK_PROBE_NO_CACHE
     specs = {t.name: t for t in graph.gs.inputs}
@@ -166,9 +166,7 @@ def _mask_is_causal(mask: gs.Tensor, graph: Graph) -> str | None:
         model = gs.export_onnx(sub, do_type_check=False)
         model.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT if mask.dtype is None else \
             onnx.helper.np_dtype_to_tensor_dtype(np.dtype(mask.dtype))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        value = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        value = make_session(model.SerializeToString()).run(None, feeds)[0]
     except Exception as exc:  # noqa: BLE001 - a mask that cannot be evaluated alone is not fused
         return f"the mask could not be evaluated on its own ({type(exc).__name__}: {str(exc)[:120]})"
     value = np.asarray(value, np.float32)
@@ -453,6 +451,8 @@ class FuseAttentionPass(Pass):
         probe: bool = True  # run fused beside original on random inputs; keep the fusion only if they agree
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        # the probe's token ids: the vocabulary the driver recorded from structure discovery, else discover it
+        vocab = int(graph.model_metadata.get("llmq.vocab_size") or ctx.structure(graph).vocab_size or 2)
         inputs = {t.name for t in graph.gs.inputs}
         outputs = {t.name for t in graph.gs.outputs}
         plans = []
@@ -497,7 +497,7 @@ class FuseAttentionPass(Pass):
                  "kv_heads": plans[0].kv_heads, "head_dim": plans[0].head_dim}
         if self.options.probe:
             try:
-                err = _probe(graph, plans, fused)
+                err = _probe(graph, plans, fused, vocab)
                 unprobed = None
             except _NoMatch as exc:
                 err, unprobed = None, str(exc)
@@ -599,7 +599,7 @@ class FuseAttentionPass(Pass):
         return node
 
 
-def _probe(graph: Graph, plans: list, fused: list) -> float | None:
+def _probe(graph: Graph, plans: list, fused: list, vocab: int) -> float | None:
     """Largest error of the fused blocks against the blocks they replace, in units of the tolerance (≤ 1
     passes); None if the fused nodes fail to run or the graph is too large to probe.
 
@@ -607,8 +607,6 @@ def _probe(graph: Graph, plans: list, fused: list) -> float | None:
     cache — so each layer is compared on identical inputs. (Comparing the final logits instead would measure
     the model's own sensitivity: on random tokens SmolLM2-135M's outputs move by 0.76 of 28 when ONNX Runtime's
     optimizations are merely switched off, while each block's output agrees to 1e-6.)"""
-    import onnxruntime as ort
-
     pairs = []
     for p, node in zip(plans, fused):
         pairs.append((p.out, node.outputs[0]))
@@ -625,34 +623,26 @@ def _probe(graph: Graph, plans: list, fused: list) -> float | None:
     if not (_fits_bytesize(model) and model.ByteSize() < TWO_GB):
         logger.info("graph over 2 GB: attention fused without the probe")
         return 0.0
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = make_session(model.SerializeToString())
     except Exception as exc:  # noqa: BLE001 - any refusal means the fusion is not usable
         logger.warning("fused attention does not load: %s", exc)
         return None
-    vocab = _vocab(model)
     del model
-    specs = {i.name: i for i in sess.get_inputs()}
+    inputs = [(i.name, i.shape) for i in sess.get_inputs()]
+    for name, _ in inputs:
+        if name not in ("input_ids", "position_ids", "attention_mask") and not name.startswith("past_key_values."):
+            raise _NoMatch(f"the graph has an input ({name}) the probe cannot fill; left unfused")
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(0)
     kv = plans[0].past_k is not None
     cases = [(1, 5, 0), (1, 3, 4), (2, 1, 6)] if kv else [(1, 7, 0), (2, 4, 0)]
     worst = 0.0
     for batch, seq, past in cases:
-        feeds = {}
-        for name, spec in specs.items():
-            if name == "input_ids":
-                feeds[name] = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
-            elif name == "position_ids":
-                feeds[name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
-            elif name == "attention_mask":
-                feeds[name] = np.ones((batch, past + seq), np.int64)
-            elif name.startswith("past_key_values."):
-                feeds[name] = rng.standard_normal((batch, spec.shape[1], past, spec.shape[3])).astype(np.float32)
-            else:
-                raise _NoMatch(f"the graph has an input ({name}) the probe cannot fill; left unfused")
+        ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
+        cache = {name: rng.standard_normal((batch, shape[1], past, shape[3])).astype(np.float32)
+                 for name, shape in inputs if name.startswith("past_key_values.")} if past else None
+        feeds = prompt_feeds(inputs, ids, cache)
         try:
             got = dict(zip(names, sess.run(None, feeds)))
         except Exception as exc:  # noqa: BLE001
@@ -665,11 +655,3 @@ def _probe(graph: Graph, plans: list, fused: list) -> float | None:
             tol = PROBE_RTOL * float(np.abs(a).max(initial=0.0)) + PROBE_ATOL
             worst = max(worst, float(np.abs(a - b).max(initial=0.0)) / tol)
     return worst
-
-
-def _vocab(model: onnx.ModelProto) -> int:
-    inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
-            return int(inits[node.input[0]].dims[0])
-    return 2

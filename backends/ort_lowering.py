@@ -109,6 +109,8 @@ class LowerToIntegerMatMulPass(Pass):
             b_zp = graph.make_constant("b_zero_point", np.zeros(w_scale.values.shape, np.int8), self.name)
             _replace_with_contrib_op(graph, node, "MatMulIntegerToFloat", [q, w, a_scale, w_scale, zp, b_zp], {}, self.name)
             lowered += 1
+        if lowered:
+            graph.gs.cleanup()  # the replaced MatMuls are left without outputs; a later discover() must not see them
         return PassResult(lowered > 0, {"lowered": lowered})
 
 
@@ -191,6 +193,8 @@ class LowerBlockInt4ToMatMulNBitsPass(Pass):
             _replace_with_contrib_op(graph, node, "MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": block,
                                                                     "accuracy_level": self.options.accuracy_level}, self.name)
             lowered += 1
+        if lowered:
+            graph.gs.cleanup()  # the replaced MatMuls are left without outputs; a later discover() must not see them
         return PassResult(lowered > 0, {"lowered": lowered, "accuracy_level": self.options.accuracy_level})
 
 

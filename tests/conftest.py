@@ -181,3 +181,20 @@ def tiny_gpt2_kv_onnx(tmp_path_factory, tiny_gpt2_dir) -> str:
     from llmq.frontends.torch_export import export_hf
 
     return export_hf(tiny_gpt2_dir, str(tmp_path_factory.mktemp("gpt2_kv") / "model.onnx"), kv_cache=True)["model"]
+
+
+def decode_logits(model_path: str, prompt: np.ndarray, tokens: list) -> list:
+    """Logits of a KV-cache decoder at the prefill of ``prompt`` and at one step per entry of ``tokens`` (each
+    step fed that token, not the model's own choice, so two models can be compared step by step)."""
+    from llmq.backends.onnxruntime import make_session
+    from llmq.ir.feeds import prompt_feeds
+
+    sess = make_session(model_path)
+    names, inputs = [o.name for o in sess.get_outputs()], [(i.name, i.shape) for i in sess.get_inputs()]
+    out = dict(zip(names, sess.run(None, prompt_feeds(inputs, prompt))))
+    seen = [out["logits"]]
+    for token in tokens:
+        past = {f"past_key_values.{n[len('present.'):]}": out[n] for n in names if n.startswith("present.")}
+        out = dict(zip(names, sess.run(None, prompt_feeds(inputs, np.asarray([[token]]), past))))
+        seen.append(out["logits"])
+    return seen

