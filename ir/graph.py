@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-__all__ = ["Graph", "ConstantView", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH", "FUSED_INPUT", "SUB_BYTE_DTYPES"]
+__all__ = ["Graph", "ConstantView", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH", "FUSED_INPUT", "RANGE_SPLIT", "SUB_BYTE_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ PROVENANCE_KEY = "llmq.pass"
 ROLE_KEY = "llmq.role"  # set by a pass on a node it created for a purpose structure discovery must respect
 FLOAT_BRANCH = "float-branch"  # a MatMul that deliberately stays float (e.g. split outlier channels)
 FUSED_INPUT = "fused-input"  # a Concat whose first input is the linears' own input, the rest a side branch's
+RANGE_SPLIT = "range-split"  # the nodes around a linear whose input is split by range (clipped part and residual)
 
 # 4-bit constants (numpy dtypes from ml_dtypes, as onnx and onnx-graphsurgeon use) → their 8-bit carrier
 SUB_BYTE_DTYPES = {np.dtype(ml_dtypes.int4): np.int8, np.dtype(ml_dtypes.uint4): np.uint8}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import FLOAT_BRANCH, FUSED_INPUT, ROLE_KEY, TRANSPARENT_OPS, ConstantView, Graph
+from .graph import FLOAT_BRANCH, FUSED_INPUT, RANGE_SPLIT, ROLE_KEY, TRANSPARENT_OPS, ConstantView, Graph
 
 __all__ = ["Linear", "Norm", "Structure", "discover"]
 
@@ -63,6 +63,7 @@ class Linear:
     producer: str = "other"  # rmsnorm | layernorm | activation | attention | embedding | other
     norm: Norm | None = None
     tied_embedding: bool = False
+    range_split: bool = False  # its input is Concat(clip(x), residual) along tokens (split-range)
     reason: str = ""
 
     @property
@@ -148,12 +149,28 @@ def _through_qdq(tensor: gs.Tensor) -> gs.Tensor:
     return tensor
 
 
+def _role(graph: Graph, node: gs.Node | None) -> str | None:
+    return None if node is None else graph.node_metadata.get(node.name, {}).get(ROLE_KEY)
+
+
+def _range_split_source(graph: Graph, tensor: gs.Tensor) -> gs.Tensor | None:
+    """``x`` if ``tensor`` (through Q/DQ) is split-range's ``Concat(Clip(x), …)``, else None."""
+    node = Graph.producer(_through_qdq(tensor))
+    if node is None or node.op != "Concat" or _role(graph, node) != RANGE_SPLIT:
+        return None
+    clip = Graph.producer(node.inputs[0])
+    return clip.inputs[0] if clip is not None and clip.op == "Clip" else None
+
+
 def _own_input(graph: Graph, tensor: gs.Tensor) -> gs.Tensor:
-    """The tensor a linear transforms: through Q/DQ, and through a fused side-branch ``Concat`` (a low-rank
-    branch appended to the input) to its first input."""
+    """The tensor a linear transforms: through Q/DQ, through a fused side-branch ``Concat`` (a low-rank
+    branch appended to the input) to its first input, and through a range split to the unsplit input."""
+    source = _range_split_source(graph, tensor)
+    if source is not None:
+        return source
     tensor = _through_qdq(tensor)
     node = Graph.producer(tensor)
-    if node is not None and node.op == "Concat" and graph.node_metadata.get(node.name, {}).get(ROLE_KEY) == FUSED_INPUT:
+    if node is not None and node.op == "Concat" and _role(graph, node) == FUSED_INPUT:
         return _through_qdq(node.inputs[0])
     return tensor
 
@@ -270,7 +287,7 @@ def _reaches_activation(tensor: gs.Tensor, linear_nodes: set, depth: int = 6) ->
 
 def _attention_blocks(graph: Graph, linear_nodes: set, branches: frozenset) -> list:
     blocks = []
-    fused_inputs = frozenset(name for name, md in graph.node_metadata.items() if md.get(ROLE_KEY) == FUSED_INPUT)
+    fused_inputs = frozenset(name for name, md in graph.node_metadata.items() if md.get(ROLE_KEY) in (FUSED_INPUT, RANGE_SPLIT))
     score_ops = {"Mul", "Div", "Add", "Where", "Cast", "Sub"}
     for sm in [n for n in graph.gs.nodes if n.op == "Softmax"]:
         qk = Graph.producer(sm.inputs[0])
@@ -303,17 +320,19 @@ def discover(graph: Graph) -> Structure:
     by_name = {lin.node.name: lin for lin in linears}
     names = set(by_name)
     st = Structure(linears=linears)
+    for lin in linears:
+        lin.range_split = _range_split_source(graph, lin.act) is not None
 
     gathers = [n for n in graph.gs.nodes if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant)
                and n.inputs[0].values.ndim == 2 and not isinstance(n.inputs[1], gs.Constant)]
     if gathers:  # the token embedding reads the ids input (GPT-2's position table may come first)
-        def source(t):
+        def fed_by(t):
             while (p := Graph.producer(t)) is not None and p.op in ("Reshape", "Unsqueeze", "Squeeze", "Cast",
                                                                     "Identity", "Flatten"):
                 t = p.inputs[0]
             return t.name
 
-        gathers.sort(key=lambda n: (source(n.inputs[1]) != "input_ids", source(n.inputs[1]) == "position_ids"))
+        gathers.sort(key=lambda n: (fed_by(n.inputs[1]) != "input_ids", fed_by(n.inputs[1]) == "position_ids"))
         st.embedding = gathers[0]
         st.vocab_size = int(gathers[0].inputs[0].shape[0])
 
@@ -399,10 +418,12 @@ def discover(graph: Graph) -> Structure:
             lin.name = f"layers.{lin.layer}.{block}.{lin.role}"
 
     for node in graph.gs.nodes:
-        if node.op != "Add" or len(node.inputs) != 2:
+        if node.op != "Add" or len(node.inputs) != 2 or _role(graph, node) == RANGE_SPLIT:
             continue
         for t in node.inputs:
             p = _skip_transparent_back(t)
+            while p is not None and _role(graph, p) == RANGE_SPLIT:  # the recombining Add of a range split
+                p = _skip_transparent_back(p.inputs[0])
             if p is not None and p.name in by_name and by_name[p.name].role in ("o", "down", "fc2"):
                 st.residual_adds.append({"add": node.name, "after": by_name[p.name].name})
     _dedupe_names(st)

@@ -31,7 +31,8 @@ from .ir.errors import LlmqError
 from .ir.passes import PassContext, PassManager, save_model
 from .ir.structure import discover
 from .recipes import Recipe, load_recipe
-from .report import attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, sensitivity_svg, summary_text
+from .report import (attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, range_split_extra_mac_fraction,
+                     sensitivity_svg, summary_text)
 from .tokenizer import check_tokenizer, resolve_tokenizer
 
 __all__ = ["compile", "CompileResult", "BACKENDS"]
@@ -211,6 +212,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
             "totals": {"linears": len(rows), "quantized_weights": quantized_w, "quantized_activations": quantized_a,
                        "int8_act_mac_fraction": round(int8_act_mac_fraction(rows), 4),
                        "int8_act_mac_fraction_decoder": round(int8_act_mac_fraction(rows, include_lm_head=False), 4),
+                       "range_split_extra_int8_mac_fraction": round(range_split_extra_mac_fraction(rows), 4),
                        "worst_sqnr_db": min(sqnr_values.values()) if sqnr_values else None},
             "times": {k: round(v, 2) for k, v in times.items()},
             "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -16,8 +16,9 @@ import onnx_graphsurgeon as gs
 from .ir.graph import Graph
 from .ir.structure import Structure, weight_matrix
 from .passes.qdq_math import fake_quant, sqnr_db
+from .passes.split_range import residual_factor
 
-__all__ = ["layer_table", "layer_sqnr", "summary_text", "int8_act_mac_fraction"]
+__all__ = ["layer_table", "layer_sqnr", "summary_text", "int8_act_mac_fraction", "range_split_extra_mac_fraction"]
 
 
 def _act_fake_quant(node: gs.Node, x: np.ndarray) -> np.ndarray:
@@ -50,12 +51,18 @@ def layer_sqnr(before: Structure, after: Graph, sample: dict) -> dict:
         w = weight_matrix(lin).astype(np.float32)
         if w_q is not None and w_q.shape != w.shape:  # extra input rows (a fused low-rank branch reports its own error)
             continue
-        x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
         w_eff = w_q if w_q is not None else w
         if lin.node.op == "Gemm" and lin.weight_axis == 0:
             w, w_eff = w.T, w_eff.T
-        y = x2 @ w
-        y_hat = _act_fake_quant(node, x2) @ w_eff
+        k = residual_factor(node) if lin.range_split else None
+        if k is not None:  # the input is [clip(x); residual / k] along the rows: compare against x·W itself
+            c, r = (h.reshape(-1, x.shape[-1]).astype(np.float32) for h in np.split(x, 2, axis=-2))
+            y = (c + k * r) @ w
+            y_hat = _act_fake_quant(node, c) @ w_eff + k * (_act_fake_quant(node, r) @ w_eff)
+        else:
+            x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+            y = x2 @ w
+            y_hat = _act_fake_quant(node, x2) @ w_eff
         out[lin.name] = round(sqnr_db(y, y_hat), 2)
     return out
 
@@ -66,6 +73,13 @@ def int8_act_mac_fraction(rows: list, include_lm_head: bool = True) -> float:
     total = sum(r["macs_per_token"] + r.get("split_float_macs_per_token", 0) for r in rows)
     q = sum(r["macs_per_token"] for r in rows if r.get("act_bits"))
     return q / total if total else 0.0
+
+
+def range_split_extra_mac_fraction(rows: list) -> float:
+    """Extra INT8 MACs that range-split linears run (their residual rows), as a share of the decoder's."""
+    rows = [r for r in rows if r["role"] != "lm_head"]
+    total = sum(r["macs_per_token"] for r in rows)
+    return sum(r.get("range_split_int8_macs_per_token", 0) for r in rows) / total if total else 0.0
 
 
 def sensitivity_svg(rows: list, top: int = 40) -> str | None:
@@ -125,6 +139,11 @@ def summary_text(report: dict, worst: int = 10) -> str:
     lines = [f"recipe {report['recipe']['name']}: {t['quantized_weights']}/{t['linears']} linears with quantized weights, "
              f"{t['quantized_activations']} with INT8 activations ({100 * t['int8_act_mac_fraction']:.1f} % of linear MACs, "
              f"{100 * t['int8_act_mac_fraction_decoder']:.1f} % without the LM head)"]
+    ranged = [r for r in report["layers"] if "range_split_ratio" in r]
+    if ranged:
+        ratios = sorted(r["range_split_ratio"] for r in ranged)
+        lines.append(f"split-range on {len(ranged)} linears (input max|x| {ratios[0]:.1f}–{ratios[-1]:.1f}× the clip value): "
+                     f"their residual rows add {100 * t.get('range_split_extra_int8_mac_fraction', 0.0):.1f} % INT8 MACs to the decoder")
     sens = sorted({(r["sensitivity_rank"], r["name"], r["sensitivity_kl"], "act_bits" not in r)
                    for r in report["layers"] if "sensitivity_rank" in r})
     if sens:

@@ -12,7 +12,8 @@ from .sensitivity import AnalyzeSensitivityPass
 from .smooth_attention import FoldSmoothAttentionScalesPass
 from .smooth_quant import FoldSmoothQuantScalesPass
 from .split_outliers import SplitOutlierChannelsPass
+from .split_range import SplitRangePass
 
-REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass, QuantizeWeightsLowRankPass, GPTQPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, SplitRangePass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass, QuantizeWeightsLowRankPass, GPTQPass)}
 
-__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "GPTQPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsLowRankPass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass"]
+__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "GPTQPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsLowRankPass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass", "SplitRangePass"]

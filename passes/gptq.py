@@ -155,7 +155,7 @@ class GPTQPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        linears = selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "weight")
+        linears = selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "weight", rescales_input=True)
         if not linears:
             return PassResult(False, {"quantized": 0})
         names = sorted({lin.act.name for lin in linears})

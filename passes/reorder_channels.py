@@ -147,7 +147,7 @@ class ReorderChannelsPass(Pass):
         blocks = {b["layer"]: b for b in structure.attention}
         nodes = graph.node_by_name()
         plans = []
-        for lin in selected_linears(structure, ctx, self.name, self.options.roles, "weight"):
+        for lin in selected_linears(structure, ctx, self.name, self.options.roles, "weight", rescales_input=True):
             plan = self._plan(lin, by_output, by_role_layer, blocks, nodes)
             if isinstance(plan, str):
                 ctx.decline(self.name, lin.name, plan)

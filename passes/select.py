@@ -10,9 +10,12 @@ __all__ = ["selected_linears"]
 ALL_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2", "lm_head", "unknown")
 
 
-def selected_linears(structure: Structure, ctx: PassContext, pass_name: str, roles: tuple, target: str) -> list:
+def selected_linears(structure: Structure, ctx: PassContext, pass_name: str, roles: tuple, target: str,
+                     rescales_input: bool = False) -> list:
     """Linears whose role is in ``roles``, that no ``--exclude`` pattern names and whose ``target``
-    (``"weight"`` or ``"activation"``) is not quantized yet; declines the rest with the reason."""
+    (``"weight"`` or ``"activation"``) is not quantized yet; declines the rest with the reason.
+    ``rescales_input``: the pass rescales, permutes or splits the linear's input channels, which a range
+    split (its clip threshold is fixed) does not allow."""
     chosen = []
     for lin in structure.linears:
         if lin.role not in roles:
@@ -21,6 +24,9 @@ def selected_linears(structure: Structure, ctx: PassContext, pass_name: str, rol
             continue
         if (lin.weight.quantized if target == "weight" else lin.act_quantized):
             ctx.decline(pass_name, lin.name, f"{target} already quantized")
+            continue
+        if rescales_input and lin.range_split:
+            ctx.decline(pass_name, lin.name, f"its input is split by range; run {pass_name} before split-range")
             continue
         if ctx.exclude(lin.name, lin.node.name):
             ctx.decline(pass_name, lin.name, "excluded by --exclude")

@@ -155,7 +155,7 @@ class FoldSmoothQuantScalesPass(Pass):
         structure = ctx.structure(graph)
         roles = tuple(r for r, g in GROUP_OF_ROLE.items() if g in o.groups)
         groups: dict = {}
-        for lin in selected_linears(structure, ctx, self.name, roles, "weight"):
+        for lin in selected_linears(structure, ctx, self.name, roles, "weight", rescales_input=True):
             groups.setdefault(lin.act.name, []).append(lin)
         plans = []
         for name, members in sorted(groups.items(), key=lambda kv: kv[1][0].name):

@@ -58,7 +58,7 @@ class SplitOutlierChannelsPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        linears = [lin for lin in selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "activation")
+        linears = [lin for lin in selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "activation", rescales_input=True)
                    if lin.node.op == "MatMul"]
         if not linears:
             return PassResult(False, {"split_linears": 0})
