@@ -15,7 +15,9 @@ one run per step: the joint effect, not a sum of single-group KLs, which underes
 SmolLM2). ``KL ≈ ln(ppl_q / ppl_float)`` on text like the calibration batch, so a budget of ``ln(1.02)``
 aims at +2 % perplexity. ``ranking: marginal`` orders groups by what each adds to the joint KL with all
 the others quantized (one more run per group) instead of by its KL alone: interactions make the two differ;
-``marginal-per-mac`` divides that by the group's MACs, for budgets bound by ``min_int8_macs``.
+``marginal-per-mac`` divides that by the group's MACs, for budgets bound by ``min_int8_macs``. When the joint
+KL with every group quantized already meets ``max_kl`` (and ``keep_float`` is 0), nothing goes float and the
+marginal runs are skipped: the report ranks by isolated KL and says so (``ranking`` in the pass stats).
 The ranking and the joint KL before and after the budget go into the report.
 """
 
@@ -104,7 +106,10 @@ class AnalyzeSensitivityPass(Pass):
         scales = {n: amax(stats[n], o.observer, qmax(8)) / qmax(8) for n in names}
         kls, joint = self._measure(graph, ctx, names, scales)
         joint_all = joint(set(names))
-        if o.ranking.startswith("marginal"):  # what each group adds with every other group quantized too
+        # with the budget met by every group quantized nothing goes float: the marginal runs would decide nothing
+        met = o.max_kl is not None and o.keep_float == 0 and joint_all <= o.max_kl
+        ranking_used = "isolated" if met else o.ranking
+        if ranking_used.startswith("marginal"):  # what each group adds with every other group quantized too
             iterator = ctx.progress(names, "sensitivity (marginal)") if ctx.progress else names
             marginal = {n: joint_all - joint(set(names) - {n}) for n in iterator}
             if o.ranking == "marginal-per-mac":
@@ -114,7 +119,7 @@ class AnalyzeSensitivityPass(Pass):
             ranking = sorted(names, key=lambda n: -kls[n])
         cap = self._mac_cap(ctx, ctx.structure(graph), ranking, groups) if o.action == "float" else len(ranking)
         count = min(o.keep_float, cap)
-        if o.max_kl is not None:  # the smallest prefix of the ranking whose removal meets the budget
+        if o.max_kl is not None and not met:  # the smallest prefix of the ranking whose removal meets the budget
             lo, hi = count, cap
             while lo < hi:
                 mid = (lo + hi) // 2
@@ -134,7 +139,7 @@ class AnalyzeSensitivityPass(Pass):
                     if o.action == "per-token":
                         ctx.per_token_activations.add(lin.name)
         kept = [groups[n][0].name for n in ranking if n in keep]
-        return PassResult(False, {"groups": len(names), "kept_float": kept,
+        return PassResult(False, {"groups": len(names), "kept_float": kept, "ranking": ranking_used,
                                   "kl_sum_all": float(sum(kls.values())), "kl_joint_all": joint_all,
                                   "kl_joint_after_budget": joint_after, "max_kl": o.max_kl,
                                   "limited_by_min_int8_macs": count == cap < len(ranking) and o.min_int8_macs > 0})

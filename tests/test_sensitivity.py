@@ -133,6 +133,19 @@ def test_marginal_ranking_meets_the_same_budget_with_no_more_groups(tiny_llama_o
     assert 0 < kept["marginal"] <= kept["isolated"]
 
 
+def test_a_budget_met_with_every_group_quantized_skips_the_marginal_runs(tiny_llama_onnx):
+    graph = load_graph(tiny_llama_onnx)
+    ctx = _ctx()
+    labels = []
+    ctx.progress = lambda items, label: labels.append(label) or items
+    joint_all = AnalyzeSensitivityPass().run(graph, _ctx()).stats["kl_joint_all"]
+    stats = AnalyzeSensitivityPass(max_kl=2 * joint_all, ranking="marginal").run(graph, ctx).stats
+    assert stats["kept_float"] == [] and stats["ranking"] == "isolated" and labels == ["sensitivity"]
+    assert stats["kl_joint_after_budget"] == stats["kl_joint_all"] <= 2 * joint_all
+    tight = AnalyzeSensitivityPass(max_kl=joint_all / 4, ranking="marginal").run(graph, _ctx()).stats
+    assert tight["ranking"] == "marginal" and tight["kept_float"]
+
+
 def test_mac_floor_counts_split_channels_as_the_report_does():
     """Four groups of 100 MACs, 40 more MACs of split-off outlier channels already float, a 75 % floor: the
     report counts (400 − kept) / 440, so not even one group may go float (one would leave 68 %)."""
