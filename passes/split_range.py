@@ -89,30 +89,38 @@ class SplitRangePass(Pass):
                 linears.append(lin)
         if not linears:
             return PassResult(False, {"split_linears": 0})
-        stats = ctx.activation_stats(graph, sorted({lin.act.name for lin in linears}))
+        by_tensor: dict = {}
+        for lin in linears:  # linears reading one tensor (q/k/v, gate/up) share one stacked input
+            by_tensor.setdefault(lin.act.name, []).append(lin)
+        stats = ctx.activation_stats(graph, sorted(by_tensor))
         split, extra_macs, ratios = 0, 0, []
-        for lin in linears:
-            st = stats[lin.act.name]
-            if st.count == 0 or st.absmax == 0.0:
-                ctx.decline(self.name, lin.name, "no calibrated range")
+        for name in sorted(by_tensor, key=lambda t: by_tensor[t][0].name):
+            group, st = by_tensor[name], stats[name]
+            clip = amax(st, o.observer, percentile=o.percentile) if st.count and st.absmax > 0.0 else 0.0
+            if clip <= 0.0:
+                for lin in group:
+                    ctx.decline(self.name, lin.name, "no calibrated range, or the clip value is 0")
                 continue
             full = st.absmax
-            clip = amax(st, o.observer, percentile=o.percentile)
-            ratio = full / max(clip, 1e-30)
+            ratio = full / clip
             if ratio < o.min_ratio:
-                ctx.decline(self.name, lin.name, f"max|x| is {ratio:.2f}× the clip value, under {o.min_ratio:g}×")
+                for lin in group:
+                    ctx.decline(self.name, lin.name, f"max|x| is {ratio:.2f}× the clip value, under {o.min_ratio:g}×")
                 continue
-            self._split(graph, lin, clip, (full - clip) / clip)
-            ctx.record(lin.name, range_split_threshold=float(clip), range_split_absmax=float(full),
-                       range_split_ratio=round(float(ratio), 3), range_split_int8_macs_per_token=lin.macs_per_token)
-            split += 1
-            extra_macs += lin.macs_per_token
+            k = (full - clip) / clip
+            stacked = self._stack(graph, group[0].act, clip, k, group[0].name)
+            for lin in group:
+                self._recombine(graph, lin, stacked, k)
+                ctx.record(lin.name, range_split_threshold=float(clip), range_split_absmax=float(full),
+                           range_split_ratio=round(float(ratio), 3), range_split_int8_macs_per_token=lin.macs_per_token)
+                split += 1
+                extra_macs += lin.macs_per_token
             ratios.append(ratio)
         return PassResult(split > 0, {"split_linears": split, "extra_macs_per_token": extra_macs,
                                       "max_ratio": round(float(max(ratios)), 2) if ratios else None})
 
-    def _split(self, graph: Graph, lin, clip: float, k: float) -> None:
-        x, n = lin.act, lin.name
+    def _stack(self, graph: Graph, x: gs.Tensor, clip: float, k: float, n: str) -> gs.Variable:
+        """``Concat(clip(x, ±clip), (x − clip(x)) / k)`` along the token axis."""
         tag = self._tag(graph)
         lo = graph.make_constant(f"{n}.range_min", np.asarray(-clip, np.float32), self.name)
         hi = graph.make_constant(f"{n}.range_max", np.asarray(clip, np.float32), self.name)
@@ -120,8 +128,12 @@ class SplitRangePass(Pass):
         r = tag(graph.make_node("Sub", [x, c], f"{n}.residual", self.name, out_dtype=np.float32))
         inv = graph.make_constant(f"{n}.residual_scale", np.asarray(1.0 / k, np.float32), self.name)
         rs = tag(graph.make_node("Mul", [r, inv], f"{n}.residual_scaled", self.name, out_dtype=np.float32))
-        stacked = tag(graph.make_node("Concat", [c, rs], f"{n}.range_split", self.name, attrs={"axis": -2},
-                                      out_dtype=np.float32))
+        return tag(graph.make_node("Concat", [c, rs], f"{n}.range_split", self.name, attrs={"axis": -2},
+                                   out_dtype=np.float32))
+
+    def _recombine(self, graph: Graph, lin, stacked: gs.Variable, k: float) -> None:
+        """``lin`` reads ``stacked``; its output halves are added back as ``Y_c + k·Y_r`` (+ a Gemm's bias)."""
+        tag, n = self._tag(graph), lin.name
         lin.node.inputs[0] = stacked
         bias = lin.node.inputs[2] if lin.node.op == "Gemm" and len(lin.node.inputs) > 2 else None
         while len(lin.node.inputs) > 2:

@@ -18,8 +18,11 @@ from llmq.passes import (FoldSmoothQuantScalesPass, QuantizeActivationsPass, Qua
 from llmq.passes.qdq_math import sqnr_db
 
 
-@pytest.mark.parametrize("family,roles", [("llama", ("o", "down")), ("gpt2", ("fc2",))])
-def test_exact_in_float_and_roles_kept(family, roles, request):
+@pytest.mark.parametrize("family,roles,stacks", [("llama", ("q", "k", "v", "o", "gate", "up", "down"), 8),
+                                                 ("gpt2", ("fc2",), 2)])
+def test_exact_in_float_and_roles_kept(family, roles, stacks, request):
+    """Every role split (llama): q/k/v share one stacked input and gate/up another; names, roles, layers and
+    producers are what discovery found before."""
     path = request.getfixturevalue(f"tiny_{family}_onnx")
     graph = load_graph(path)
     ctx = _ctx()
@@ -29,6 +32,7 @@ def test_exact_in_float_and_roles_kept(family, roles, request):
     # the tiny random models have no massive activations: a low percentile and ratio make every layer split
     records = PassManager([SplitRangePass(percentile=90.0, min_ratio=1.5, roles=roles)], verify=True).run(graph, ctx)
     assert records[0]["stats"]["split_linears"] == 2 * len(roles)
+    assert sum(1 for n in graph.gs.nodes if n.op == "Clip" and n.name.startswith("split-range")) == stacks
     _assert_same(path, graph)
     after = ctx.structure(graph)
     assert [(lin.name, lin.role, lin.layer, lin.producer) for lin in after.linears] == roles_before
