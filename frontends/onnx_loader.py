@@ -16,6 +16,7 @@ from onnx import external_data_helper as edh
 
 from ..ir.errors import LlmqError
 from ..ir.graph import Graph
+from .canonical import check_finite_weights, gemm_to_matmul, refuse_mixture_of_experts
 
 __all__ = ["load_onnx", "load_graph", "upgrade_opset"]
 
@@ -102,7 +103,8 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def load_graph(path: str, opset: int = 21) -> Graph:
-    """Load ``path`` as an llmq graph at ``opset`` or above, with shapes inferred where possible."""
+    """Load ``path`` as an llmq graph at ``opset`` or above, with shapes inferred where possible, weights
+    checked finite, mixture-of-experts refused, and Gemm linears in canonical MatMul + Add form."""
     model = upgrade_opset(load_onnx(path), opset)
     if model.ByteSize() < 2**31 - 1:
         try:
@@ -112,4 +114,7 @@ def load_graph(path: str, opset: int = 21) -> Graph:
     graph = Graph.from_model(model)
     if not graph.gs.inputs or not graph.gs.outputs:
         raise LlmqError(f"{path} has no graph inputs or outputs", "re-export the model")
+    check_finite_weights(graph, path)
+    refuse_mixture_of_experts(graph, path)
+    gemm_to_matmul(graph)
     return graph

@@ -10,8 +10,10 @@ written to a temporary name and renamed, so a failed export leaves nothing behin
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -83,24 +85,55 @@ def load_hf(source: str):
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise LlmqError(f"{source} has no config.json: not a Hugging Face model folder",
                             "give the folder that holds config.json and the weights")
+    if "gguf_file" not in kwargs:
+        from transformers import AutoConfig
+
+        try:
+            refuse_unsupported(AutoConfig.from_pretrained(folder), source)
+        except LlmqError:
+            raise
+        except Exception as exc:
+            raise LlmqError(f"cannot read {os.path.join(source, 'config.json')}: {_first_line(exc)}",
+                            "check that the folder holds a valid Hugging Face config") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except Exception as exc:
-        raise LlmqError(f"cannot load the model from {source}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        raise LlmqError(f"cannot load the model from {source}: {type(exc).__name__}: {_first_line(exc)}",
                         "check that the folder or file is complete") from exc
+    refuse_unsupported(model.config, source)
     tokenizer = None
+    if "gguf_file" not in kwargs and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        # transformers would synthesize a tokenizer of a token or two from the config alone
+        logger.warning("no tokenizer files in %s: none is written beside the export; pass --tokenizer (or token "
+                       "ids as --calib-data .npz) to later steps", folder)
+        return model, None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     except Exception as exc:  # a model without a tokenizer can still be exported
         logger.warning("no tokenizer found with the model (%s); pass --tokenizer to later steps", type(exc).__name__)
-    if tokenizer is not None and len(tokenizer) == 0:  # transformers builds an empty one from a bare config
-        logger.warning("no tokenizer files with the model; pass --tokenizer to later steps")
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    if tokenizer is not None and len(tokenizer) < min(vocab, 16):  # a stand-in built from a bare config
+        logger.warning("the tokenizer found with the model has %d token(s) for a vocabulary of %d: not written; "
+                       "pass --tokenizer to later steps", len(tokenizer), vocab)
         tokenizer = None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer_config.json")
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def refuse_unsupported(config, source: str) -> None:
+    """One clear line for checkpoints llmq cannot export faithfully yet (mixture-of-experts)."""
+    experts = next((getattr(config, k) for k in MOE_KEYS if isinstance(getattr(config, k, None), int)), 0)
+    if experts and experts > 1:
+        raise LlmqError(f"{source} is a mixture-of-experts model ({type(config).__name__}, {experts} experts), which "
+                        "llmq does not export or quantize yet", "use a dense model; MoE support is planned")
 
 
 def _logits_only(model):
@@ -186,6 +219,38 @@ def divide_by_rms(graph) -> int:
     return len(dead)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, without terminal colour codes."""
+    lines = [ln.strip() for ln in ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _captured_output():
+    """Send what the exporter prints on stdout/stderr (file descriptors 1 and 2: FX graph dumps, C++
+    warnings) to a temporary file; yields a function returning it. Progress stays ours to print."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.flush(), sink.seek(0), sink.read().decode("utf-8", "replace"))[-1]
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def export_module(module, example_inputs: tuple, output: str, input_names: list, output_names: list,
                   dynamic_shapes=None, opset: int = 21, metadata: dict | None = None) -> str:
     """Export any ``nn.Module`` to ``output`` (dynamo exporter); returns the path written."""
@@ -198,11 +263,15 @@ def export_module(module, example_inputs: tuple, output: str, input_names: list,
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".llmq-export-", dir=out_dir)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _captured_output() as captured:
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, example_inputs, dynamo=True, opset_version=opset,
-                                        input_names=input_names, output_names=output_names,
-                                        dynamic_shapes=dynamic_shapes, verbose=False, report=False)
+            try:
+                program = torch.onnx.export(module, example_inputs, dynamo=True, opset_version=opset,
+                                            input_names=input_names, output_names=output_names,
+                                            dynamic_shapes=dynamic_shapes, verbose=False, report=False)
+            except Exception:
+                logger.debug("the exporter printed:\n%s", captured())
+                raise
         model = program.model_proto if params < LARGE else None
         name = os.path.basename(output)
         if model is not None:
@@ -222,7 +291,7 @@ def export_module(module, example_inputs: tuple, output: str, input_names: list,
     except LlmqError:
         raise
     except Exception as exc:
-        raise LlmqError(f"torch export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        raise LlmqError(f"torch export failed: {type(exc).__name__}: {_first_line(exc)}",
                         "rerun with --debug for the exporter's trace") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

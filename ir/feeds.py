@@ -1,5 +1,6 @@
 """Feeds for a decoder graph from token ids: the plain ``input_ids → logits`` graph, or the KV-cache decoder
-(``position_ids``, ``attention_mask`` and empty ``past_key_values.*`` for a first, cache-less step)."""
+(``position_ids``, ``attention_mask`` and empty ``past_key_values.*`` for a first, cache-less step); an
+encoder's ``token_type_ids`` are all zero (one segment)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def prompt_feeds(inputs: list, ids: np.ndarray, past: dict | None = None) -> dic
             feeds[name] = np.broadcast_to(np.arange(start, start + seq, dtype=np.int64), (batch, seq)).copy()
         elif name == "attention_mask":
             feeds[name] = np.ones((batch, start + seq), np.int64)
+        elif name == "token_type_ids":  # an encoder's segment ids: one segment
+            feeds[name] = np.zeros((batch, seq), np.int64)
         elif name.startswith("past_key_values."):
             if past and name in past:
                 feeds[name] = past[name]

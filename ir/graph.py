@@ -114,6 +114,22 @@ class Graph:
             model.metadata_props.add(key=key, value=value)
         return model
 
+    # ---- rollback ----
+    def snapshot(self) -> "Graph":
+        """A copy to roll back to: nodes and tensors are copied, constant arrays shared (passes make new
+        constants; none writes into an existing array)."""
+        return Graph(gs=self.gs.copy(), opset=self.opset, ir_version=self.ir_version,
+                     model_metadata=dict(self.model_metadata),
+                     node_metadata={k: dict(v) for k, v in self.node_metadata.items()},
+                     other_opsets=dict(self.other_opsets))
+
+    def restore(self, snapshot: "Graph") -> None:
+        """Become ``snapshot`` again (taken by :meth:`snapshot`); names handed out since stay taken."""
+        self.gs, self.opset, self.ir_version = snapshot.gs, snapshot.opset, snapshot.ir_version
+        self.model_metadata, self.node_metadata = snapshot.model_metadata, snapshot.node_metadata
+        self.other_opsets = snapshot.other_opsets
+        self.touch()
+
     # ---- navigation ----
     def touch(self) -> None:
         """Forget cached analyses after a structural change."""

@@ -190,7 +190,7 @@ def _ancestor_ops(node: gs.Node, depth: int) -> set:
     return ops
 
 
-def _classify_norm(graph: Graph, tensor: gs.Tensor) -> Norm | None:
+def _classify_norm(graph: Graph, tensor: gs.Tensor, seen_through_scale: bool = True) -> Norm | None:
     node = _skip_transparent_back(tensor)
     if node is None:
         return None
@@ -216,6 +216,10 @@ def _classify_norm(graph: Graph, tensor: gs.Tensor) -> Norm | None:
     others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
     if len(consts) != 1 or len(others) != 1 or Graph.producer(others[0]) is None:
         return None
+    if bias is None and seen_through_scale:
+        inner = _classify_norm(graph, others[0], seen_through_scale=False)
+        if inner is not None:  # a norm's output rescaled per channel (smooth-quant's explicit 1/s): still that norm's
+            return inner
     ops = _ancestor_ops(node, 6)
     if "ReduceMean" not in ops or not ops & {"Sqrt", "Reciprocal", "Div", "Rsqrt", "Pow"}:
         return None
@@ -288,7 +292,7 @@ def _reaches_activation(tensor: gs.Tensor, linear_nodes: set, depth: int = 6) ->
 def _attention_blocks(graph: Graph, linear_nodes: set, branches: frozenset) -> list:
     blocks = []
     fused_inputs = frozenset(name for name, md in graph.node_metadata.items() if md.get(ROLE_KEY) in (FUSED_INPUT, RANGE_SPLIT))
-    score_ops = {"Mul", "Div", "Add", "Where", "Cast", "Sub"}
+    score_ops = {"Mul", "Div", "Add", "Where", "Cast", "Sub", "Tanh"}  # Tanh: Gemma2's attention softcapping
     for sm in [n for n in graph.gs.nodes if n.op == "Softmax"]:
         qk = Graph.producer(sm.inputs[0])
         while qk is not None and qk.op in score_ops:
@@ -339,7 +343,6 @@ def discover(graph: Graph) -> Structure:
     branches = _branch_nodes(graph)
     blocks = _attention_blocks(graph, names, branches)
     blocks.sort(key=lambda b: order[id(b["softmax"])])
-    softmax_pos = [order[id(b["softmax"])] for b in blocks]
     for layer, b in enumerate(blocks):
         entry = {"layer": layer, "softmax": b["softmax"].name, "scores": b["scores"].name, "context": b["context"].name}
         fused = {n.name for n in b["q"]} & {n.name for n in b["k"]} & {n.name for n in b["v"]}
@@ -353,10 +356,35 @@ def discover(graph: Graph) -> Structure:
                 entry.setdefault(lin.role, []).append(n.name)
         st.attention.append(entry)
 
+    softmax_layer = {id(b["softmax"]): i for i, b in enumerate(blocks)}
+
     def layer_of(node) -> int | None:
-        pos = order[id(node)]
-        before = [i for i, p in enumerate(softmax_pos) if p < pos]
-        return before[-1] if before else None
+        """An MLP linear's layer: the block before the first attention its output reaches (the next layer
+        reads this MLP's residual sum, whether the MLP runs after its attention or beside it, as in GPT-NeoX's
+        and Falcon's parallel residual); the last block if none does."""
+        if not blocks:
+            return None
+        seen, queue, first, horizon = {id(node)}, deque([node]), len(blocks), len(order)
+        while queue:
+            for t in queue.popleft().outputs:
+                for c in t.outputs:
+                    if id(c) in seen or order[id(c)] > horizon:  # past the best softmax: reaches only later ones
+                        continue
+                    seen.add(id(c))
+                    if id(c) in softmax_layer:
+                        first, horizon = min(first, softmax_layer[id(c)]), min(horizon, order[id(c)])
+                    else:
+                        queue.append(c)
+        return first - 1 if first > 0 else None
+
+    # lm_head: its output reaches a graph output through transparent ops and head-side elementwise ops by
+    # constants (Gemma2's logit softcapping: cap · tanh(logits / cap)); found before the MLP roles, so a
+    # softcapped head is never taken for an fc1 followed by an activation
+    outputs = {t.name for t in graph.gs.outputs}
+    for lin in linears:
+        if lin.role == "unknown" and _reaches_output(lin.node.outputs[0], outputs):
+            lin.role = "lm_head"
+            lin.tied_embedding = st.embedding is not None and lin.weight.tensor is st.embedding.inputs[0]
 
     # producers and MLP roles
     groups: dict = {}
@@ -394,18 +422,11 @@ def discover(graph: Graph) -> Structure:
         if lin.role != "unknown":
             lin.layer = layer_of(lin.node)
 
-    # lm_head: output reaches a graph output through transparent ops
-    outputs = {t.name for t in graph.gs.outputs}
     for lin in linears:
-        reach = [lin.node.outputs[0]]
-        while reach and reach[-1].name not in outputs:
-            nxt = [c for c in reach[-1].outputs if c.op in TRANSPARENT_OPS]
-            reach = [nxt[0].outputs[0]] if len(nxt) == 1 and len(reach[-1].outputs) == 1 else []
-        if reach and lin.role == "unknown":
-            lin.role = "lm_head"
-            lin.tied_embedding = st.embedding is not None and lin.weight.tensor is st.embedding.inputs[0]
-
-    for lin in linears:
+        if lin.role not in ("unknown", "lm_head") and lin.layer is None:  # never quantized by guess
+            lin.reason = (f"looks like an MLP {lin.role} but no attention block precedes it, so it has no layer; "
+                          "left in float")
+            lin.role = "unknown"
         if lin.role == "o":
             lin.producer = "attention"
         if lin.role == "unknown":
@@ -425,9 +446,28 @@ def discover(graph: Graph) -> Structure:
             while p is not None and _role(graph, p) == RANGE_SPLIT:  # the recombining Add of a range split
                 p = _skip_transparent_back(p.inputs[0])
             if p is not None and p.name in by_name and by_name[p.name].role in ("o", "down", "fc2"):
-                st.residual_adds.append({"add": node.name, "after": by_name[p.name].name})
+                st.residual_adds.append({"add": node.name, "after": by_name[p.name].name, "output": node.outputs[0].name})
     _dedupe_names(st)
     return st
+
+
+HEAD_SIDE_OPS = {"Div", "Mul", "Tanh", "Add", "Sub"}  # by a constant, after the LM head (softcapping, scaling)
+
+
+def _reaches_output(tensor: gs.Tensor, outputs: set, limit: int = 8) -> bool:
+    """Whether ``tensor`` is a graph output or becomes one through a chain of single consumers that are
+    transparent ops or elementwise ops whose other inputs are constants."""
+    for _ in range(limit):
+        if tensor.name in outputs:
+            return True
+        if len(tensor.outputs) != 1:
+            return False
+        node = tensor.outputs[0]
+        others = [t for t in node.inputs if t is not tensor]
+        if not (node.op in TRANSPARENT_OPS or (node.op in HEAD_SIDE_OPS and all(isinstance(t, gs.Constant) for t in others))):
+            return False
+        tensor = node.outputs[0]
+    return tensor.name in outputs
 
 
 def _why_unknown(lin: Linear) -> str:

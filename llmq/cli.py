@@ -129,6 +129,9 @@ def compile_main(argv=None) -> int:
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="onnxruntime backend: keep attention as exported instead of fusing each block into "
                         "GroupQueryAttention + RotaryEmbedding (the fusion is probed against the original on the spot)")
+    p.add_argument("--allow-loss", action="store_true",
+                   help="write the model even if the end-to-end check against the input model finds it outside the "
+                        "recipe's bound (a loud warning instead of an error)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dump-dir", help="write the graph after each pass that changed it here")
     p.add_argument("--verify", action="store_true", help="check the graph (onnx.checker + shape inference) after each pass")
@@ -151,7 +154,7 @@ def compile_main(argv=None) -> int:
                              exclude=tuple(args.exclude), backend=args.backend, overwrite=args.overwrite,
                              dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet, max_loss=args.max_loss,
                              accuracy_level=args.accuracy_level, asym=args.asym,
-                             fuse_attention=not args.no_fuse_attention)
+                             fuse_attention=not args.no_fuse_attention, allow_loss=args.allow_loss)
         if args.json:
             json.dump(result.report, sys.stdout, indent=1, default=str)
             print()

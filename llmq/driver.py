@@ -24,7 +24,7 @@ from . import __version__
 from .backends import onnxruntime as ort_backend
 from .backends.qdq import check_tensorrt_rules
 from .calib.collect import collect_stats, run_with_outputs
-from .calib.data import load_calibration
+from .calib.data import load_calibration, load_holdout
 from .frontends.onnx_loader import load_graph
 from .frontends.torch_export import calib_path_for, tokenizer_dir_for
 from .ir.errors import LlmqError
@@ -34,6 +34,7 @@ from .recipes import Recipe, load_recipe
 from .report import (attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, range_split_extra_mac_fraction,
                      sensitivity_svg, summary_text)
 from .tokenizer import check_tokenizer, resolve_tokenizer
+from .verify import block_outputs, check_bound, compared_outputs, verify_model
 
 __all__ = ["compile", "CompileResult", "BACKENDS"]
 
@@ -57,7 +58,8 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
             tokenizer: str | None = None, calib_samples: int | None = None, calib_seq_len: int | None = None,
             exclude: tuple = (), backend: str = "qdq", overwrite: bool = False, dump_dir: str | None = None,
             verify: bool = False, quiet: bool = False, sqnr: bool = True, max_loss: float | None = None,
-            accuracy_level: int = 0, asym: bool = False, fuse_attention: bool = True) -> CompileResult:
+            accuracy_level: int = 0, asym: bool = False, fuse_attention: bool = True,
+            allow_loss: bool = False) -> CompileResult:
     """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``.
 
     ``calib``: a .txt/.jsonl/.npz file (default: ``<model>.calib.npz`` beside the model if
@@ -66,8 +68,9 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     ``max_loss``: the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the
     recipe's count; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit linears (onnxruntime backend:
     0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8) weights, ONNX Runtime only;
-    ``fuse_attention``: onnxruntime backend, write each attention block as GroupQueryAttention (probed).
-    Returns the written paths and the report (also written as ``report.json``).
+    ``fuse_attention``: onnxruntime backend, write each attention block as GroupQueryAttention (probed);
+    ``allow_loss``: write the model even when the end-to-end check finds it outside the recipe's bound (with a
+    loud warning) instead of failing. Returns the written paths and the report (also written as ``report.json``).
     """
     t0 = time.perf_counter()
     times = {}
@@ -127,6 +130,8 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         ctx.sample_provider = lambda g, names: _one_batch(g, names, batches[:1])
         ctx.stream_provider = lambda g, names, each: run_with_outputs(g, names, [b[None] for b in batches], each, progress)
         ctx.calibration_batch = batches[:1]
+        probe = batches[:1, :PROBE_TOKENS]
+        ctx.output_probe = lambda g: _run_outputs(g, probe)
 
     # SQNR reference: each linear's float input and weight as the quantize passes find them (after the
     # exact transforms), taken on one calibration batch when the quantize phase starts
@@ -149,13 +154,20 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     sqnr_values = layer_sqnr(before_quantize["structure"], graph, before_quantize["sample"]) if before_quantize else {}
     before_quantize.clear()
     times["sqnr_s"] = time.perf_counter() - t
-    rows = layer_table(structure, ctx.layers, sqnr_values)
+    rows = layer_table(structure, ctx.layers, sqnr_values, ctx.declined)
+    # what the rest needs of the input's structure; dropping it (and the context's analyses) frees the
+    # original weights it references before the output is verified
+    vocab_size, structure_summary, blocks = structure.vocab_size, structure.summary(), block_outputs(structure)
+    linear_names = {lin.name for lin in structure.linears}
+    del structure
+    ctx.invalidate(activations=True)
+    ctx.output_probe = ctx.stats_provider = ctx.sample_provider = ctx.stream_provider = None
 
     graph.model_metadata.update({"llmq.version": __version__, "llmq.recipe": recipe.name,
                                  "llmq.recipe_yaml": recipe.source_text, "llmq.pipeline": pipeline.describe(),
                                  "llmq.backend": backend, "llmq.source_model": os.path.basename(model)})
-    if structure.vocab_size:
-        graph.model_metadata["llmq.vocab_size"] = str(structure.vocab_size)
+    if vocab_size:
+        graph.model_metadata["llmq.vocab_size"] = str(vocab_size)
     violations = check_tensorrt_rules(graph)
     lowering = []
     if backend == "onnxruntime":
@@ -198,14 +210,31 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         if tok_path:
             shutil.copytree(tok_path, os.path.join(tmp, "model.tokenizer"))
         times["write_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        # windows as long as the calibration ran (the model took that); without calibration, short ones
+        verify_len = int(batches.shape[1]) if batches is not None else min(calib_seq_len or recipe.calib_seq_len, 128)
+        verification = _verify(model, model_path, recipe, calib, tok, vocab_size, blocks,
+                               calib_samples or recipe.calib_samples, verify_len,
+                               accuracy_level if backend == "onnxruntime" else 0, ctx.progress)
+        times["verify_s"] = time.perf_counter() - t
+        if verification["problems"]:
+            where = _worst_block(verification)
+            message = (f"the compiled model is outside recipe {recipe.name}'s bound against {os.path.basename(model)} "
+                       f"on {verification['windows']} held-out windows: {verification['problems'][0]}{where}")
+            if not allow_loss:
+                raise LlmqError(message + "; nothing was written",
+                                "keep the damaged layers float (--exclude), choose a gentler recipe, or pass "
+                                "--allow-loss to write it anyway")
+            logger.warning("%s — written anyway because of --allow-loss", message)
         times["total_s"] = time.perf_counter() - t0
         quantized_w = sum(1 for r in rows if r.get("weight_bits"))
         quantized_a = sum(1 for r in rows if r.get("act_bits"))
         report = {
             "llmq_version": __version__, "model": os.path.basename(model), "recipe": recipe.to_dict(),
-            "pipeline": pipeline.describe(), "backend": backend_info, "structure": structure.summary(),
+            "verification": verification,
+            "pipeline": pipeline.describe(), "backend": backend_info, "structure": structure_summary,
             "passes": records, "declined": ctx.declined, "layers": rows,
-            "attention": attention_table(ctx.layers, {lin.name for lin in structure.linears}),
+            "attention": attention_table(ctx.layers, linear_names),
             "calibration": None if batches is None else {
                 "source": calib or "built-in default text", "samples": int(batches.shape[0]),
                 "seq_len": int(batches.shape[1]), "collections": ctx.stats_collections},
@@ -239,6 +268,48 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         paths["tokenizer"] = os.path.join(output, "model.tokenizer")
     report["summary"] = summary_text(report)
     return CompileResult(output, paths, report)
+
+
+PROBE_TOKENS = 256  # tokens of the first calibration window an exact pass is checked on
+
+
+def _run_outputs(graph, batch: np.ndarray) -> dict:
+    """The graph's compared outputs (all but a KV cache) on ``batch``."""
+    return _one_batch(graph, compared_outputs([t.name for t in graph.gs.outputs]), batch)
+
+
+def _verify(model: str, model_path: str, recipe: Recipe, calib, tok, vocab_size: int | None, blocks: dict,
+            samples: int, seq_len: int, accuracy_level: int, progress) -> dict:
+    """The compiled file against the input file on held-out windows (see :mod:`llmq.verify`)."""
+    bound = recipe.bound
+    windows, source, held_out = load_holdout(calib, tok, samples, seq_len, bound.windows, vocab_size)
+    if windows is None:  # no text and no token file: the model's own vocabulary, uniformly at random
+        rng = np.random.default_rng(0)
+        windows = rng.integers(0, vocab_size or 2, (bound.windows, min(seq_len, 128)), dtype=np.int64)
+        source, held_out = f"random token ids ({source})", True
+    try:
+        result = verify_model(model, model_path, windows, vocab_size, blocks, accuracy_level,
+                              (lambda it: progress(it, "verifying")) if progress else None)
+    except LlmqError:
+        raise
+    except Exception as exc:  # ONNX Runtime refused to run a model on the windows
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LlmqError(f"the end-to-end check could not run the models on {windows.shape[0]} windows of "
+                        f"{windows.shape[1]} tokens from {source}: {first}",
+                        "give calibration the model can run (--calib-seq-len within its context length)") from exc
+    problems = check_bound(result, bound)
+    return {"bound": bound.describe(), "within_bound": not problems, "problems": problems, "source": source,
+            "held_out": held_out, **result}
+
+
+def _worst_block(verification: dict) -> str:
+    blocks = verification.get("blocks") or []
+    if not blocks:
+        return ""
+    first = next((b for b in blocks if b["rel_error"] > 0.1), None)
+    worst = max(blocks, key=lambda b: b["rel_error"])
+    text = f"; worst block {worst['block']} (relative error {worst['rel_error']:.3g})"
+    return text + (f", first over 0.1: {first['block']}" if first is not None and first is not worst else "")
 
 
 def _one_batch(graph, names: list, batch: np.ndarray) -> dict:

@@ -106,7 +106,12 @@ def sensitivity_svg(rows: list, top: int = 40) -> str | None:
     return "\n".join(parts)
 
 
-def layer_table(structure: Structure, records: dict, sqnr: dict) -> list:
+def layer_table(structure: Structure, records: dict, sqnr: dict, declined: list = ()) -> list:
+    """One row per linear. A linear whose weight stays float carries ``float_reason`` (the first pass that
+    declined it and why, else why no pass selected it); every decline that names it is in ``declined``."""
+    by_linear: dict = {}
+    for d in declined:
+        by_linear.setdefault(d["where"], []).append(f"{d['pass']}: {d['reason']}")
     rows = []
     for lin in structure.linears:
         row = {"name": lin.name, "node": lin.node.name, "role": lin.role, "layer": lin.layer,
@@ -119,8 +124,22 @@ def layer_table(structure: Structure, records: dict, sqnr: dict) -> list:
         row.update(records.get(lin.name, {}))
         if lin.name in sqnr:
             row["sqnr_db"] = sqnr[lin.name]
+        if lin.name in by_linear:
+            row["declined"] = by_linear[lin.name]
+        if "weight_bits" not in row:
+            row["float_reason"] = _float_reason(lin, by_linear.get(lin.name))
         rows.append(row)
     return rows
+
+
+def _float_reason(lin, declines: list | None) -> str:
+    if declines:
+        return declines[0]
+    if lin.role == "lm_head":
+        return "the LM head stays float by default (a recipe quantizes it only by naming role lm_head)"
+    if lin.role == "unknown":
+        return f"not classified ({lin.reason}); never quantized by guess"
+    return f"no pass of the recipe quantizes weights of role {lin.role}"
 
 
 def attention_table(records: dict, linear_names: set) -> list:
@@ -136,7 +155,18 @@ def _layer_key(name: str):
 
 def summary_text(report: dict, worst: int = 10) -> str:
     t = report["totals"]
-    lines = [f"recipe {report['recipe']['name']}: {t['quantized_weights']}/{t['linears']} linears with quantized weights, "
+    v = report.get("verification") or {}
+    lines = []
+    for name, m in (v.get("outputs") or {}).items():
+        measured = (f"KL {m['kl']:.4g} nats/token, top-1 agreement {100 * m['top1_agreement']:.1f} %" if "kl" in m
+                    else f"relative error {m['rel_error']:.4g}, cosine {m['cosine']:.4f}")
+        lines.append(f"against the input model ({name}, {v['windows']} {'held-out ' if v.get('held_out') else ''}windows "
+                     f"of {v['seq_len']}): {measured} — {'within' if v.get('within_bound') else 'OUTSIDE'} the "
+                     f"recipe's bound ({v['bound']})")
+    blocks = sorted(v.get("blocks") or [], key=lambda b: -b["rel_error"])[:3]
+    if blocks:
+        lines.append("blocks with the largest output error: " + ", ".join(f"{b['block']} {b['rel_error']:.3g}" for b in blocks))
+    lines += [f"recipe {report['recipe']['name']}: {t['quantized_weights']}/{t['linears']} linears with quantized weights, "
              f"{t['quantized_activations']} with INT8 activations ({100 * t['int8_act_mac_fraction']:.1f} % of linear MACs, "
              f"{100 * t['int8_act_mac_fraction_decoder']:.1f} % without the LM head)"]
     ranged = [r for r in report["layers"] if "range_split_ratio" in r]

@@ -126,6 +126,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
     name = "awq"
     phase = "transform"
     changes_activations = True
+    exact = False  # the clip search changes weights
     requires_stats = True
 
     @dataclass(frozen=True)

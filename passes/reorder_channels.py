@@ -126,6 +126,7 @@ class ReorderChannelsPass(Pass):
     name = "reorder-channels"
     phase = "transform"
     changes_activations = True
+    exact = True
     requires_stats = True
 
     @dataclass(frozen=True)

@@ -160,6 +160,7 @@ class FoldSmoothAttentionScalesPass(Pass):
     name = "smooth-attention"
     phase = "transform"
     changes_activations = True
+    exact = True
     requires_stats = True
 
     @dataclass(frozen=True)

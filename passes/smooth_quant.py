@@ -8,10 +8,13 @@
 produces X:
 
 * RMSNorm / LayerNorm: ``γ' = γ / s`` (and ``β' = β / s``) — a new constant for this norm, so a weight that
-  an exporter de-duplicated across layers is never changed for the others;
+  an exporter de-duplicated across layers is never changed for the others — only when the group's linears
+  are the norm output's only readers: in a post-LN block (BERT, OPT-350m) the norm's output is also the
+  residual stream, which the fold would rescale too, so there the explicit ``Mul`` below is used;
 * attention output (``X_o = P·V``): the columns of ``W_v`` (and its bias) are divided by ``s``; each head's
   channels read their own kv head, so under GQA ``s`` is tied across the query heads of a group;
-* SwiGLU product (``X_d = silu(gate) ⊙ up``): the columns of ``W_up`` (and its bias) are divided by ``s``;
+* SwiGLU product (``X_d = silu(gate) ⊙ up``): the columns of ``W_up`` (and its bias) are divided by ``s``,
+  when up's output reaches nothing but that product and the product nothing but the group;
 * anything else (e.g. after GELU): an explicit ``Mul(X, 1/s)`` is inserted and the report says so.
 
 α is fixed, or searched per group over a grid, minimising ``Σ‖X·W − Q(X/s)·Q(s·W)‖²`` over the group's
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ir.graph import Graph
+from ..ir.graph import FLOAT_BRANCH, ROLE_KEY, TRANSPARENT_OPS, Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import Linear, weight_matrix
 from .qdq_math import fake_quant, weight_scales
@@ -126,6 +129,7 @@ class FoldSmoothQuantScalesPass(Pass):
     name = "smooth-quant"
     phase = "transform"
     changes_activations = True
+    exact = True
     requires_stats = True
 
     @dataclass(frozen=True)
@@ -172,11 +176,13 @@ class FoldSmoothQuantScalesPass(Pass):
         samples = self._samples(graph, ctx, [n for n, _ in plans]) if self._needs_samples() else {}
         channel_absmax = self._channel_absmax(graph, ctx, [n for n, _ in plans], samples)
         by_role_layer = {(lin.role, lin.layer): lin for lin in structure.linears}
+        readers = _Readers(frozenset(t.name for t in graph.gs.outputs),
+                           frozenset(n for n, md in graph.node_metadata.items() if md.get(ROLE_KEY) == FLOAT_BRANCH))
         counts: dict = {}
         iterator = ctx.progress(plans, self.name) if ctx.progress else plans
         for name, members in iterator:
             x_max = channel_absmax[name].astype(np.float64)
-            fold = self._fold_target(members, by_role_layer)
+            fold = self._fold_target(members, by_role_layer, readers)
             tie = fold[2] if fold and fold[0] == "v" else None
             if fold is None and not o.fallback_mul:
                 for m in members:
@@ -214,10 +220,12 @@ class FoldSmoothQuantScalesPass(Pass):
 
     # ---- planning ----
     @staticmethod
-    def _fold_target(members: list, by_role_layer: dict):
+    def _fold_target(members: list, by_role_layer: dict, readers: _Readers):
         lin = members[0]
         if lin.norm is not None:
-            return ("norm", lin.norm, None)
+            return ("norm", lin.norm, None) if readers.only_group(lin.norm.node.outputs[0], members) else None
+        if lin.layer is None:
+            return None
         if lin.role == "o":
             v = by_role_layer.get(("v", lin.layer))
             if v is not None and _private_weight(v) and lin.in_features % v.out_features == 0:
@@ -226,7 +234,8 @@ class FoldSmoothQuantScalesPass(Pass):
                     return ("v", v, (lin.in_features // v.out_features, d))
         if lin.role == "down":
             up = by_role_layer.get(("up", lin.layer))
-            if up is not None and _private_weight(up) and up.out_features == lin.in_features:
+            if (up is not None and _private_weight(up) and up.out_features == lin.in_features
+                    and readers.only_into_group(up, members)):
                 return ("up", up, None)
         return None
 
@@ -292,6 +301,46 @@ class FoldSmoothQuantScalesPass(Pass):
         for m in members:
             m.node.inputs[0] = scaled
         return "mul"
+
+
+@dataclass(frozen=True)
+class _Readers:
+    """Who reads a tensor, for deciding whether a fold may rescale it: the graph's output names (a fold
+    would change them for the caller) and the float side branches split-outliers made (they read only
+    channels whose smoothing scale is 1, their statistic being zero in the masked input)."""
+
+    outputs: frozenset
+    branches: frozenset
+
+    def of(self, tensor: gs.Tensor) -> list | None:
+        """The nodes reading ``tensor`` through value-preserving ops and constant per-element scalings
+        (which commute with a per-channel scale), side branches excepted; None if it reaches a graph output."""
+        out, queue = [], [tensor]
+        while queue:
+            t = queue.pop()
+            if t.name in self.outputs:
+                return None
+            for c in t.outputs:
+                if c.name in self.branches:
+                    continue
+                if (c.op in TRANSPARENT_OPS or c.op in ("QuantizeLinear", "DequantizeLinear", "Gather")
+                        or (c.op == "Mul" and any(isinstance(i, gs.Constant) for i in c.inputs))):
+                    queue.extend(c.outputs)
+                else:
+                    out.append(c)
+        return out
+
+    def only_group(self, tensor: gs.Tensor, members: list) -> bool:
+        """Whether the group's linears are all that reads ``tensor`` (so scaling it scales nothing else)."""
+        readers = self.of(tensor)
+        return readers is not None and {id(n) for n in readers} <= {id(m.node) for m in members}
+
+    def only_into_group(self, up: Linear, members: list) -> bool:
+        """up's output reaches one elementwise product, and that product reaches only the group."""
+        readers = self.of(up.node.outputs[0])
+        if readers is None or len(readers) != 1 or readers[0].op != "Mul":
+            return False
+        return self.only_group(readers[0].outputs[0], members)
 
 
 def _oriented(lin: Linear, w: np.ndarray) -> np.ndarray:

@@ -40,6 +40,7 @@ class SplitOutlierChannelsPass(Pass):
     name = "split-outliers"
     phase = "transform"
     changes_activations = True
+    exact = True
     requires_stats = True
 
     @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class SplitRangePass(Pass):
     name = "split-range"
     phase = "transform"
     changes_activations = True
+    exact = True
     requires_stats = True
 
     @dataclass(frozen=True)

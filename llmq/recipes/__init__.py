@@ -2,7 +2,9 @@
 
 A recipe has ``name``, ``description``, ``opset``, optional ``calibration`` (``samples``, ``seq_len``),
 optional ``exclude`` (glob patterns over layer names like ``layers.3.mlp.down`` or ONNX node names),
-optional ``backends`` (the backends that can run what the recipe emits; default all) and
+optional ``backends`` (the backends that can run what the recipe emits; default all), optional ``verify``
+(the bound the compiled model must meet against the input model on held-out windows: ``max_kl`` for
+language-model outputs, ``max_rel_error`` for others, ``windows``; see :mod:`llmq.verify`) and
 ``passes``: a list whose items are a pass name or ``{pass-name: {option: value}}``. Unknown keys are an
 error, never ignored. Built-in recipes ship in ``llmq/recipes/``; a path to a ``.yaml`` file gives a
 user's own.
@@ -19,10 +21,12 @@ import yaml
 
 from ..ir.errors import LlmqError
 from ..passes import REGISTRY
+from ..verify import Bound
 
 __all__ = ["Recipe", "list_recipes", "load_recipe"]
 
-TOP_KEYS = {"name", "description", "opset", "calibration", "exclude", "passes", "backends"}
+TOP_KEYS = {"name", "description", "opset", "calibration", "exclude", "passes", "backends", "verify"}
+VERIFY_KEYS = {"max_kl", "max_rel_error", "windows"}
 ALL_BACKENDS = ("qdq", "onnxruntime", "tensorrt")
 CALIB_KEYS = {"samples", "seq_len"}
 
@@ -37,6 +41,7 @@ class Recipe:
     calib_seq_len: int = 512
     exclude: tuple = ()
     backends: tuple = ALL_BACKENDS  # the backends whose runtime can execute what this recipe emits
+    bound: Bound = Bound()  # what the compiled model promises against the input model
     source_text: str = field(default="", compare=False)
 
     def build(self) -> list:
@@ -87,6 +92,8 @@ class Recipe:
         d["passes"] = [{name: dict(options)} for name, options in self.passes]
         d["exclude"] = list(self.exclude)
         d["backends"] = list(self.backends)
+        d["verify"] = dataclasses.asdict(self.bound)
+        d.pop("bound")
         return d
 
 
@@ -155,13 +162,23 @@ def parse_recipe(text: str, origin: str) -> Recipe:
     if set(backends) - set(ALL_BACKENDS):
         raise LlmqError(f"{origin}: unknown backend(s) {', '.join(sorted(set(backends) - set(ALL_BACKENDS)))}",
                         f"choose from {', '.join(ALL_BACKENDS)}")
+    verify = data.get("verify") or {}
+    if not isinstance(verify, dict) or set(verify) - VERIFY_KEYS:
+        raise LlmqError(f"{origin}: unknown verify key(s) {', '.join(sorted(set(verify) - VERIFY_KEYS)) if isinstance(verify, dict) else verify!r}",
+                        f"allowed: {', '.join(sorted(VERIFY_KEYS))}")
+    try:
+        bound = Bound(**{k: (int(v) if k == "windows" else float(v)) for k, v in verify.items()})
+    except (TypeError, ValueError) as exc:
+        raise LlmqError(f"{origin}: verify values must be numbers ({exc})") from exc
+    if bound.windows < 1:
+        raise LlmqError(f"{origin}: verify.windows must be ≥ 1")
     exclude = data.get("exclude") or []
     if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
         raise LlmqError(f"{origin}: 'exclude' must be a list of patterns")
     recipe = Recipe(name=str(data["name"]), description=" ".join(str(data.get("description", "")).split()),
                     opset=int(data.get("opset", 21)), passes=tuple(passes),
                     calib_samples=int(calib.get("samples", 16)), calib_seq_len=int(calib.get("seq_len", 512)),
-                    exclude=tuple(exclude), backends=backends, source_text=text)
+                    exclude=tuple(exclude), backends=backends, bound=bound, source_text=text)
     options = [dict(o) for _, o in passes]
     names = [n for n, _ in passes]
     for i, name in enumerate(names):

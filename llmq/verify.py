@@ -1,0 +1,176 @@
+"""End-to-end verification: the compiled model against the model the user gave, on held-out windows.
+
+The last step of every compile runs both files in ONNX Runtime (the compiled one with the session settings
+its backend uses) on calibration windows the statistics did not come from, and measures:
+
+* language-model outputs (``logits``, or a last axis as wide as the vocabulary): the mean per-token
+  ``KL(p_input ‖ p_compiled)`` in nats (≈ the log of the perplexity ratio for small losses) and the top-1
+  agreement (how often both models pick the same next token);
+* any other output (an encoder's hidden states): the relative RMS error ``‖y − ŷ‖ / ‖y‖`` and the mean
+  per-token cosine;
+* each decoder block's output (the residual stream after the block), as relative RMS error against the
+  input model's same tensor, so a loss can be traced to the block that made it.
+
+A recipe states its bound (``verify: {max_kl, max_rel_error}``); :func:`check_bound` says whether the
+measurement is within it. KV-cache outputs (``present.*``) are internal state — SmoothAttention rescales
+the keys on purpose — and are not compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .backends.onnxruntime import make_session
+from .ir.feeds import prompt_feeds
+
+__all__ = ["Bound", "verify_model", "check_bound", "block_outputs", "compared_outputs"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What a recipe promises against its input model; None: no promise on that kind of output."""
+
+    max_kl: float | None = None  # LM outputs: mean KL per token (nats)
+    max_rel_error: float | None = None  # other outputs: relative RMS error
+    windows: int = 4  # held-out windows to measure on
+
+    def describe(self) -> str:
+        parts = ([f"KL ≤ {self.max_kl:g} nats/token"] if self.max_kl is not None else []) + (
+            [f"relative error ≤ {self.max_rel_error:g}"] if self.max_rel_error is not None else [])
+        return ", ".join(parts) or "no bound stated"
+
+
+def compared_outputs(names: list) -> list:
+    """The outputs a verification compares: all but the KV cache (``present.*``)."""
+    return [n for n in names if not n.startswith("present")]
+
+
+def block_outputs(structure) -> dict:
+    """``{"layers.N": tensor name}``: per layer, the output of its last residual ``Add`` in graph order."""
+    out = {}
+    names = {lin.name: lin for lin in structure.linears}
+    for entry in structure.residual_adds:  # in graph order
+        lin = names.get(entry["after"])
+        if lin is not None and lin.layer is not None:
+            out[f"layers.{lin.layer}"] = entry["output"]
+    return out
+
+
+def _session(path: str, extra: list, accuracy_level: int):
+    """A session for ``path`` with ``extra`` intermediate tensors exposed as outputs (skipped if impossible)."""
+    if not extra:
+        return make_session(path, accuracy_level), []
+    model = onnx.load(path, load_external_data=False)
+    produced = {o for n in model.graph.node for o in n.output}
+    present = {o.name for o in model.graph.output}
+    extra = [n for n in extra if n in produced and n not in present]
+    for name in extra:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    external = any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in model.graph.initializer)
+    if not external:
+        data = model.SerializeToString()
+        del model  # the proto and the session's copy of the weights are never alive together
+        return make_session(data, accuracy_level), extra
+    folder = os.path.dirname(os.path.abspath(path))  # external data is found relative to the model's folder
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".llmq-verify-", suffix=".onnx", dir=folder)
+        os.close(fd)
+    except OSError:
+        logger.warning("cannot write beside %s: block outputs are not compared", path)
+        return make_session(path, accuracy_level), []
+    try:
+        onnx.save(model, tmp)
+        return make_session(tmp, accuracy_level), extra
+    finally:
+        os.remove(tmp)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32) - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
+def verify_model(input_path: str, output_path: str, windows: np.ndarray, vocab_size: int | None,
+                 blocks: dict, accuracy_level: int = 0, progress=None) -> dict:
+    """Measure ``output_path`` against ``input_path`` on ``windows`` (int64 ``[n, seq]``), one window a run."""
+    wanted = list(dict.fromkeys(blocks.values()))
+    ref, ref_extra = _session(input_path, wanted, 0)
+    out, out_extra = _session(output_path, wanted, accuracy_level)
+    common = [n for n in wanted if n in ref_extra and n in out_extra]
+    out_names = {o.name for o in out.get_outputs()}
+    primary = [n for n in compared_outputs([o.name for o in ref.get_outputs()]) if n in out_names and n not in wanted]
+    ref_inputs = [(i.name, i.shape) for i in ref.get_inputs()]
+    out_inputs = [(i.name, i.shape) for i in out.get_inputs()]
+    sums: dict = {}
+
+    def add(key, value, weight=1.0):
+        s = sums.setdefault(key, [0.0, 0.0])
+        s[0] += value * weight
+        s[1] += weight
+
+    iterator = progress(list(windows)) if progress else windows
+    for window in iterator:
+        ids = window[None]
+        names = primary + common
+        y_ref = dict(zip(names, ref.run(names, prompt_feeds(ref_inputs, ids))))
+        y_out = dict(zip(names, out.run(names, prompt_feeds(out_inputs, ids))))
+        for name in primary:
+            a, b = y_ref[name], y_out[name]
+            if _is_lm(name, a, vocab_size):
+                la, lb = _log_softmax(a.reshape(-1, a.shape[-1])), _log_softmax(b.reshape(-1, b.shape[-1]))
+                kl = (np.exp(la) * (la - lb)).sum(axis=-1, dtype=np.float64)
+                add((name, "kl"), float(kl.mean()), kl.size)
+                add((name, "top1"), float((la.argmax(-1) == lb.argmax(-1)).mean()), kl.size)
+            a2, b2 = a.reshape(-1, a.shape[-1]).astype(np.float32), b.reshape(-1, b.shape[-1]).astype(np.float32)
+            add((name, "err2"), float(np.square(a2 - b2).sum(dtype=np.float64)))
+            add((name, "ref2"), float(np.square(a2).sum(dtype=np.float64)))
+            norms = np.sqrt(np.square(a2).sum(-1, dtype=np.float64) * np.square(b2).sum(-1, dtype=np.float64))
+            cos = (a2 * b2).sum(-1, dtype=np.float64) / np.maximum(norms, 1e-30)
+            add((name, "cos"), float(cos.mean()), len(cos))
+        for tensor in common:
+            a, b = y_ref[tensor].astype(np.float32), y_out[tensor].astype(np.float32)
+            add((tensor, "err2"), float(np.square(a - b).sum(dtype=np.float64)))
+            add((tensor, "ref2"), float(np.square(a).sum(dtype=np.float64)))
+    outputs = {}
+    for name in primary:
+        entry = {"rel_error": _ratio(sums, name), "cosine": sums[(name, "cos")][0] / sums[(name, "cos")][1]}
+        if (name, "kl") in sums:
+            entry["kl"] = sums[(name, "kl")][0] / sums[(name, "kl")][1]
+            entry["top1_agreement"] = sums[(name, "top1")][0] / sums[(name, "top1")][1]
+        outputs[name] = {k: round(v, 6) for k, v in entry.items()}
+    block_rows = [{"block": label, "tensor": tensor, "rel_error": round(_ratio(sums, tensor), 6)}
+                  for label, tensor in sorted(blocks.items(), key=lambda kv: int(kv[0].split(".")[1]))
+                  if tensor in common]
+    return {"windows": int(len(windows)), "seq_len": int(windows.shape[1]), "outputs": outputs, "blocks": block_rows,
+            "accuracy_level": accuracy_level}
+
+
+def _ratio(sums: dict, name: str) -> float:
+    err, ref = sums[(name, "err2")][0], sums[(name, "ref2")][0]
+    return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
+
+
+def _is_lm(name: str, value: np.ndarray, vocab_size: int | None) -> bool:
+    return value.ndim >= 2 and (name == "logits" or (vocab_size is not None and value.shape[-1] == vocab_size))
+
+
+def check_bound(result: dict, bound: Bound) -> list:
+    """What in ``result`` exceeds ``bound``: a list of one-line problems (empty: within the bound)."""
+    problems = []
+    for name, m in result["outputs"].items():
+        if "kl" in m and bound.max_kl is not None and not m["kl"] <= bound.max_kl:
+            problems.append(f"{name}: KL {m['kl']:.4g} nats/token > {bound.max_kl:g} "
+                            f"(top-1 agreement {100 * m['top1_agreement']:.1f} %)")
+        elif "kl" not in m and bound.max_rel_error is not None and not m["rel_error"] <= bound.max_rel_error:
+            problems.append(f"{name}: relative error {m['rel_error']:.4g} > {bound.max_rel_error:g} "
+                            f"(cosine {m['cosine']:.4f})")
+    return problems
