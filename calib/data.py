@@ -108,7 +108,8 @@ def _spare_windows(path: str | None, tokenizer, samples: int, seq_len: int, coun
     if not free:
         return None, origin
     picks = [free[i] for i in np.linspace(0, len(free) - 1, min(count, len(free))).round().astype(int)]
-    return np.stack([ids[w * seq_len:(w + 1) * seq_len] for w in picks]), f"{origin} (windows calibration skipped)"
+    spare = np.stack([ids[w * seq_len:(w + 1) * seq_len] for w in picks])
+    return spare, f"{origin} (windows calibration skipped)" if samples else origin
 
 
 def _calibration_starts(n_windows: int, take: int, seq_len: int) -> np.ndarray:

@@ -10,7 +10,13 @@ graph around it:
 * MLP: linears sharing a normalised input outside attention are ``gate``/``up`` (SwiGLU: the gate's output
   goes through Sigmoid/SiLU) or ``fc1`` (one linear followed by an activation); the linear whose input
   derives from them is ``down``/``fc2``;
-* ``lm_head``: the linear whose output reaches a graph output; ``tied`` when its weight is the embedding's.
+* ``lm_head``: the linear whose output reaches a graph output, directly or through elementwise ops by
+  constants (Gemma2's logit softcapping ``cap·tanh(x/cap)``); ``tied`` when its weight is the embedding's.
+
+Layers: attention linears take their block's index (blocks in graph order); an MLP linear belongs to the
+block before the first attention its output reaches — right for sequential blocks and for the parallel
+residual of GPT-NeoX and Falcon alike. A linear that looks like an MLP but has no layer is left ``unknown``
+with the reason, so no pass quantizes it by guess.
 
 Producers: RMSNorm and LayerNorm, as single ops or decomposed (a ReduceMean upstream of a Mul by a
 1-D constant, with a Sub for LayerNorm). A linear that fits none of these keeps role ``unknown`` and a

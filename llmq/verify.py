@@ -146,12 +146,17 @@ def verify_model(input_path: str, output_path: str, windows: np.ndarray, vocab_s
         if (name, "kl") in sums:
             entry["kl"] = sums[(name, "kl")][0] / sums[(name, "kl")][1]
             entry["top1_agreement"] = sums[(name, "top1")][0] / sums[(name, "top1")][1]
-        outputs[name] = {k: round(v, 6) for k, v in entry.items()}
-    block_rows = [{"block": label, "tensor": tensor, "rel_error": round(_ratio(sums, tensor), 6)}
+        outputs[name] = {k: _sig(v) for k, v in entry.items()}
+    block_rows = [{"block": label, "tensor": tensor, "rel_error": _sig(_ratio(sums, tensor))}
                   for label, tensor in sorted(blocks.items(), key=lambda kv: int(kv[0].split(".")[1]))
                   if tensor in common]
     return {"windows": int(len(windows)), "seq_len": int(windows.shape[1]), "outputs": outputs, "blocks": block_rows,
             "accuracy_level": accuracy_level}
+
+
+def _sig(value: float) -> float:
+    """``value`` to 6 significant digits (a KL of 3e-9 stays 3e-9, not 0)."""
+    return float(f"{value:.6g}")
 
 
 def _ratio(sums: dict, name: str) -> float:

@@ -193,3 +193,24 @@ def test_a_hf_folder_without_tokenizer(tiny_llama_dir, tmp_path, capsys):
     code = compile_main([str(tmp_path / "m.onnx"), "--recipe", "w8a8", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "tokenizer" in err and "--calib-data" in err and ".npz" in err and "Traceback" not in err
+
+
+def test_held_out_windows_are_never_calibration_windows(tmp_path, tiny_llama_onnx, calib_text):
+    from llmq.calib.data import load_calibration, load_holdout
+    from llmq.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_onnx[:-5] + ".tokenizer")
+    calib = load_calibration(calib_text, tok, 4, 64)
+    held, source, held_out = load_holdout(calib_text, tok, 4, 64, 3)
+    assert held_out and held.shape == (3, 64) and calib_text in source
+    assert not {tuple(r) for r in held} & {tuple(r) for r in calib}
+    # an .npz: the rows after the calibration ones; with none left, the built-in text (a tokenizer exists)
+    ids = np.random.default_rng(0).integers(0, TINY_VOCAB, (6, 32), dtype=np.int64)
+    np.savez(tmp_path / "ids.npz", input_ids=ids)
+    held, source, held_out = load_holdout(str(tmp_path / "ids.npz"), tok, 4, 32, 3)
+    assert held_out and np.array_equal(held, ids[4:6])
+    held, source, held_out = load_holdout(str(tmp_path / "ids.npz"), tok, 6, 32, 2)
+    assert held_out and held.shape == (2, 32) and "built-in" in source
+    # no spare rows and no tokenizer: the calibration rows themselves, and it says so
+    held, source, held_out = load_holdout(str(tmp_path / "ids.npz"), None, 6, 32, 2)
+    assert not held_out and np.array_equal(held, ids[-2:])

@@ -35,7 +35,8 @@ def _cell(report: dict) -> str:
     v = report["verification"]
     (name, m), = list(v["outputs"].items())[:1]
     t = report["totals"]
-    measured = f"KL {m['kl']:.2g}, top-1 {100 * m['top1_agreement']:.0f} %" if "kl" in m else f"rel. err. {m['rel_error']:.2g}"
+    measured = (f"KL {m['kl']:.1g}, err {m['rel_error']:.2g}, top-1 {100 * m['top1_agreement']:.0f} %" if "kl" in m
+                else f"err {m['rel_error']:.2g}, cos {m['cosine']:.4f}")
     return f"{measured}; {t['quantized_weights']}/{t['linears']}" + ("" if v["within_bound"] else " OUTSIDE")
 
 
