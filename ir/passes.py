@@ -10,9 +10,11 @@ A pass that claims ``exact = True`` (a rewrite that keeps the function: smoothin
 proves it on the model being compiled: when the context has an ``output_probe`` (the driver gives one that
 runs the graph on a calibration sample), the manager compares the graph's outputs after the pass with
 those before it, and where the relative RMS error of any output exceeds ``EXACT_TOLERANCE`` it rolls the
-graph and the pass's records back, and the pass is declined with the measured error as its reason. The manager times each pass, optionally verifies the graph after each one that
-changed it (``onnx.checker`` + strict shape inference), dumps the graph after each such pass, and on a
-failure leaves the graph as it stood before the failing pass as a reproducer.
+graph and the pass's records back, and the pass is declined with the measured error as its reason.
+
+The manager times each pass, optionally verifies the graph after each one that changed it (``onnx.checker``
++ strict shape inference), dumps the graph after each such pass, and on a failure leaves the graph as it
+stood before the failing pass as a reproducer.
 """
 
 from __future__ import annotations
