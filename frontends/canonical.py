@@ -4,7 +4,7 @@
   ``[K, N]`` when ``transB=1``) and ``C' = beta·C``. ``Y = alpha·A·B + beta·C`` is the same function, so
   every pass treats a GPT-2 or OPT linear (exported as ``Gemm``) exactly as a Llama one (``MatMul``); the
   MatMul keeps the Gemm's node name and the Add writes the Gemm's output tensor. Declined (left as they
-  are): ``transA=1``, a weight that is not a constant.
+  are): ``transA=1``, a weight that is not a constant, ``beta ≠ 1`` on a bias that is not a constant.
 * Weights must be finite: a NaN anywhere, or an infinity in a weight matrix (a constant of rank ≥ 2), is
   an error naming the tensor — quantizing it would write a model that computes NaN without a word.
   (Scalar or 1-D infinities are legitimate: attention masks use them.)
@@ -40,16 +40,16 @@ def gemm_to_matmul(graph: Graph) -> int:
         if not isinstance(weight, gs.Constant):
             continue
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if bias is not None and beta != 1.0 and not isinstance(bias, gs.Constant):
+            continue
         w = np.asarray(weight.values)
         if node.attrs.get("transB", 0):
             w = w.T
         if alpha != 1.0:
             w = (w * alpha).astype(w.dtype)
         new_w = graph.make_constant(f"{weight.name}_kn", np.ascontiguousarray(w), PASS_NAME)
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         if bias is not None and beta != 1.0:
-            if not isinstance(bias, gs.Constant):
-                continue
             bias = graph.make_constant(f"{bias.name}_beta", (np.asarray(bias.values) * beta).astype(bias.dtype), PASS_NAME)
         out = node.outputs[0]
         node.op, node.attrs = "MatMul", {}

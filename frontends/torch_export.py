@@ -102,7 +102,8 @@ def load_hf(source: str):
     except Exception as exc:
         raise LlmqError(f"cannot load the model from {source}: {type(exc).__name__}: {_first_line(exc)}",
                         "check that the folder or file is complete") from exc
-    refuse_unsupported(model.config, source)
+    if "gguf_file" in kwargs:  # a folder's config was checked before its weights were read
+        refuse_unsupported(model.config, source)
     tokenizer = None
     if "gguf_file" not in kwargs and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
         # transformers would synthesize a tokenizer of a token or two from the config alone
