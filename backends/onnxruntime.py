@@ -15,7 +15,9 @@ import tempfile
 
 import onnx
 
-__all__ = ["make_session", "fused_ops", "check_with_onnxruntime"]
+from ..ir.precision import cpu_session
+
+__all__ = ["make_session", "session_options", "fused_ops", "check_with_onnxruntime"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,16 @@ def _options(accuracy_level: int, optimized_path: str | None = None, threads: in
     return opts
 
 
+def session_options(accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None):
+    """The session options every llmq CPU session uses (accuracy level always explicit)."""
+    return _options(accuracy_level, threads=threads)
+
+
 def make_session(model_path: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None,
                  optimize: bool = True, spinning: bool = True):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model_path, _options(accuracy_level, threads=threads, optimize=optimize, spinning=spinning),
-                                providers=["CPUExecutionProvider"])
+    """A CPU session (``model_path``: a path or serialized bytes); a bfloat16 model runs through the documented
+    float32 up-cast of :mod:`llmq.ir.precision` (``session.llmq_upcast`` tells)."""
+    return cpu_session(model_path, _options(accuracy_level, threads=threads, optimize=optimize, spinning=spinning))
 
 
 def fused_ops(model_path: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:

@@ -47,10 +47,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir.feeds import prompt_feeds
+from ..ir.feeds import prompt_feeds, session_specs
 from ..ir.graph import Graph
-from ..ir.passes import TWO_GB, Pass, PassContext, PassResult, _fits_bytesize
-from .onnxruntime import make_session
+from ..ir.passes import Pass, PassContext, PassResult
+from ..ir.storage import graph_session
+from .onnxruntime import make_session, session_options
 
 __all__ = ["FuseAttentionPass"]
 
@@ -612,25 +613,13 @@ def _probe(graph: Graph, plans: list, fused: list, vocab: int) -> float | None:
         pairs.append((p.out, node.outputs[0]))
         if p.present_k is not None:
             pairs += [(p.present_k, node.outputs[1]), (p.present_v, node.outputs[2])]
-    saved = list(graph.gs.outputs)
-    for ref, _ in pairs:
-        ref.dtype = ref.dtype or np.float32
-    graph.gs.outputs = saved + [t for pair in pairs for t in pair if t.name not in {s.name for s in saved}]
-    try:
-        model = graph.to_model()
-    finally:
-        graph.gs.outputs = saved
-    if not (_fits_bytesize(model) and model.ByteSize() < TWO_GB):
-        logger.info("graph over 2 GB: attention fused without the probe")
-        return 0.0
-    try:
-        sess = make_session(model.SerializeToString())
+    try:  # the weights are handed to the session as they are (no serialized copy), at any model size
+        sess = graph_session(graph, [t.name for pair in pairs for t in pair], session_options())
     except Exception as exc:  # noqa: BLE001 - any refusal means the fusion is not usable
         logger.warning("fused attention does not load: %s", exc)
         return None
-    del model
-    inputs = [(i.name, i.shape) for i in sess.get_inputs()]
-    for name, _ in inputs:
+    inputs = session_specs(sess)
+    for name, *_ in inputs:
         if name not in ("input_ids", "position_ids", "attention_mask") and not name.startswith("past_key_values."):
             raise _NoMatch(f"the graph has an input ({name}) the probe cannot fill; left unfused")
     names = [o.name for o in sess.get_outputs()]
@@ -640,8 +629,8 @@ def _probe(graph: Graph, plans: list, fused: list, vocab: int) -> float | None:
     worst = 0.0
     for batch, seq, past in cases:
         ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
-        cache = {name: rng.standard_normal((batch, shape[1], past, shape[3])).astype(np.float32)
-                 for name, shape in inputs if name.startswith("past_key_values.")} if past else None
+        cache = {name: rng.standard_normal((batch, shape[1], past, shape[3])).astype(dtype or np.float32)
+                 for name, shape, dtype in inputs if name.startswith("past_key_values.")} if past else None
         feeds = prompt_feeds(inputs, ids, cache)
         try:
             got = dict(zip(names, sess.run(None, feeds)))

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from ..ir.errors import LlmqError
 from ..ir.graph import TRANSPARENT_OPS, Graph
+from ..ir.storage import peek
 
 __all__ = ["gemm_to_matmul", "check_finite_weights", "refuse_mixture_of_experts"]
 
@@ -76,16 +77,20 @@ def check_finite_weights(graph: Graph, path: str) -> None:
     for tensor in graph.gs.tensors().values():
         if not isinstance(tensor, gs.Constant):
             continue
-        values = tensor.values
+        values = peek(tensor)  # read (or mapped) without being kept: a large model is never all in memory
         if not isinstance(values, np.ndarray) or values.dtype.kind != "f" and values.dtype.name not in ("bfloat16",):
             continue
-        finite = np.isfinite(values.astype(np.float32) if values.dtype.name == "bfloat16" else values)
-        if finite.all():
+        rows = values.reshape(-1) if values.ndim == 0 else values.reshape(values.shape[0], -1)
+        bad = nan = 0
+        for start in range(0, max(len(rows), 1), 4096):  # bounded temporaries on a large embedding
+            chunk = np.asarray(rows[start:start + 4096], np.float32)
+            finite = np.isfinite(chunk)
+            if not finite.all():
+                bad += int((~finite).sum())
+                nan += int(np.isnan(chunk).sum())
+        if not bad or (not nan and values.ndim < 2):
             continue
-        nan = bool(np.isnan(values.astype(np.float32)).any())
-        if not nan and values.ndim < 2:
-            continue
-        bad = int((~finite).sum())
+        nan = bool(nan)
         readers = ", ".join(sorted({n.name for n in tensor.outputs})[:3]) or "no node"
         raise LlmqError(f"{path}: weight '{tensor.name}' {list(values.shape)} holds {bad} "
                         f"{'NaN' if nan else 'infinite'} value(s) (read by {readers})",

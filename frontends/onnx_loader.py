@@ -1,9 +1,11 @@
 """ONNX frontend: load a model file (with external data) safely, check it, upgrade its opset.
 
 External-data locations are resolved against the model's folder and refused if they escape it
-(absolute paths, ``..``, symlinks pointing out). The default-domain opset is raised to what the recipe
-needs with ONNX's version converter, run on a weightless copy so large models stay under protobuf's 2 GB
-limit; shapes are then inferred.
+(absolute paths, ``..``, symlinks pointing out). External data is not read at load: each such weight is
+read when a pass first uses it (:mod:`llmq.ir.storage`), so a model of any size loads in the memory of its
+graph. The default-domain opset is raised to what the recipe needs with ONNX's version converter, and
+shapes are inferred, both on a weightless copy (protobuf cannot hold a message over 2 GB, and the weights
+are not needed for either).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def _check_external(model: onnx.ModelProto, base: str, path: str) -> None:
                             f"({os.path.getsize(target)} < {need} bytes)", "the file is truncated; copy it again")
 
 
-def load_onnx(path: str) -> onnx.ModelProto:
-    """Load and check ``path``; every problem becomes one clear :class:`LlmqError`."""
+def load_onnx(path: str, external_data: bool = True) -> onnx.ModelProto:
+    """Load and check ``path``; every problem becomes one clear :class:`LlmqError`. ``external_data=False``
+    checks the external-data files (present, inside the folder, long enough) without reading them."""
     if not os.path.exists(path):
         raise LlmqError(f"model file not found: {path}", "check the path")
     if os.path.isdir(path):
@@ -61,15 +64,43 @@ def load_onnx(path: str) -> onnx.ModelProto:
     base = os.path.dirname(os.path.abspath(path))
     _check_external(model, base, path)
     try:
-        edh.load_external_data_for_model(model, base)
-    except Exception as exc:
-        raise LlmqError(f"{path}: cannot read its external data ({exc})", "copy the .data file next to the model") from exc
-    try:
-        onnx.checker.check_model(model) if model.ByteSize() < 2**31 - 1 else onnx.checker.check_model(path)
+        onnx.checker.check_model(path)  # by path: external data is checked in place, never loaded
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LlmqError(f"{path} is not a valid ONNX model: {first}", "re-export the model") from exc
+    if external_data:
+        try:
+            edh.load_external_data_for_model(model, base)
+        except Exception as exc:
+            raise LlmqError(f"{path}: cannot read its external data ({exc})", "copy the .data file next to the model") from exc
     return model
+
+
+DETACHED = "__llmq_detached__"
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over 1 KB hold no bytes (marked external): small enough for the
+    checker, the version converter and shape inference at any model size. The model's own bytes are moved
+    aside while copying, never duplicated."""
+    stash = {}
+    for init in model.graph.initializer:
+        if init.HasField("raw_data") and len(init.raw_data) > 1024:
+            stash[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    try:
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
+    finally:
+        for init in model.graph.initializer:
+            if init.name in stash:
+                init.raw_data = stash[init.name]
+    for init in light.graph.initializer:
+        if init.name in stash:
+            init.data_location = onnx.TensorProto.EXTERNAL
+            del init.external_data[:]
+            init.external_data.add(key="location", value=DETACHED)
+    return light
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -78,40 +109,41 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         return model
     logger.info("upgrading opset %d -> %d", current, opset)
     # run the converter on a weightless copy: large initializers are detached and put back by name
-    stash = {}
-    for init in model.graph.initializer:
-        if init.ByteSize() > 1024:
-            stash[init.name] = init.raw_data if init.HasField("raw_data") else None
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for init in light.graph.initializer:
-        if init.name in stash and stash[init.name] is not None:
-            init.ClearField("raw_data")
-            init.data_location = onnx.TensorProto.EXTERNAL
-            init.external_data.add(key="location", value="__llmq_detached__")
+    originals = {init.name: init for init in model.graph.initializer}
     try:
-        upgraded = onnx.version_converter.convert_version(light, opset)
+        upgraded = onnx.version_converter.convert_version(_weightless(model), opset)
     except Exception as exc:
         raise LlmqError(f"cannot upgrade the model from opset {current} to {opset}: {exc}",
-                        "export the model at opset ≥ {opset} (llmq-export does)") from exc
-    for init in upgraded.graph.initializer:
-        if stash.get(init.name) is not None:
-            del init.external_data[:]
-            init.data_location = onnx.TensorProto.DEFAULT
-            init.raw_data = stash[init.name]
+                        f"export the model at opset ≥ {opset} (llmq-export does)") from exc
+    _reattach(upgraded, originals)
     return upgraded
+
+
+def _reattach(light: onnx.ModelProto, originals: dict) -> None:
+    """Put the detached initializers of ``light`` back from ``originals`` (by name)."""
+    for i, init in enumerate(light.graph.initializer):
+        if any(e.key == "location" and e.value == DETACHED for e in init.external_data):
+            light.graph.initializer[i].CopyFrom(originals[init.name])
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """Shape inference on a weightless copy; the inferred value infos are copied into ``model``."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model), data_prop=True)
+    except Exception as exc:  # shapes help reports, they are not required
+        logger.warning("shape inference failed: %s", exc)
+        return
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def load_graph(path: str, opset: int = 21) -> Graph:
     """Load ``path`` as an llmq graph at ``opset`` or above, with shapes inferred where possible, weights
     checked finite, mixture-of-experts refused, and Gemm linears in canonical MatMul + Add form."""
-    model = upgrade_opset(load_onnx(path), opset)
-    if model.ByteSize() < 2**31 - 1:
-        try:
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception as exc:  # shapes help reports, they are not required
-            logger.warning("shape inference failed: %s", exc)
-    graph = Graph.from_model(model)
+    model = upgrade_opset(load_onnx(path, external_data=False), opset)
+    _infer_shapes(model)
+    graph = Graph.from_model(model, base_dir=os.path.dirname(os.path.abspath(path)))
+    del model
     if not graph.gs.inputs or not graph.gs.outputs:
         raise LlmqError(f"{path} has no graph inputs or outputs", "re-export the model")
     check_finite_weights(graph, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import os
 import re
@@ -20,7 +21,8 @@ import warnings
 
 from ..ir.errors import LlmqError
 
-__all__ = ["calib_path_for", "export_hf", "export_module", "load_hf", "self_calibration", "tokenizer_dir_for"]
+__all__ = ["DTYPES", "calib_path_for", "checkpoint_dtype", "export_hf", "export_module", "load_hf", "self_calibration",
+           "tokenizer_dir_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +68,36 @@ def self_calibration(model, samples: int, seq_len: int, seed: int = 0, progress=
     return torch.cat(rows).numpy().astype("int64")
 
 
-def load_hf(source: str):
-    """(model, tokenizer or None) from a HF folder or a .gguf file, fp32, eval mode, no hub access."""
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def checkpoint_dtype(source: str) -> str:
+    """The float type a HF folder's config says its weights are in (``torch_dtype`` / ``dtype``); float32 for a
+    .gguf file (transformers dequantizes GGUF tensors to float32) or a config that says nothing."""
+    if os.path.isdir(source):
+        try:
+            with open(os.path.join(source, "config.json"), encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (OSError, ValueError):
+            return "float32"
+        found = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+        return found if found in DTYPES else "float32"
+    return "float32"
+
+
+def load_hf(source: str, dtype: str | None = None):
+    """(model, tokenizer or None) from a HF folder or a .gguf file in eval mode, no hub access. ``dtype``: one of
+    :data:`DTYPES` (default: the checkpoint's own, see :func:`checkpoint_dtype`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.exists(source):
         raise LlmqError(f"model not found: {source}", "give a local HF model folder or a .gguf file")
-    kwargs = {"dtype": torch.float32}
+    dtype = dtype or checkpoint_dtype(source)
+    if dtype not in DTYPES:
+        raise LlmqError(f"unknown dtype '{dtype}'", f"choose one of {', '.join(DTYPES)}")
+    kwargs = {"dtype": getattr(torch, dtype)}
     if os.path.isfile(source):
         if not source.endswith(".gguf"):
             raise LlmqError(f"{source} is neither a HF model folder nor a .gguf file",
@@ -300,7 +323,7 @@ def export_module(module, example_inputs: tuple, output: str, input_names: list,
 
 
 def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False, self_calib: int = 0,
-              calib_seq_len: int = 512, progress=None) -> dict:
+              calib_seq_len: int = 512, progress=None, dtype: str | None = None) -> dict:
     """Export a HF folder or .gguf file to ``output``; returns {model, tokenizer, vocab_size, calib}.
 
     ``self_calib``: also sample that many windows of ``calib_seq_len`` tokens from the model itself and write
@@ -312,12 +335,12 @@ def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False,
     attention is causal over past + new tokens (batch rows without padding: no attention-mask input)."""
     import torch
 
-    model, tokenizer = load_hf(source)
+    model, tokenizer = load_hf(source, dtype)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     example = torch.randint(0, min(vocab, 1000), (2, 16), generator=torch.Generator().manual_seed(0))
     dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("seq", min=2, max=1 << 16)}}
     meta = {"llmq.source": os.path.basename(os.path.normpath(source)), "llmq.vocab_size": vocab,
-            "llmq.architecture": type(model).__name__}
+            "llmq.architecture": type(model).__name__, "llmq.dtype": str(model.dtype).replace("torch.", "")}
     with torch.no_grad():
         if not kv_cache:
             export_module(_logits_only(model), (example,), output, ["input_ids"], ["logits"], dims, opset, meta)
@@ -325,7 +348,7 @@ def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False,
             layers, kv_heads, head_dim = _kv_geometry(model)
             batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=1 << 16)
             past_len = torch.export.Dim("past", max=1 << 16)  # exported with a past of 5; runs with an empty one too
-            past = tuple(torch.randn(2, kv_heads, 5, head_dim, generator=torch.Generator().manual_seed(i))
+            past = tuple(torch.randn(2, kv_heads, 5, head_dim, generator=torch.Generator().manual_seed(i)).to(model.dtype)
                          for i in range(2 * layers))
             names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
             outs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -348,4 +371,4 @@ def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False,
         tmp = calib + ".tmp.npz"
         np.savez(tmp, input_ids=ids)
         os.replace(tmp, calib)
-    return {"model": output, "tokenizer": tok_dir, "vocab_size": vocab, "calib": calib}
+    return {"model": output, "tokenizer": tok_dir, "vocab_size": vocab, "calib": calib, "dtype": meta["llmq.dtype"]}

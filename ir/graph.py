@@ -1,7 +1,8 @@
 """The graph handle every pass works on: an onnx-graphsurgeon graph plus what gs drops.
 
 onnx-graphsurgeon keeps nodes, tensors and attributes but not node ``metadata_props`` nor model-level
-metadata; :class:`Graph` keeps them beside the gs graph, records which pass created each node and
+metadata; :class:`Graph` keeps them beside the gs graph, knows the model's float type (``float_dtype``:
+float32, float16 or bfloat16 — the type most weight elements are stored in), records which pass created each node and
 initializer (provenance), and offers a networkx view for analysis. Conversion to and from
 ``onnx.ModelProto`` is called only by ``frontends/`` and ``backends/``.
 """
@@ -19,7 +20,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-__all__ = ["Graph", "ConstantView", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH", "FUSED_INPUT", "RANGE_SPLIT", "SUB_BYTE_DTYPES"]
+from .storage import attach_external
+
+__all__ = ["Graph", "ConstantView", "FLOAT_TYPES", "float_dtype_of", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH", "FUSED_INPUT", "RANGE_SPLIT", "SUB_BYTE_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,20 @@ RANGE_SPLIT = "range-split"  # the nodes around a linear whose input is split by
 
 # 4-bit constants (numpy dtypes from ml_dtypes, as onnx and onnx-graphsurgeon use) → their 8-bit carrier
 SUB_BYTE_DTYPES = {np.dtype(ml_dtypes.int4): np.int8, np.dtype(ml_dtypes.uint4): np.uint8}
+
+# the float types a model's weights and activations may be in: ONNX element type -> numpy dtype
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+               onnx.TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
+_PASS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_dtype_of(model: onnx.ModelProto) -> np.dtype:
+    """The model's float type: the one most float initializer elements are stored in (float32 if none)."""
+    counts: dict = {}
+    for init in model.graph.initializer:
+        if init.data_type in FLOAT_TYPES:
+            counts[init.data_type] = counts.get(init.data_type, 0) + int(np.prod(init.dims, dtype=np.int64))
+    return FLOAT_TYPES[max(counts, key=counts.get)] if counts else np.dtype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -62,13 +79,15 @@ class Graph:
     model_metadata: dict = field(default_factory=dict)
     node_metadata: dict = field(default_factory=dict)  # node name -> {key: value}
     other_opsets: dict = field(default_factory=dict)  # domain -> version (non-default domains)
+    float_dtype: np.dtype = np.dtype(np.float32)  # the model's float type (see make_constant / make_node)
     _names: itertools.count = field(default_factory=itertools.count, repr=False)
     _taken: set | None = field(default=None, repr=False)
     _nx: nx.DiGraph | None = field(default=None, repr=False)
 
     # ---- conversion (called by frontends/ and backends/ only) ----
     @classmethod
-    def from_model(cls, model: onnx.ModelProto) -> "Graph":
+    def from_model(cls, model: onnx.ModelProto, base_dir: str | None = None) -> "Graph":
+        """The graph of ``model``; constants in external data (not loaded) are read lazily from ``base_dir``."""
         opset, others = 0, {}
         for imp in model.opset_import:
             if imp.domain in ("", "ai.onnx"):
@@ -78,9 +97,22 @@ class Graph:
         node_md = {n.name: {p.key: p.value for p in n.metadata_props}
                    for n in model.graph.node if n.name and len(n.metadata_props)}
         graph = gs.import_onnx(model)
+        taken = {n.name for n in graph.nodes}
+        for i, node in enumerate(graph.nodes):  # every node has a name (parts and reports refer to them)
+            if not node.name:
+                node.name = next(f"node_{i}{suffix}" for suffix in ("", *(f"_{k}" for k in range(1, 1000)))
+                                 if f"node_{i}{suffix}" not in taken)
+                taken.add(node.name)
+        if base_dir is not None:
+            attach_external(graph, base_dir)
         return cls(gs=graph, opset=opset, ir_version=model.ir_version,
                    model_metadata={p.key: p.value for p in model.metadata_props},
-                   node_metadata=node_md, other_opsets=others)
+                   node_metadata=node_md, other_opsets=others, float_dtype=float_dtype_of(model))
+
+    @property
+    def float_onnx_type(self) -> int:
+        """The ONNX element type of :attr:`float_dtype` (for ``Cast`` nodes a pass inserts)."""
+        return next(k for k, v in FLOAT_TYPES.items() if v == self.float_dtype)
 
     def to_model(self) -> onnx.ModelProto:
         self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -121,7 +153,7 @@ class Graph:
         return Graph(gs=self.gs.copy(), opset=self.opset, ir_version=self.ir_version,
                      model_metadata=dict(self.model_metadata),
                      node_metadata={k: dict(v) for k, v in self.node_metadata.items()},
-                     other_opsets=dict(self.other_opsets))
+                     other_opsets=dict(self.other_opsets), float_dtype=self.float_dtype)
 
     def restore(self, snapshot: "Graph") -> None:
         """Become ``snapshot`` again (taken by :meth:`snapshot`); names handed out since stay taken."""
@@ -208,8 +240,13 @@ class Graph:
         self.node_metadata.setdefault(name, {})[PROVENANCE_KEY] = pass_name
 
     def make_constant(self, base: str, values: np.ndarray, pass_name: str, export_dtype=None) -> gs.Constant:
+        """A new constant. Float values a pass computes (float32/float64) are stored in the model's float type,
+        so inserted math and Q/DQ scales keep the graph's precision (TensorRT's strongly typed mode takes the
+        precision from them); a pass rounds what must be exact (scales) to that type itself first."""
         name = self.unique_name(base)
         values = np.asarray(values)
+        if values.dtype in _PASS_FLOATS and values.dtype != self.float_dtype:
+            values = values.astype(self.float_dtype)
         if not values.flags.c_contiguous:
             values = np.ascontiguousarray(values)  # (this alone would turn a 0-d scalar into shape [1])
         const = gs.Constant(name, values, export_dtype=export_dtype)
@@ -218,7 +255,10 @@ class Graph:
 
     def make_node(self, op: str, inputs: list, out_base: str, pass_name: str, attrs: dict | None = None,
                   out_dtype=None, out_shape=None, domain: str | None = None) -> gs.Variable:
-        """Append a node with one output; returns that output."""
+        """Append a node with one output; returns that output. ``out_dtype`` float32 means the model's float
+        type (passes compute in it; see :meth:`make_constant`)."""
+        if out_dtype is not None and np.dtype(out_dtype) == np.float32:
+            out_dtype = self.float_dtype
         out = gs.Variable(self.unique_name(out_base), dtype=out_dtype, shape=out_shape)
         node = gs.Node(op=op, name=self.unique_name(f"{pass_name}/{op}"), attrs=attrs or {},
                        inputs=list(inputs), outputs=[out], domain=domain)

@@ -146,6 +146,39 @@ def _skip_transparent_back(tensor: gs.Tensor) -> gs.Node | None:
     return node
 
 
+def _merges_streams(graph: Graph, node: gs.Node) -> bool:
+    """An ``Add`` of two computed tensors (not a bias, not the inner Add of a range split)."""
+    return (node.op == "Add" and len(node.inputs) == 2 and _role(graph, node) != RANGE_SPLIT
+            and not any(isinstance(t, gs.Constant) or graph.constant_through(t) is not None for t in node.inputs))
+
+
+BRANCH_STOP_OPS = {"Softmax", "Gather", "Concat", "Split", "Slice"}
+
+
+def _branch_linear(graph: Graph, tensor: gs.Tensor, linears: dict, depth: int = 16):
+    """The linear a residual branch ends with: back from ``tensor`` through transparent and Q/DQ ops, a bias
+    ``Add``, the recombining ``Add`` of a range split and a normalisation after the linear (Gemma2's
+    post-attention and post-MLP norms), never across another stream-merging ``Add``; None if none."""
+    seen, frontier = set(), [tensor]
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            node = Graph.producer(t)
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.name in linears:
+                return node
+            if node.op in BRANCH_STOP_OPS or node.op == "MatMul" or (
+                    _merges_streams(graph, node) and _role(graph, node) != RANGE_SPLIT):
+                continue
+            nxt.extend(i for i in node.inputs if not isinstance(i, gs.Constant))
+        frontier = nxt
+        if not frontier:
+            break
+    return None
+
+
 def _through_qdq(tensor: gs.Tensor) -> gs.Tensor:
     """The float tensor behind ``DequantizeLinear(QuantizeLinear(x))`` (``tensor`` itself otherwise)."""
     node = Graph.producer(tensor)
@@ -445,13 +478,11 @@ def discover(graph: Graph) -> Structure:
             lin.name = f"layers.{lin.layer}.{block}.{lin.role}"
 
     for node in graph.gs.nodes:
-        if node.op != "Add" or len(node.inputs) != 2 or _role(graph, node) == RANGE_SPLIT:
+        if not _merges_streams(graph, node):
             continue
         for t in node.inputs:
-            p = _skip_transparent_back(t)
-            while p is not None and _role(graph, p) == RANGE_SPLIT:  # the recombining Add of a range split
-                p = _skip_transparent_back(p.inputs[0])
-            if p is not None and p.name in by_name and by_name[p.name].role in ("o", "down", "fc2"):
+            p = _branch_linear(graph, t, by_name)
+            if p is not None and by_name[p.name].role in ("o", "down", "fc2"):
                 st.residual_adds.append({"add": node.name, "after": by_name[p.name].name, "output": node.outputs[0].name})
     _dedupe_names(st)
     return st

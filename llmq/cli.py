@@ -77,6 +77,9 @@ def export_main(argv=None) -> int:
     p.add_argument("--self-calib", type=int, default=0, metavar="N",
                    help="also sample N windows of 512 tokens of calibration text from the model itself, written "
                         "beside the output as <name>.calib.npz; llmq-compile uses it when no --calib-data is given")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="float type of the exported weights and activations (default: the checkpoint's own; "
+                        "float32 for .gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _common(p)
 
@@ -94,9 +97,12 @@ def export_main(argv=None) -> int:
 
             progress = lambda it: tqdm(it, desc="sampling calibration text", leave=False)  # noqa: E731
         info = export_hf(args.source, args.output, opset=args.opset, kv_cache=args.kv_cache,
-                         self_calib=args.self_calib, progress=progress)
+                         self_calib=args.self_calib, progress=progress, dtype=args.dtype)
         if not args.quiet:
-            print(f"wrote {info['model']} ({os.path.getsize(info['model']) / 1e6:.1f} MB, vocab {info['vocab_size']})"
+            data = info["model"] + ".data"
+            size = os.path.getsize(info["model"]) + (os.path.getsize(data) if os.path.isfile(data) else 0)
+            print(f"wrote {info['model']} ({_size(size)}{' with external data ' + os.path.basename(data) if os.path.isfile(data) else ''}, "
+                  f"{info.get('dtype', '')}, vocab {info['vocab_size']})"
                   + (f" and {info['tokenizer']}" if info["tokenizer"] else "")
                   + (f" and {info['calib']} ({args.self_calib} self-sampled calibration windows)" if info["calib"] else ""))
 
@@ -191,7 +197,7 @@ def eval_main(argv=None) -> int:
         from .ir.errors import LlmqError
         from .tokenizer import check_tokenizer, resolve_tokenizer
 
-        model = load_onnx(args.model)
+        model = load_onnx(args.model, external_data=False)  # metadata only: the session reads the weights
         vocab = _vocab_of(model)
         del model
         tok_path = resolve_tokenizer(args.tokenizer, tokenizer_dir_for(args.model))
@@ -235,8 +241,14 @@ def eval_main(argv=None) -> int:
         else:
             print(f"{args.model}: perplexity {result['perplexity']:.3f} over {result['windows']} × {result['seq_len']} tokens; "
                   f"prefill {result['prefill_tokens_per_s']:.0f} tokens/s")
+            if result.get("upcast"):
+                print(f"note: {result['upcast']}")
 
     return _run("llmq-eval", p, body, argv)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _vocab_of(model) -> int | None:

@@ -28,7 +28,8 @@ from .calib.data import load_calibration, load_holdout
 from .frontends.onnx_loader import load_graph
 from .frontends.torch_export import calib_path_for, tokenizer_dir_for
 from .ir.errors import LlmqError
-from .ir.passes import PassContext, PassManager, save_model
+from .ir.passes import PassContext, PassManager
+from .ir.storage import write_model
 from .ir.structure import discover
 from .recipes import Recipe, load_recipe
 from .report import (attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, range_split_extra_mac_fraction,
@@ -192,7 +193,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     try:
         t = time.perf_counter()
         model_path = os.path.join(tmp, "model.onnx")
-        files = save_model(graph.to_model(), model_path)
+        files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
         del graph
         backend_info = {"name": backend, "tensorrt_rule_violations": violations, "lowering": lowering}
         if backend == "onnxruntime":

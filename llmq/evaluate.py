@@ -17,9 +17,12 @@ import numpy as np
 
 from .backends.onnxruntime import DEFAULT_ACCURACY_LEVEL, make_session
 from .ir.errors import LlmqError
-from .ir.feeds import is_kv_decoder, prompt_feeds
+from .ir.feeds import is_kv_decoder, prompt_feeds, session_specs
 
-__all__ = ["generate", "perplexity", "read_eval_text", "token_windows"]
+UPCAST_NOTE = ("bfloat16 model evaluated in float32: ONNX Runtime's CPU provider has no bfloat16 kernels, so the "
+               "bf16 weights ran with fp32 arithmetic")
+
+__all__ = ["UPCAST_NOTE", "generate", "perplexity", "read_eval_text", "token_windows"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def perplexity(model_path: str, windows: np.ndarray, accuracy_level: int = DEFAU
                progress=None, threads: int | None = None) -> dict:
     """Perplexity of ``model_path`` over ``windows`` ([n, seq_len] int64), with prefill tokens/s."""
     session = make_session(model_path, accuracy_level, threads=threads)
-    inputs = [(i.name, i.shape) for i in session.get_inputs()]
+    inputs = session_specs(session)
     logits_name = session.get_outputs()[0].name
     total_nll, count, seconds = 0.0, 0, 0.0
     iterator = progress(range(len(windows))) if progress else range(len(windows))
@@ -73,7 +76,7 @@ def perplexity(model_path: str, windows: np.ndarray, accuracy_level: int = DEFAU
     return {"perplexity": ppl, "windows": int(len(windows)), "seq_len": int(windows.shape[1]),
             "tokens": int(windows.size), "seconds": round(seconds, 3),
             "prefill_tokens_per_s": round(windows.size / seconds, 1) if seconds else None,
-            "accuracy_level": accuracy_level}
+            "accuracy_level": accuracy_level, "upcast": UPCAST_NOTE if session.llmq_upcast else None}
 
 
 class Decoder:
@@ -84,7 +87,7 @@ class Decoder:
     def __init__(self, model_path: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None,
                  spinning: bool = True):
         self.session = make_session(model_path, accuracy_level, threads=threads, spinning=spinning)
-        self.inputs = [(i.name, i.shape) for i in self.session.get_inputs()]
+        self.inputs = session_specs(self.session)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.kv = is_kv_decoder(self.inputs)
         self.pairs = {f"past_key_values.{n[len('present.'):]}": n for n in self.outputs if n.startswith("present.")}

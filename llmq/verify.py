@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from .backends.onnxruntime import make_session
-from .ir.feeds import prompt_feeds
+from .ir.feeds import prompt_feeds, session_specs
 
 __all__ = ["Bound", "verify_model", "check_bound", "block_outputs", "compared_outputs"]
 
@@ -108,8 +108,8 @@ def verify_model(input_path: str, output_path: str, windows: np.ndarray, vocab_s
     common = [n for n in wanted if n in ref_extra and n in out_extra]
     out_names = {o.name for o in out.get_outputs()}
     primary = [n for n in compared_outputs([o.name for o in ref.get_outputs()]) if n in out_names and n not in wanted]
-    ref_inputs = [(i.name, i.shape) for i in ref.get_inputs()]
-    out_inputs = [(i.name, i.shape) for i in out.get_inputs()]
+    ref_inputs = session_specs(ref)
+    out_inputs = session_specs(out)
     sums: dict = {}
 
     def add(key, value, weight=1.0):

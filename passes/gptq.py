@@ -71,9 +71,9 @@ def hessians(graph: Graph, ctx: PassContext, names: list) -> dict:
     return out
 
 
-def _group_params(w_block_kn: np.ndarray, bits: int, symmetric: bool) -> tuple:
+def _group_params(w_block_kn: np.ndarray, bits: int, symmetric: bool, scale_dtype=np.float32) -> tuple:
     """(scale [N], zero point [N] as float) of one group of input channels."""
-    qw = quantize_weight(w_block_kn, 1, bits, "per-channel", symmetric=symmetric)
+    qw = quantize_weight(w_block_kn, 1, bits, "per-channel", symmetric=symmetric, scale_dtype=scale_dtype)
     return qw.scale, qw.zero_point.astype(np.float32)
 
 
@@ -84,8 +84,9 @@ def _quantize_col(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, s
 
 
 def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                  damp: float = 0.01, block: int = 128, act_order: bool = True) -> QuantizedWeight:
-    """GPTQ on one weight ``[K, N]`` with input Hessian ``h [K, K]``; returns it blocked along K."""
+                  damp: float = 0.01, block: int = 128, act_order: bool = True, scale_dtype=np.float32) -> QuantizedWeight:
+    """GPTQ on one weight ``[K, N]`` with input Hessian ``h [K, K]``; returns it blocked along K, its scales
+    representable in ``scale_dtype`` (the model's float type)."""
     k, n = w_kn.shape
     g = block_size_for(k, group_size)
     W = w_kn.T.astype(np.float64).copy()  # [N, K]
@@ -93,7 +94,7 @@ def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, bits: int = 4, group_size: in
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    groups = [_group_params(W[:, j:j + g].T, bits, symmetric) for j in range(0, k, g)] if act_order else None
+    groups = [_group_params(W[:, j:j + g].T, bits, symmetric, scale_dtype) for j in range(0, k, g)] if act_order else None
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(k)
     W, H = W[:, perm], H[np.ix_(perm, perm)]
     H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
@@ -113,7 +114,8 @@ def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, bits: int = 4, group_size: in
             else:
                 if col % g == 0:  # columns in order: a group starts; find its range on the updated weight
                     current = _group_params(W1[:, i:i + g].T if i + g <= i2 - i1 else
-                                            np.concatenate([W1[:, i:], W[:, i2:i1 + i + g]], axis=1).T, bits, symmetric)
+                                            np.concatenate([W1[:, i:], W[:, i2:i1 + i + g]], axis=1).T, bits, symmetric,
+                                            scale_dtype)
                 scale, zp = current
             scales[col // g], zps[col // g] = scale, zp
             q, dq = _quantize_col(W1[:, i], scale, zp, bits, symmetric)
@@ -168,9 +170,9 @@ class GPTQPass(Pass):
             w = weight_matrix(lin).astype(np.float32)
             w_kn = w if lin.weight_axis == 1 else w.T
             h_even, h_odd = hs[lin.act.name]
-            args = (o.bits, o.group_size, o.symmetric, o.damp, o.block, o.act_order)
+            args = (o.bits, o.group_size, o.symmetric, o.damp, o.block, o.act_order, graph.float_dtype)
             method, cv_ratio = "gptq", None
-            rtn = quantize_weight(w_kn, 1, o.bits, "per-group", o.group_size, o.symmetric)
+            rtn = quantize_weight(w_kn, 1, o.bits, "per-group", o.group_size, o.symmetric, graph.float_dtype)
             if o.holdout_check:  # two-fold: fit on one half of the batches, measure on the other
                 w_rtn = rtn.dequantize()
                 # tr(ΔᵀHΔ): the output error on the held-out half's inputs

@@ -124,7 +124,7 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
             gram = inputs[members[0].act.name].gram
             lower = whitening(gram, o.damp)
             ranks = self._ranks(members)
-            fitted = [self._fit(lin, gram, lower, ranks[i]) for i, lin in enumerate(members)]
+            fitted = [self._fit(lin, gram, lower, ranks[i], graph.float_dtype) for i, lin in enumerate(members)]
             fused = [f for f in fitted if self._fusable(f)]
             if fused:
                 self._fuse(graph, ctx, fused)
@@ -155,7 +155,7 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
                 ranks[i] = total // len(fusable) + (j < total % len(fusable))
         return ranks
 
-    def _fit(self, lin, gram: np.ndarray, lower: np.ndarray, rank: int) -> dict:
+    def _fit(self, lin, gram: np.ndarray, lower: np.ndarray, rank: int, scale_dtype) -> dict:
         """The quantized weight and its branch for one linear (alternated ``iterations`` times), not yet
         written to the graph. Everything in ``[K, N]`` except ``target`` (the op's layout)."""
         o = self.options
@@ -163,7 +163,8 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         kn = (lambda m: m) if lin.weight_axis == 1 else (lambda m: m.T)  # the op's layout ↔ [K, N]
         target = w
         for step in range(o.iterations):
-            qw = quantize_weight(target, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
+            qw = quantize_weight(target, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric,
+                                 scale_dtype)
             dq = qw.dequantize()
             a, b = low_rank_error(gram, kn(w) - kn(dq), rank, o.damp, lower)
             if step < o.iterations - 1:
@@ -201,7 +202,7 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
             unit = f["b"] / np.where(norms > 0, norms, 1.0)[:, None]
             ext = np.zeros((width, n), np.float32)
             ext[row:row + r] = unit
-            qb = quantize_weight(ext, 1, o.bits, "per-group", block, o.symmetric)
+            qb = quantize_weight(ext, 1, o.bits, "per-group", block, o.symmetric, graph.float_dtype)
             b_hat = qb.dequantize()[row:row + r]
             error = f["w"] - f["dq"]
             a = np.linalg.lstsq(b_hat.T.astype(np.float64), error.T.astype(np.float64), rcond=None)[0].T
@@ -210,8 +211,8 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
             row += r
         stored = a_cat.astype(BRANCH_DTYPES[o.branch_dtype])
         const = graph.make_constant(f"{lin0.name}.lowrank_a", stored, self.name)
-        if stored.dtype != np.float32:
-            const = graph.make_node("Cast", [const], f"{lin0.name}.lowrank_a_f32", self.name, {"to": 1},
+        if stored.dtype != graph.float_dtype:
+            const = graph.make_node("Cast", [const], f"{lin0.name}.lowrank_a_f32", self.name, {"to": graph.float_onnx_type},
                                     out_dtype=np.float32, out_shape=[k, total])
         x = lin0.act
         t = graph.make_node("MatMul", [x, const], f"{lin0.name}.lowrank_xa", self.name, out_dtype=np.float32)
@@ -251,9 +252,9 @@ class QuantizeWeightsLowRankPass(QuantizeWeightsPass):
         """``y = lin(x) + (x·A)·B`` with A and B cast to float32 when stored narrower."""
         def weight(base, values):
             const = graph.make_constant(f"{lin.name}.{base}", values, self.name)
-            if values.dtype == np.float32:
+            if const.values.dtype == graph.float_dtype:
                 return const
-            return graph.make_node("Cast", [const], f"{lin.name}.{base}_f32", self.name, {"to": 1},
+            return graph.make_node("Cast", [const], f"{lin.name}.{base}_f32", self.name, {"to": graph.float_onnx_type},
                                    out_dtype=np.float32, out_shape=list(values.shape))
 
         down = graph.make_node("MatMul", [lin.act, weight("lowrank_a", a)], f"{lin.name}.lowrank_xa", self.name,

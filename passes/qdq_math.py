@@ -5,6 +5,11 @@ Symmetric, zero point 0 (TensorRT accepts no other): ``scale = amax / qmax``, ``
 ``±127``; INT4 weights use all 16 codes ``[-8, 7]`` with ``s = max(−min / 8, max / 7)`` per block (every weight
 stays representable, and the side that reaches −8 gets a finer step: RTN g128 on SmolLM2-135M 53.6 → 52.1 at
 16 WikiText windows); activations saturate to ``[-2^(b-1), 2^(b-1) − 1]`` like ``QuantizeLinear``.
+
+In a float16 or bfloat16 model the scales are stored in that type (``DequantizeLinear``'s output type is its
+scale's). A scale is therefore first rounded *up* to the nearest value that type holds
+(:func:`representable_scale`) and the codes are computed with the rounded scale, so ``q · s`` is exactly what
+the graph computes and no weight clips that did not clip before.
 """
 
 from __future__ import annotations
@@ -17,13 +22,30 @@ import onnx_graphsurgeon as gs
 
 from ..ir.graph import Graph
 
-__all__ = ["qmax", "output_error", "relative_output_error", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
+__all__ = ["representable_scale", "qmax", "output_error", "relative_output_error", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
            "relative_error", "block_size_for", "QuantizedWeight", "quantize_weight", "fake_quant_blocks", "GRANULARITIES"]
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
 _STORAGE = {(8, True): np.int8, (8, False): np.uint8, (4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4}
 
 TINY = np.float32(1e-12)
+
+
+def representable_scale(scale, dtype) -> np.ndarray:
+    """``scale`` (float32, positive) rounded up to the nearest value of float type ``dtype`` (float32 returns it
+    unchanged), as float32; never zero (at least the type's smallest positive subnormal)."""
+    scale = np.asarray(scale, np.float32)
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return scale
+    rounded = scale.astype(dtype)
+    low = rounded.astype(np.float32) < scale
+    if np.any(low):  # one step up where rounding went down
+        bits = rounded.view(np.uint16 if dtype.itemsize == 2 else np.uint8).copy()
+        bits[low] += 1  # positive floats: the next bit pattern is the next larger value
+        rounded = bits.view(dtype)
+    tiny = np.asarray(np.finfo(np.float16).smallest_subnormal if dtype == np.float16 else ml_dtypes.finfo(dtype).smallest_subnormal, dtype)
+    return np.maximum(rounded.astype(np.float32), tiny.astype(np.float32))
 
 
 def qmax(bits: int) -> int:
@@ -150,7 +172,7 @@ def _expand(v: np.ndarray, axis: int | None, block: int, ndim: int = 2) -> np.nd
 
 
 def quantize_weight(w: np.ndarray, out_axis: int, bits: int = 8, granularity: str = "per-channel",
-                    group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
+                    group_size: int = 128, symmetric: bool = True, scale_dtype=np.float32) -> QuantizedWeight:
     """Quantize a 2-D weight whose output channels lie on ``out_axis`` (the basic quantizers).
 
     Symmetric (absmax): ``s = max|w| / 127``, ``q = clip(round(w / s), ±127)`` at 8 bits; at 4 bits
@@ -158,6 +180,7 @@ def quantize_weight(w: np.ndarray, out_axis: int, bits: int = 8, granularity: st
     ``z = round(−lo / s)``, ``q = clip(round(w / s) + z, 0, 2^b − 1)``, unsigned. Granularity: one scale per tensor,
     per output channel, or per group of ``group_size`` input channels and output channel (blocked along the
     input axis, the block reduced to the largest power of two dividing K — see :func:`block_size_for`).
+    ``scale_dtype``: the float type the scales will be stored in (the model's); see :func:`representable_scale`.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}")
@@ -175,14 +198,15 @@ def quantize_weight(w: np.ndarray, out_axis: int, bits: int = 8, granularity: st
     axis = None if granularity == "per-tensor" else (out_axis if granularity == "per-channel" else in_axis)
     dtype = _STORAGE[(bits, symmetric)]
     if symmetric:
-        scale = symmetric_weight_scale(reduce(lambda a, axis=None: a.min(axis=axis)),
-                                       reduce(lambda a, axis=None: a.max(axis=axis)), bits)
+        scale = representable_scale(symmetric_weight_scale(reduce(lambda a, axis=None: a.min(axis=axis)),
+                                                           reduce(lambda a, axis=None: a.max(axis=axis)), bits),
+                                    scale_dtype)
         zp = np.zeros(scale.shape, np.float32)
         lo, hi = weight_code_range(bits)
     else:
         mn = np.minimum(reduce(lambda a, axis=None: a.min(axis=axis)), 0.0)
         mx = np.maximum(reduce(lambda a, axis=None: a.max(axis=axis)), 0.0)
-        scale = (np.where(mx > mn, mx - mn, 1.0) / (2 ** bits - 1)).astype(np.float32)
+        scale = representable_scale((np.where(mx > mn, mx - mn, 1.0) / (2 ** bits - 1)).astype(np.float32), scale_dtype)
         zp = np.clip(np.rint(-mn / scale), 0, 2 ** bits - 1).astype(np.float32)
         lo, hi = 0, 2 ** bits - 1
     q = np.clip(np.rint(w / _expand(scale, axis, block)) + _expand(zp, axis, block), lo, hi)
@@ -229,7 +253,7 @@ def add_qdq_pair(graph: Graph, x: gs.Tensor, scale: float, pass_name: str, base:
     feeds a single node (TensorRT accepts either form). Returns the DQ outputs.
     """
     zp = np.asarray(0, dtype=np.int8) if zero_point is None else np.asarray(zero_point)
-    s = graph.make_constant(f"{base}_scale", np.asarray(scale, dtype=np.float32), pass_name)
+    s = graph.make_constant(f"{base}_scale", representable_scale(scale, graph.float_dtype), pass_name)
     z = graph.make_constant(f"{base}_zero_point", zp, pass_name)
     q = graph.make_node("QuantizeLinear", [x, s, z], f"{base}_q", pass_name, out_dtype=zp.dtype.type, out_shape=x.shape)
     return [graph.make_node("DequantizeLinear", [q, s, z], f"{base}_dq", pass_name, out_dtype=np.float32,

@@ -23,7 +23,7 @@ import onnx
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import quantize, sqnr_db, weight_scales
+from .qdq_math import quantize, representable_scale, sqnr_db, weight_scales
 from .select import selected_linears
 
 __all__ = ["QuantizeActivationsPerTokenPass", "per_token_fake_quant"]
@@ -65,14 +65,14 @@ class QuantizeActivationsPerTokenPass(Pass):
         quantizers: dict = {}
         for lin in linears:
             w = weight_matrix(lin).astype(np.float32)
-            scale = weight_scales(w, 1, 8)
+            scale = representable_scale(weight_scales(w, 1, 8), graph.float_dtype)
             wq = quantize(w, scale, 1, 8)
             if lin.act.name not in quantizers:
                 quantizers[lin.act.name] = self._token_quantizer(graph, lin)
             q, s, zp = quantizers[lin.act.name]
             acc = graph.make_node("MatMulInteger", [q, graph.make_constant(f"{lin.name}.weight_int8", wq, self.name), zp],
                                   f"{lin.name}.acc", self.name, out_dtype=np.int32)
-            acc_f = graph.make_node("Cast", [acc], f"{lin.name}.acc_f", self.name, {"to": onnx.TensorProto.FLOAT},
+            acc_f = graph.make_node("Cast", [acc], f"{lin.name}.acc_f", self.name, {"to": graph.float_onnx_type},
                                     out_dtype=np.float32)
             scaled = graph.make_node("Mul", [acc_f, s], f"{lin.name}.acc_token", self.name, out_dtype=np.float32)
             out = lin.node.outputs[0]
@@ -95,7 +95,9 @@ class QuantizeActivationsPerTokenPass(Pass):
         absx = graph.make_node("Abs", [x], f"{lin.name}.in_abs", p, out_dtype=np.float32)
         axes = graph.make_constant(f"{lin.name}.in_axes", np.asarray([-1], np.int64), p)
         amax = graph.make_node("ReduceMax", [absx, axes], f"{lin.name}.in_amax", p, {"keepdims": 1}, out_dtype=np.float32)
-        floor = graph.make_constant(f"{lin.name}.in_floor", np.asarray(1e-8, np.float32), p)
+        # the smallest amax whose scale amax/127 is still a normal number of the model's float type
+        tiny = float(np.finfo(graph.float_dtype).tiny) if graph.float_dtype == np.float16 else 1e-38
+        floor = graph.make_constant(f"{lin.name}.in_floor", np.asarray(max(1e-8, 127 * tiny), np.float32), p)
         amax = graph.make_node("Max", [amax, floor], f"{lin.name}.in_amax_pos", p, out_dtype=np.float32)
         s = graph.make_node("Div", [amax, graph.make_constant(f"{lin.name}.in_qmax", np.asarray(127, np.float32), p)],
                             f"{lin.name}.in_scale", p, out_dtype=np.float32)

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from ..calib.observers import OBSERVERS, amax
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
-from .qdq_math import qmax
+from .qdq_math import qmax, representable_scale
 
 __all__ = ["QuantizeKVCachePass"]
 
@@ -116,7 +116,7 @@ class QuantizeKVCachePass(Pass):
         else:
             zp = graph.make_constant(f"{base}_zero_point", np.zeros(scale.shape, np.int8), self.name)
             qtype = np.int8
-        s = graph.make_constant(f"{base}_scale", scale, self.name)
+        s = graph.make_constant(f"{base}_scale", representable_scale(scale, graph.float_dtype), self.name)
         attrs = {"axis": 1} if scale.ndim else {}
         q = graph.make_node("QuantizeLinear", [x, s, zp], f"{base}_q", self.name, attrs, out_dtype=qtype,
                             out_shape=x.shape if qtype is not None else None)

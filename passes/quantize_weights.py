@@ -85,7 +85,8 @@ class QuantizeWeightsPass(Pass):
         o = self.options
         w = (weight_matrix(lin) if w is None else w).astype(np.float32)
         if qw is None:
-            qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric)
+            qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric,
+                                 graph.float_dtype)
         stored = qw if append is None else qw.concat(append)
         q = graph.make_constant(f"{lin.name}.weight_{self._format()}", stored.q, self.name)
         lin.node.inputs[1] = add_dequantize(graph, q, stored.scale, stored.axis, self.name, f"{lin.name}.weight",

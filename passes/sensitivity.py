@@ -32,8 +32,9 @@ import onnx_graphsurgeon as gs
 from ..calib.observers import OBSERVERS, amax
 from ..ir.feeds import input_specs, prompt_feeds
 from ..ir.graph import Graph
+from ..ir.storage import graph_session
 from ..ir.passes import Pass, PassContext, PassResult
-from .qdq_math import qmax
+from .qdq_math import qmax, representable_scale
 from .select import selected_linears
 
 __all__ = ["AnalyzeSensitivityPass", "mean_kl"]
@@ -161,14 +162,10 @@ class AnalyzeSensitivityPass(Pass):
     def _measure(self, graph: Graph, ctx: PassContext, names: list, scales: dict) -> tuple:
         """KL per group, and a function measuring any set of groups together: one ONNX Runtime session
         with a boolean switch per group."""
-        from ..calib.collect import session_for
-
         if ctx.calibration_batch is None:
             raise ValueError("the sensitivity analysis needs a calibration batch")
         sample = np.ascontiguousarray(ctx.calibration_batch[..., :self.options.tokens])
-        model = graph.to_model()
-        probe = Graph.from_model(model)
-        del model
+        probe = graph.snapshot()  # nodes copied, weights shared: the switches are added to the copy only
         tensors = probe.tensors()
         flags = []
         for i, name in enumerate(names):
@@ -176,7 +173,8 @@ class AnalyzeSensitivityPass(Pass):
             consumers = list(x.outputs)
             flag = gs.Variable(f"__llmq_sens_flag_{i}", dtype=np.bool_, shape=[])
             probe.gs.inputs.append(flag)
-            s = gs.Constant(f"__llmq_sens_scale_{i}", np.asarray(scales[name], np.float32))
+            s = gs.Constant(f"__llmq_sens_scale_{i}",
+                            np.asarray(representable_scale(scales[name], probe.float_dtype), probe.float_dtype))
             z = gs.Constant(f"__llmq_sens_zp_{i}", np.asarray(0, np.int8))
             q = probe.make_node("QuantizeLinear", [x, s, z], f"__llmq_sens_q_{i}", self.name, out_dtype=np.int8)
             dq = probe.make_node("DequantizeLinear", [q, s, z], f"__llmq_sens_dq_{i}", self.name, out_dtype=np.float32)
@@ -186,7 +184,7 @@ class AnalyzeSensitivityPass(Pass):
                     if t is x and c is not Graph.producer(q):
                         c.inputs[j] = sw
             flags.append(flag.name)
-        session = session_for(probe.to_model())
+        session = graph_session(probe)
         inputs = input_specs(t for t in probe.gs.inputs if t.name not in flags)
         feeds = {**prompt_feeds(inputs, sample), **{f: np.asarray(False) for f in flags}}
         ref = session.run(None, feeds)[0][0]

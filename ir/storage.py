@@ -1,0 +1,284 @@
+"""Where weights live: read lazily from external data, handed to ONNX Runtime without copies, written streaming.
+
+A model over 2 GB cannot pass through one ``onnx.ModelProto`` (protobuf's limit), and a model of several GB
+should never be in memory at once. So:
+
+* **Reading.** A constant stored in an external-data file becomes :class:`ExternalValues`: its shape and type
+  are known at once, its bytes are read only when a pass asks for ``Constant.values`` (and dropped with the
+  constant when the pass replaces it). Nothing reads all the weights at load.
+* **Running.** :func:`session_inputs` turns a graph into a weightless model plus the large constants as arrays;
+  ONNX Runtime takes them through ``SessionOptions.add_external_initializers`` (no serialized copy; arrays of
+  constants still on disk are memory-mapped, read-only).
+* **Writing.** :func:`write_model` streams every large constant, one at a time, into ``<model>.data`` beside the
+  output (64 KiB-aligned when ≥ 1 MiB, as ``onnx`` aligns, so ONNX Runtime can map them) and writes a small
+  proto; a model whose weights total under :data:`INLINE_LIMIT` is written as one file instead. The same graph
+  gives the same bytes either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx import external_data_helper as edh
+from onnx import numpy_helper
+
+__all__ = ["ExternalValues", "INLINE_LIMIT", "attach_external", "constant_nbytes", "graph_arrays_session", "graph_session", "peek", "session_inputs",
+           "weights_as_inputs", "write_model"]
+
+logger = logging.getLogger(__name__)
+
+# Weights over this many bytes in all are written as external data (protobuf refuses messages over 2 GB; the
+# margin leaves room for the graph itself). Tests lower it to exercise the external path on tiny models.
+INLINE_LIMIT = 2**31 - 1 - (64 << 20)
+SMALL = 1024  # constants below this stay inside the proto (shapes, axes, scalars)
+ALIGN_OVER, ALIGNMENT = 1 << 20, 1 << 16
+
+
+class ExternalValues(LazyValues):
+    """The values of a tensor stored in an external-data file, read on first use."""
+
+    def __init__(self, tensor: onnx.TensorProto, path: str, offset: int, length: int | None):
+        super().__init__(tensor)
+        self.path, self.offset, self.length = path, int(offset), length
+
+    @classmethod
+    def of(cls, tensor: onnx.TensorProto, base_dir: str) -> "ExternalValues":
+        info = {e.key: e.value for e in tensor.external_data}
+        length = int(info["length"]) if "length" in info else None
+        return cls(tensor, os.path.join(base_dir, info["location"]), int(info.get("offset", 0)), length)
+
+    def _raw(self) -> bytes:
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            return fh.read(self.length if self.length is not None else -1)
+
+    def load(self) -> np.ndarray:
+        proto = onnx.TensorProto()
+        proto.CopyFrom(self.tensor)
+        del proto.external_data[:]
+        proto.data_location = onnx.TensorProto.DEFAULT
+        proto.raw_data = self._raw()
+        return numpy_helper.to_array(proto).copy()
+
+    def mapped(self) -> np.ndarray | None:
+        """A read-only memory map of the values (no copy), or None where the bytes are not plain elements
+        (4-bit packing, strings) or not aligned for the element type."""
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        if dtype.kind not in "fiub" or self.tensor.data_type in _SUB_BYTE or self.offset % dtype.itemsize:
+            return None
+        shape = tuple(int(d) for d in self.tensor.dims)
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return None
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self.offset, shape=shape)
+
+
+_SUB_BYTE = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+def attach_external(graph: gs.Graph, base_dir: str) -> int:
+    """Make every constant of ``graph`` (imported from a proto whose external data was not loaded) read its
+    bytes from ``base_dir`` lazily; returns how many constants are external."""
+    count = 0
+    for t in graph.tensors().values():
+        values = getattr(t, "_values", None)
+        if isinstance(values, LazyValues) and not isinstance(values, ExternalValues) \
+                and edh.uses_external_data(values.tensor):
+            t._values = ExternalValues.of(values.tensor, base_dir)
+            t.data_location = None  # gs would mark the values external again once a pass has read them
+            count += 1
+    return count
+
+
+def peek(t: gs.Constant) -> np.ndarray:
+    """A constant's values without keeping them: memory-mapped from disk where possible, else read (the
+    constant stays lazy, so whole-model checks do not pull every weight into memory)."""
+    values = t._values
+    if isinstance(values, ExternalValues):
+        mapped = values.mapped()
+        return mapped if mapped is not None else values.load()
+    if isinstance(values, LazyValues):
+        return values.load()
+    return values
+
+
+def constant_nbytes(t: gs.Constant) -> int:
+    values = t._values
+    if isinstance(values, LazyValues):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(values.tensor.data_type)
+        return int(np.prod(values.shape, dtype=np.int64)) * dtype.itemsize
+    return int(np.asarray(values).nbytes)
+
+
+def _large(graph: gs.Graph):
+    for name, t in sorted(graph.tensors().items()):
+        if isinstance(t, gs.Constant) and constant_nbytes(t) >= SMALL:
+            yield name, t
+
+
+def session_inputs(to_model, graph: gs.Graph, upcast: bool = False) -> tuple:
+    """``(weightless model, names, arrays)`` for an ONNX Runtime session over ``graph``: ``to_model()`` exports
+    it with every large constant replaced by an external stub, whose values go in ``arrays`` (memory-mapped
+    where still on disk, else the arrays the graph holds). ``upcast``: bfloat16 arrays are given as float32
+    (see :mod:`llmq.ir.precision`; the caller up-casts the rest of the model)."""
+    stubs, names, arrays = {}, [], []
+    for name, t in _large(graph):
+        values = t._values
+        array = values.mapped() if isinstance(values, ExternalValues) else None
+        if array is None:
+            array = np.ascontiguousarray(t.values)
+        if upcast and array.dtype.name == "bfloat16":
+            array = array.astype(np.float32)
+        if str(array.dtype) in ("int4", "uint4") or array.dtype.kind not in "fiubV":
+            continue  # 4-bit codes stay in the proto (ONNX Runtime takes packed bytes only from there)
+        stub = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="__llmq_in_memory__")
+        stubs[name] = (t, t._values)
+        t._values = LazyValues(stub)
+        names.append(name)
+        arrays.append(array)
+    try:
+        model = to_model()
+    finally:
+        for t, values in stubs.values():
+            t._values = values
+    return model, names, arrays
+
+
+def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (from :func:`session_inputs`) with each stubbed weight turned into a graph input of the same
+    type and shape, so the checker and strict shape inference accept it without the bytes."""
+    keep, moved = [], []
+    for init in model.graph.initializer:
+        if edh.uses_external_data(init):
+            moved.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    model.graph.input.extend(moved)
+    return model
+
+
+def graph_session(graph, extra_outputs=(), options=None):
+    """An ONNX Runtime CPU session over an llmq :class:`~llmq.ir.graph.Graph` as it stands, with
+    ``extra_outputs`` (tensor names) exposed as outputs. No serialized copy of the weights is made: they are
+    handed over as arrays (see :func:`session_inputs`); a bfloat16 graph runs up-cast to float32."""
+    tensors = graph.tensors()
+    saved = list(graph.gs.outputs)
+    present = {t.name for t in saved}
+    extras = [tensors[n] for n in dict.fromkeys(extra_outputs) if n in tensors and n not in present]
+    untyped = [t for t in extras if t.dtype is None]
+    for t in untyped:  # the exporter wants a type on every output; the proto's entry is made untyped again
+        t.dtype = np.float32
+    graph.gs.outputs = saved + extras  # outputs before the export, so nodes only they read survive its cleanup
+
+    def expose(model):
+        names = {t.name for t in untyped}
+        for i, o in enumerate(model.graph.output):
+            if o.name in names:
+                model.graph.output[i].CopyFrom(onnx.helper.make_empty_tensor_value_info(o.name))
+        return model
+
+    try:
+        return graph_arrays_session(graph, expose, options)
+    finally:
+        graph.gs.outputs = saved
+        for t in untyped:
+            t.dtype = None
+
+
+def graph_arrays_session(graph, cut, options=None):
+    """A session over ``cut(weightless model)`` (e.g. one part of the graph, or the graph with outputs
+    added); only the arrays of the initializers the cut model keeps are handed over."""
+    import onnxruntime as ort
+
+    from .precision import upcast_bfloat16
+
+    upcast = graph.float_dtype.name == "bfloat16"
+    model, names, arrays = session_inputs(graph.to_model, graph.gs, upcast)
+    model = cut(model)
+    kept = {i.name for i in model.graph.initializer}
+    pairs = [(n, a) for n, a in zip(names, arrays) if n in kept]
+    names, arrays = [n for n, _ in pairs], [a for _, a in pairs]
+    if upcast:
+        upcast_bfloat16(model)
+    if options is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked weights would be copies
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.llmq_keep = (values, arrays)  # the session reads these buffers: they live as long as it does
+    return session
+
+
+def write_model(to_model, graph: gs.Graph, path: str, external: bool | None = None,
+                inline_limit: int | None = None, adopt: bool = False) -> list:
+    """Write the graph (``to_model`` exports it) to ``path``; returns the files written. ``external``: force
+    external data on or off (default: on when the large constants total ``inline_limit`` bytes or more).
+    ``adopt``: the written constants now read from the written file (their arrays are dropped: memory is
+    freed as each is written); otherwise the graph is left as it was."""
+    large = list(_large(graph))
+    total = sum(constant_nbytes(t) for _, t in large)
+    limit = INLINE_LIMIT if inline_limit is None else inline_limit
+    if external is None:
+        external = total >= limit
+    if not external:
+        lazy = {name: t._values for name, t in large if isinstance(t._values, ExternalValues)}
+        for name, t in large:
+            if name in lazy:
+                t._values = lazy[name].load()  # the proto holds every weight inline
+        try:
+            onnx.save_model(to_model(), path)
+        finally:
+            for name, t in large:
+                if name in lazy and not adopt:
+                    t._values = lazy[name]
+        return [path]
+    location = os.path.basename(path) + ".data"
+    data_path = os.path.join(os.path.dirname(os.path.abspath(path)), location)
+    before = {name: t._values for name, t in large}
+    with open(data_path, "wb") as fh:
+        for name, t in large:
+            values = t._values
+            if isinstance(values, ExternalValues) and values.path == data_path:
+                continue  # already written here
+            if isinstance(values, ExternalValues):
+                raw = values._raw()
+                proto = onnx.TensorProto()
+                proto.CopyFrom(values.tensor)
+                del proto.external_data[:]
+                proto.data_location = onnx.TensorProto.DEFAULT
+            else:
+                proto = numpy_helper.from_array(values.load() if isinstance(values, LazyValues) else np.asarray(values), name)
+                raw = proto.raw_data
+                proto.ClearField("raw_data")
+            offset = fh.tell()
+            if len(raw) >= ALIGN_OVER and offset % ALIGNMENT:
+                fh.write(b"\0" * (ALIGNMENT - offset % ALIGNMENT))
+                offset = fh.tell()
+            fh.write(raw)
+            length = len(raw)
+            proto.name = name
+            proto.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                proto.external_data.add(key=key, value=value)
+            del raw
+            t._values = ExternalValues(proto, data_path, offset, length)
+    try:
+        onnx.save_model(to_model(), path)
+    finally:
+        if not adopt:
+            for name, t in large:
+                t._values = before[name]
+    return [path, data_path]
+
