@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import weakref
 
 import onnx
 from onnx import external_data_helper as edh
 
 from ..ir.errors import LlmqError
 from ..ir.graph import Graph
+from ..ir.storage import detach, spill_inline
 from .canonical import check_finite_weights, gemm_to_matmul, refuse_mixture_of_experts
 
 __all__ = ["load_onnx", "load_graph", "upgrade_opset"]
@@ -142,7 +146,17 @@ def load_graph(path: str, opset: int = 21) -> Graph:
     checked finite, mixture-of-experts refused, and Gemm linears in canonical MatMul + Add form."""
     model = upgrade_opset(load_onnx(path, external_data=False), opset)
     _infer_shapes(model)
-    graph = Graph.from_model(model, base_dir=os.path.dirname(os.path.abspath(path)))
+    # weights stored inside the file move to a scratch file beside nothing (read lazily, like external data),
+    # so the parsed model can be freed: no weight is held twice, and none until a pass reads it
+    scratch = tempfile.mkdtemp(prefix="llmq-weights-")
+    try:
+        spill_inline(model, scratch)
+        graph = Graph.from_model(model, base_dir=os.path.dirname(os.path.abspath(path)), inline_dir=scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    weakref.finalize(graph, shutil.rmtree, scratch, True)
+    detach(graph.gs)
     del model
     if not graph.gs.inputs or not graph.gs.outputs:
         raise LlmqError(f"{path} has no graph inputs or outputs", "re-export the model")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -39,33 +40,113 @@ def calib_path_for(model_path: str) -> str:
     return os.path.splitext(os.path.abspath(model_path))[0] + ".calib.npz"
 
 
-def self_calibration(model, samples: int, seq_len: int, seed: int = 0, progress=None):
+CHUNK = 16  # windows per batch; part of the semantics (RNG draw order and matmul shapes), keep it at 16
+
+
+def _preallocated_cache(model, batch: int, capacity: int):
+    """A transformers cache whose full-attention layers write into preallocated ``[batch, heads, capacity, dim]``
+    buffers and hand attention a ``[:, :, :t]`` view; other layer kinds (sliding window, linear attention …)
+    are left as transformers builds them. ``None`` (let the model make its own ``DynamicCache``) when this
+    transformers has no layered cache API."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+
+    class PreallocatedLayer(DynamicLayer):
+        _layer_type = None  # never register this class in transformers' layer-type mappings
+
+        def __init__(self):
+            super().__init__()
+            self._length = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            self.device = key_states.device
+            b, h, _, dk = key_states.shape
+            self._k = key_states.new_empty((b, h, capacity, dk))
+            self._v = value_states.new_empty((b, value_states.shape[1], capacity, value_states.shape[-1]))
+            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self._length, self._length + key_states.shape[-2]
+            if end > capacity or key_states.shape[0] != self._k.shape[0]:
+                raise RuntimeError("preallocated KV cache overflow")  # cannot happen in self_calibration
+            self._k[:, :, start:end].copy_(key_states)
+            self._v[:, :, start:end].copy_(value_states)
+            self._length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:
+        return None
+    if not getattr(cache, "layers", None):
+        return None
+    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def self_calibration(model, samples: int, seq_len: int, seed: int = 0, progress=None, threads: int | None = 1):
     """``[samples, seq_len]`` token ids sampled from ``model`` itself (data-free calibration, as LLM-QAT does):
     each window starts from a uniformly random token and continues by plain sampling (temperature 1, no
     top-k/top-p, on past any end-of-text token), so the windows follow the model's own distribution of text.
-    Deterministic for a given seed (torch CPU)."""
+    Deterministic for a given seed (torch CPU). ``progress``, if given, wraps an iterable (like ``tqdm``); it
+    gets one item per generated token position of every 16-window chunk. ``threads``: torch intra-op threads
+    while sampling (restored afterwards); 1 by default, because at batch 16 the matmuls are too small for
+    OpenMP to pay off and on a busy machine 2 threads ran 5-6x slower than 1 (measured); ``None`` keeps
+    the current setting."""
+    import numpy as np
     import torch
 
     vocab = int(model.get_input_embeddings().weight.shape[0])
     gen = torch.Generator().manual_seed(seed)
     firsts = torch.randint(0, vocab, (samples, 1), generator=gen)
-    rows = []
-    chunks = range(0, samples, 16)
-    for start in (progress(chunks) if progress else chunks):
-        ids = firsts[start:start + 16]
-        cache = None
-        out = [ids]
-        position = 0
-        with torch.no_grad():
-            for _ in range(seq_len - 1):
-                pos = torch.arange(position, position + ids.shape[1]).expand(ids.shape[0], -1)
-                result = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
-                cache, position = result.past_key_values, position + ids.shape[1]
-                probs = torch.softmax(result.logits[:, -1].double(), dim=-1)
-                ids = torch.multinomial(probs, 1, generator=gen)
-                out.append(ids)
-        rows.append(torch.cat(out, dim=1))
-    return torch.cat(rows).numpy().astype("int64")
+    if samples <= 0:
+        return np.zeros((0, seq_len), dtype="int64")
+    if seq_len <= 1:
+        return firsts[:, :seq_len].numpy().astype("int64")
+
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers ≥ 5.x renamed it
+    steps = seq_len - 1
+    chunks = list(range(0, samples, CHUNK))
+    positions = torch.arange(seq_len)
+    out = torch.empty((samples, seq_len), dtype=torch.long)
+    out[:, :1] = firsts
+    ticks = range(len(chunks) * steps)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _sample(model, out, chunks, steps, positions, cache_kw, gen, progress(ticks) if progress else ticks)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return out.numpy().astype("int64")
+
+
+def _sample(model, out, chunks, steps, positions, cache_kw, gen, ticks):
+    import torch
+
+    seq_len = steps + 1
+    with torch.inference_mode():
+        for tick in ticks:
+            chunk, step = divmod(tick, steps)
+            if step == 0:
+                start = chunks[chunk]
+                rows = out[start:start + CHUNK]
+                ids = rows[:, :1]
+                cache = _preallocated_cache(model, rows.shape[0], seq_len)
+            pos = positions[step:step + 1].expand(ids.shape[0], -1)
+            result = model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kw: cache})
+            if cache is None:  # no layered-cache API: keep whatever the model returned (old behaviour)
+                cache = getattr(result, "cache", None) or result.past_key_values
+            probs = torch.softmax(result.logits[:, -1].double(), dim=-1)
+            ids = torch.multinomial(probs, 1, generator=gen)
+            rows[:, step + 1:step + 2] = ids
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -150,6 +231,49 @@ def load_hf(source: str, dtype: str | None = None):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer_config.json")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _export_streamed(source: str, output: str, opset: int, dtype: str | None) -> dict:
+    """:func:`export_hf` through :func:`llmq.frontends.stream_export.stream_export`."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .stream_export import stream_export
+
+    dtype = dtype or checkpoint_dtype(source)
+    if dtype not in DTYPES:
+        raise LlmqError(f"unknown dtype '{dtype}'", f"choose one of {', '.join(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise LlmqError(f"cannot read {os.path.join(source, 'config.json')}: {_first_line(exc)}",
+                        "check that the folder holds a valid Hugging Face config") from exc
+    refuse_unsupported(config, source)
+    try:
+        with warnings.catch_warnings(), _captured_output() as captured:
+            warnings.simplefilter("ignore")
+            try:
+                info = stream_export(source, output, getattr(torch, dtype), opset)
+            except Exception:
+                logger.debug("the exporter printed:\n%s", captured())
+                raise
+    except LlmqError:
+        raise
+    except Exception as exc:
+        raise LlmqError(f"streamed export failed: {type(exc).__name__}: {_first_line(exc)}",
+                        "rerun with --debug for the exporter's trace") from exc
+    tok_dir = None
+    if any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            tok_dir = tokenizer_dir_for(output)
+            shutil.rmtree(tok_dir, ignore_errors=True)
+            tokenizer.save_pretrained(tok_dir)
+        except Exception as exc:  # a model without a tokenizer can still be exported
+            logger.warning("no tokenizer written beside the export (%s); pass --tokenizer to later steps",
+                           type(exc).__name__)
+    return {"model": output, "tokenizer": tok_dir, "vocab_size": int(config.vocab_size), "calib": None,
+            "dtype": dtype, "streamed": True, "peak_rss_mb": info.get("peak_rss_mb")}
 
 
 def refuse_unsupported(config, source: str) -> None:
@@ -322,8 +446,11 @@ def export_module(module, example_inputs: tuple, output: str, input_names: list,
     return output
 
 
+STREAM_OVER = 1 << 30  # checkpoints above this many bytes export streamed (see frontends/stream_export.py)
+
+
 def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False, self_calib: int = 0,
-              calib_seq_len: int = 512, progress=None, dtype: str | None = None) -> dict:
+              calib_seq_len: int = 512, progress=None, dtype: str | None = None, stream: bool | None = None) -> dict:
     """Export a HF folder or .gguf file to ``output``; returns {model, tokenizer, vocab_size, calib}.
 
     ``self_calib``: also sample that many windows of ``calib_seq_len`` tokens from the model itself and write
@@ -332,9 +459,22 @@ def export_hf(source: str, output: str, opset: int = 21, kv_cache: bool = False,
 
     ``kv_cache``: a decoder with ``position_ids`` and ``past_key_values.{i}.{key,value}`` inputs
     (``[batch, kv_heads, past, head_dim]``) and ``present.{i}.{key,value}`` outputs, for generation; the
-    attention is causal over past + new tokens (batch rows without padding: no attention-mask input)."""
+    attention is causal over past + new tokens (batch rows without padding: no attention-mask input).
+
+    ``stream``: export with the weights streamed from the checkpoint into external data, never loaded (a
+    safetensors folder, logits-only graph, no self-calibration); default: when the checkpoint is over
+    :data:`STREAM_OVER` bytes."""
     import torch
 
+    from .stream_export import checkpoint_bytes, streamable
+
+    if stream is None:
+        stream = streamable(source) and checkpoint_bytes(source) > STREAM_OVER and not kv_cache and not self_calib
+    if stream:
+        if not streamable(source) or kv_cache or self_calib:
+            raise LlmqError("a streamed export takes a safetensors HF folder, without --kv-cache or --self-calib",
+                            "export without streaming, or drop those options")
+        return _export_streamed(source, output, opset, dtype)
     model, tokenizer = load_hf(source, dtype)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     example = torch.randint(0, min(vocab, 1000), (2, 16), generator=torch.Generator().manual_seed(0))

@@ -86,8 +86,9 @@ class Graph:
 
     # ---- conversion (called by frontends/ and backends/ only) ----
     @classmethod
-    def from_model(cls, model: onnx.ModelProto, base_dir: str | None = None) -> "Graph":
-        """The graph of ``model``; constants in external data (not loaded) are read lazily from ``base_dir``."""
+    def from_model(cls, model: onnx.ModelProto, base_dir: str | None = None, inline_dir: str | None = None) -> "Graph":
+        """The graph of ``model``; constants in external data (not loaded) are read lazily from ``base_dir``
+        (those the loader moved out of an inline file, from ``inline_dir``)."""
         opset, others = 0, {}
         for imp in model.opset_import:
             if imp.domain in ("", "ai.onnx"):
@@ -104,7 +105,7 @@ class Graph:
                                  if f"node_{i}{suffix}" not in taken)
                 taken.add(node.name)
         if base_dir is not None:
-            attach_external(graph, base_dir)
+            attach_external(graph, base_dir, inline_dir)
         return cls(gs=graph, opset=opset, ir_version=model.ir_version,
                    model_metadata={p.key: p.value for p in model.metadata_props},
                    node_metadata=node_md, other_opsets=others, float_dtype=float_dtype_of(model))

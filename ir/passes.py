@@ -31,7 +31,7 @@ import onnx
 
 from .errors import LlmqError, PassError, UsageError
 from .graph import Graph
-from .storage import session_inputs, weights_as_inputs, write_model
+from .storage import release_memory, session_inputs, weights_as_inputs, write_model
 from .structure import Structure, discover
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassManager", "PHASES", "EXACT_TOLERANCE", "exact_tolerance", "output_error",
@@ -274,6 +274,7 @@ class PassManager:
                     self._verify(graph, p)
                 if self.dump_dir:
                     self._dump(graph, f"{index + 1:02d}-{p.name}.onnx")
+            release_memory()  # what the pass replaced goes back to the system before the next one runs
             records.append({"pass": p.name, "options": p.describe(), "modified": result.modified,
                             "seconds": round(seconds, 3), "stats": result.stats})
             logger.info("%s: modified=%s in %.2fs %s", p.name, result.modified, seconds, result.stats)

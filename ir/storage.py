@@ -27,7 +27,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import external_data_helper as edh
 from onnx import numpy_helper
 
-__all__ = ["ExternalValues", "INLINE_LIMIT", "attach_external", "constant_nbytes", "graph_arrays_session", "graph_session", "peek", "session_inputs",
+__all__ = ["ExternalValues", "INLINE_LIMIT", "attach_external", "detach", "release_memory", "spill_inline", "constant_nbytes", "graph_arrays_session", "graph_session", "peek", "session_inputs",
            "weights_as_inputs", "write_model"]
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 INLINE_LIMIT = 2**31 - 1 - (64 << 20)
 SMALL = 1024  # constants below this stay inside the proto (shapes, axes, scalars)
 ALIGN_OVER, ALIGNMENT = 1 << 20, 1 << 16
+INLINE_FILE = "llmq-inline-weights.data"  # where the loader moves weights a model file holds inline
 
 
 class ExternalValues(LazyValues):
@@ -50,7 +51,9 @@ class ExternalValues(LazyValues):
     def of(cls, tensor: onnx.TensorProto, base_dir: str) -> "ExternalValues":
         info = {e.key: e.value for e in tensor.external_data}
         length = int(info["length"]) if "length" in info else None
-        return cls(tensor, os.path.join(base_dir, info["location"]), int(info.get("offset", 0)), length)
+        own = onnx.TensorProto()  # a message of its own: holding a part of the model would keep all of it alive
+        own.CopyFrom(tensor)
+        return cls(own, os.path.join(base_dir, info["location"]), int(info.get("offset", 0)), length)
 
     def _raw(self) -> bytes:
         with open(self.path, "rb") as fh:
@@ -80,15 +83,71 @@ class ExternalValues(LazyValues):
 _SUB_BYTE = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
-def attach_external(graph: gs.Graph, base_dir: str) -> int:
+def spill_inline(model: onnx.ModelProto, folder: str) -> int:
+    """Move every initializer of ``model`` stored inline (≥ 1 KB) into ``folder/``:data:`INLINE_FILE` and make it an
+    external reference there; returns the bytes moved. With :func:`attach_external` and :func:`detach`, the
+    parsed model can then be freed: a graph loaded from an inline file holds no copy of its weights."""
+    path = os.path.join(folder, INLINE_FILE)
+    moved = 0
+    with open(path, "ab") as fh:
+        for init in model.graph.initializer:
+            if not init.HasField("raw_data") or len(init.raw_data) < SMALL:
+                continue
+            raw = init.raw_data
+            offset = fh.tell()
+            if len(raw) >= ALIGN_OVER and offset % ALIGNMENT:
+                fh.write(b"\0" * (ALIGNMENT - offset % ALIGNMENT))
+                offset = fh.tell()
+            fh.write(raw)
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            del init.external_data[:]
+            for key, value in (("location", INLINE_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
+                init.external_data.add(key=key, value=value)
+            moved += len(raw)
+    return moved
+
+
+def detach(graph: gs.Graph) -> None:
+    """Read every small constant still backed by the parsed model into an array (node attributes included), so
+    nothing in ``graph`` refers to the model's memory any more."""
+    for t in graph.tensors().values():
+        values = getattr(t, "_values", None)
+        if isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
+            t._values = values.load()
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Constant) and isinstance(value._values, LazyValues) \
+                    and not isinstance(value._values, ExternalValues):
+                value._values = value._values.load()
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system (garbage-collect, then glibc's ``malloc_trim``): the weights a
+    pass replaced are freed, but the allocator would otherwise keep the pages for later, and the next phase
+    (a session over the whole model) would stack on top of them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def attach_external(graph: gs.Graph, base_dir: str, inline_dir: str | None = None) -> int:
     """Make every constant of ``graph`` (imported from a proto whose external data was not loaded) read its
-    bytes from ``base_dir`` lazily; returns how many constants are external."""
+    bytes from ``base_dir`` lazily (from ``inline_dir`` for the ones :func:`spill_inline` moved); returns how
+    many constants are external."""
     count = 0
     for t in graph.tensors().values():
         values = getattr(t, "_values", None)
         if isinstance(values, LazyValues) and not isinstance(values, ExternalValues) \
                 and edh.uses_external_data(values.tensor):
-            t._values = ExternalValues.of(values.tensor, base_dir)
+            location = next((e.value for e in values.tensor.external_data if e.key == "location"), "")
+            spilled = inline_dir is not None and location == INLINE_FILE
+            t._values = ExternalValues.of(values.tensor, inline_dir if spilled else base_dir)
             t.data_location = None  # gs would mark the values external again once a pass has read them
             count += 1
     return count
@@ -165,7 +224,7 @@ def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def graph_session(graph, extra_outputs=(), options=None):
+def graph_session(graph, extra_outputs=(), options=None, prepack: bool = False):
     """An ONNX Runtime CPU session over an llmq :class:`~llmq.ir.graph.Graph` as it stands, with
     ``extra_outputs`` (tensor names) exposed as outputs. No serialized copy of the weights is made: they are
     handed over as arrays (see :func:`session_inputs`); a bfloat16 graph runs up-cast to float32."""
@@ -186,16 +245,18 @@ def graph_session(graph, extra_outputs=(), options=None):
         return model
 
     try:
-        return graph_arrays_session(graph, expose, options)
+        return graph_arrays_session(graph, expose, options, prepack)
     finally:
         graph.gs.outputs = saved
         for t in untyped:
             t.dtype = None
 
 
-def graph_arrays_session(graph, cut, options=None):
+def graph_arrays_session(graph, cut, options=None, prepack: bool = False):
     """A session over ``cut(weightless model)`` (e.g. one part of the graph, or the graph with outputs
-    added); only the arrays of the initializers the cut model keeps are handed over."""
+    added); only the arrays of the initializers the cut model keeps are handed over. ``prepack``: let ONNX
+    Runtime repack the weights for its MatMul kernels (a copy of them: worth it only for a session run many
+    times, such as the sensitivity probe's)."""
     import onnxruntime as ort
 
     from .precision import upcast_bfloat16
@@ -212,7 +273,8 @@ def graph_arrays_session(graph, cut, options=None):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked weights would be copies
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked weights would be copies
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
     if names:
         options.add_external_initializers(names, values)

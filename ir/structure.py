@@ -152,7 +152,7 @@ def _merges_streams(graph: Graph, node: gs.Node) -> bool:
             and not any(isinstance(t, gs.Constant) or graph.constant_through(t) is not None for t in node.inputs))
 
 
-BRANCH_STOP_OPS = {"Softmax", "Gather", "Concat", "Split", "Slice"}
+BRANCH_STOP_OPS = {"Softmax", "Gather"}
 
 
 def _branch_linear(graph: Graph, tensor: gs.Tensor, linears: dict, depth: int = 16):

@@ -13,6 +13,8 @@ import os
 import sys
 import traceback
 
+from .backends.registry import BACKENDS
+
 __all__ = ["compile_main", "export_main", "eval_main"]
 
 
@@ -80,6 +82,9 @@ def export_main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="float type of the exported weights and activations (default: the checkpoint's own; "
                         "float32 for .gguf)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream the weights from the checkpoint into external data without loading them (a "
+                        "safetensors folder; default: for checkpoints over 1 GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _common(p)
 
@@ -97,7 +102,8 @@ def export_main(argv=None) -> int:
 
             progress = lambda it: tqdm(it, desc="sampling calibration text", leave=False)  # noqa: E731
         info = export_hf(args.source, args.output, opset=args.opset, kv_cache=args.kv_cache,
-                         self_calib=args.self_calib, progress=progress, dtype=args.dtype)
+                         self_calib=args.self_calib, progress=progress, dtype=args.dtype,
+                         stream=args.stream)
         if not args.quiet:
             data = info["model"] + ".data"
             size = os.path.getsize(info["model"]) + (os.path.getsize(data) if os.path.isfile(data) else 0)
@@ -122,7 +128,8 @@ def compile_main(argv=None) -> int:
     p.add_argument("--tokenizer", help="HF tokenizer folder (default: <model>.tokenizer beside the model)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching layers in float (glob over names like layers.0.mlp.down or node names; repeatable)")
-    p.add_argument("--backend", default="qdq", choices=["qdq", "onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="qdq", choices=list(BACKENDS),
+                   help="; ".join(f"{b.name}: {b.description}" for b in BACKENDS.values()))
     p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
                    help="onnxruntime backend: MatMulNBits compute for 4-bit linears (0: float activations, "
                         "4: int8 activations, faster and approximate)")
@@ -153,14 +160,15 @@ def compile_main(argv=None) -> int:
             return 0
         if not args.model:
             p.error("the model argument is required")
+        from .driver import CompileOptions
         from .driver import compile as run_compile
 
-        result = run_compile(args.model, args.recipe, args.output, calib=args.calib_data, tokenizer=args.tokenizer,
-                             calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                             exclude=tuple(args.exclude), backend=args.backend, overwrite=args.overwrite,
-                             dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet, max_loss=args.max_loss,
-                             accuracy_level=args.accuracy_level, asym=args.asym,
-                             fuse_attention=not args.no_fuse_attention, allow_loss=args.allow_loss)
+        options = CompileOptions(calib=args.calib_data, tokenizer=args.tokenizer, calib_samples=args.calib_samples,
+                                 calib_seq_len=args.calib_seq_len, exclude=tuple(args.exclude), backend=args.backend,
+                                 overwrite=args.overwrite, dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet,
+                                 max_loss=args.max_loss, accuracy_level=args.accuracy_level, asym=args.asym,
+                                 fuse_attention=not args.no_fuse_attention, allow_loss=args.allow_loss)
+        result = run_compile(args.model, args.recipe, args.output, options)
         if args.json:
             json.dump(result.report, sys.stdout, indent=1, default=str)
             print()

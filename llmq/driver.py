@@ -8,6 +8,7 @@ version in ``metadata_props``; the same input, recipe and calibration data give 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -16,20 +17,20 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import __version__
-from .backends import onnxruntime as ort_backend
 from .backends.qdq import check_tensorrt_rules
+from .backends.registry import BACKENDS, backend_named
 from .calib.collect import collect_stats, run_with_outputs
 from .calib.data import load_calibration, load_holdout
 from .frontends.onnx_loader import load_graph
 from .frontends.torch_export import calib_path_for, tokenizer_dir_for
 from .ir.errors import LlmqError
 from .ir.passes import PassContext, PassManager
-from .ir.storage import write_model
+from .ir.storage import release_memory, write_model
 from .ir.structure import discover
 from .recipes import Recipe, load_recipe
 from .report import (attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, range_split_extra_mac_fraction,
@@ -37,11 +38,43 @@ from .report import (attention_table, int8_act_mac_fraction, layer_sqnr, layer_t
 from .tokenizer import check_tokenizer, resolve_tokenizer
 from .verify import block_outputs, check_bound, compared_outputs, verify_model
 
-__all__ = ["compile", "CompileResult", "BACKENDS"]
+__all__ = ["compile", "CompileOptions", "CompileResult", "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("qdq", "onnxruntime", "tensorrt")
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How to compile, beside the model and the recipe (all optional).
+
+    ``calib``: a .txt/.jsonl/.npz file (default: ``<model>.calib.npz`` beside the model if ``llmq-export
+    --self-calib`` wrote one, else the built-in text); ``tokenizer``: a HF tokenizer folder (default:
+    ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names; ``max_loss``:
+    the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the recipe's count;
+    ``backend``: a name in :data:`BACKENDS`; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit
+    linears (onnxruntime backend: 0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8)
+    weights, on backends that take them; ``fuse_attention``: onnxruntime backend, write each attention block
+    as GroupQueryAttention (probed); ``allow_loss``: write the model even when the end-to-end check finds it
+    outside the recipe's bound (with a loud warning) instead of failing; ``verify``: check the graph after
+    every pass; ``dump_dir``: write the graph after every pass that changed it; ``sqnr``: per-layer SQNR in
+    the report."""
+
+    calib: str | None = None
+    tokenizer: str | None = None
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+    exclude: tuple = ()
+    backend: str = "qdq"
+    overwrite: bool = False
+    dump_dir: str | None = None
+    verify: bool = False
+    quiet: bool = False
+    sqnr: bool = True
+    max_loss: float | None = None
+    accuracy_level: int = 0
+    asym: bool = False
+    fuse_attention: bool = True
+    allow_loss: bool = False
 
 
 @dataclass
@@ -51,80 +84,150 @@ class CompileResult:
     report: dict
 
 
+@dataclass
+class _Calibration:
+    """The calibration data of one compile and the context the passes read it through."""
+
+    batches: np.ndarray | None  # int64 [samples, seq]
+    source: str | None
+    tokenizer: object
+    tokenizer_path: str | None
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, calib: str | None = None,
-            tokenizer: str | None = None, calib_samples: int | None = None, calib_seq_len: int | None = None,
-            exclude: tuple = (), backend: str = "qdq", overwrite: bool = False, dump_dir: str | None = None,
-            verify: bool = False, quiet: bool = False, sqnr: bool = True, max_loss: float | None = None,
-            accuracy_level: int = 0, asym: bool = False, fuse_attention: bool = True,
-            allow_loss: bool = False) -> CompileResult:
-    """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``.
-
-    ``calib``: a .txt/.jsonl/.npz file (default: ``<model>.calib.npz`` beside the model if
-    ``llmq-export --self-calib`` wrote one, else the built-in text); ``tokenizer``: a HF tokenizer folder
-    (default: ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names;
-    ``max_loss``: the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the
-    recipe's count; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit linears (onnxruntime backend:
-    0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8) weights, ONNX Runtime only;
-    ``fuse_attention``: onnxruntime backend, write each attention block as GroupQueryAttention (probed);
-    ``allow_loss``: write the model even when the end-to-end check finds it outside the recipe's bound (with a
-    loud warning) instead of failing. Returns the written paths and the report (also written as ``report.json``).
-    """
+def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", options: CompileOptions | None = None,
+            **overrides) -> CompileResult:
+    """Compile the ONNX model at ``model`` with ``recipe`` into the folder ``output``: load → discover →
+    calibrate → transform and quantize → lower → write → verify against the input. ``options`` (or its
+    fields as keyword arguments) say how; see :class:`CompileOptions`. Returns the written paths and the report
+    (also written as ``report.json``)."""
+    opts = replace(options or CompileOptions(), **overrides)
     t0 = time.perf_counter()
-    times = {}
+    times: dict = {}
+    recipe, backend = _plan(recipe, opts)
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not opts.overwrite:
+        raise LlmqError(f"output folder {output} already exists", "pass --overwrite to replace it, or choose another -o")
+
+    logger.info("phase load")
+    graph, structure = _load(model, recipe)
+    times["load_s"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    logger.info("phase calibration data")
+    calib = _calibration(model, recipe, opts, structure)
+    times["calib_data_s"] = time.perf_counter() - t
+    ctx = _context(recipe, opts, calib)
+    pipeline = PassManager(recipe.build(), verify=opts.verify, dump_dir=opts.dump_dir,
+                           progress=lambda name: logger.info("running %s", name))
+    rows, sqnr_values, records = _transform_and_quantize(graph, structure, pipeline, ctx, calib, opts, times)
+    # what the rest needs of the input's structure; dropping it (and the context's analyses) frees the
+    # original weights it references before the output is verified
+    vocab_size, structure_summary, blocks = structure.vocab_size, structure.summary(), block_outputs(structure)
+    linear_names = {lin.name for lin in structure.linears}
+    del structure
+    ctx.invalidate(activations=True)
+    ctx.output_probe = ctx.stats_provider = ctx.sample_provider = ctx.stream_provider = None
+    release_memory()
+
+    _stamp(graph, recipe, pipeline, backend, model, vocab_size)
+    violations = check_tensorrt_rules(graph)
+    t = time.perf_counter()
+    logger.info("phase lowering")
+    lowering = PassManager(backend.lowering_passes(opts), verify=opts.verify,
+                           dump_dir=os.path.join(opts.dump_dir, "backend") if opts.dump_dir else None).run(graph, ctx)
+    times["lowering_s"] = time.perf_counter() - t
+
+    with _staging(output) as tmp:
+        t = time.perf_counter()
+        model_path = os.path.join(tmp, "model.onnx")
+        logger.info("phase write")
+        files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
+        del graph
+        release_memory()
+        backend_info = {"name": backend.name, "tensorrt_rule_violations": violations, "lowering": lowering,
+                        **backend.build(model_path, tmp, opts)}
+        _write_side_files(tmp, rows, recipe, calib)
+        times["write_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        logger.info("phase verify")
+        verification = _verify_output(model, model_path, recipe, opts, calib, vocab_size, blocks,
+                                      backend.accuracy_level(opts), ctx.progress)
+        times["verify_s"] = time.perf_counter() - t
+        times["total_s"] = time.perf_counter() - t0
+        report = _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows,
+                         linear_names, calib, sqnr_values, times, files)
+        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=1, default=_json_default)
+        _publish(tmp, output)
+    paths = {"model": os.path.join(output, "model.onnx"), "report": os.path.join(output, "report.json"),
+             "recipe": os.path.join(output, "recipe.yaml")}
+    if len(files) > 1:
+        paths["external_data"] = os.path.join(output, os.path.basename(files[1]))
+    if calib.tokenizer_path:
+        paths["tokenizer"] = os.path.join(output, "model.tokenizer")
+    report["summary"] = summary_text(report)
+    return CompileResult(output, paths, report)
+
+
+# ---------------------------------------------------------------- the steps
+
+def _plan(recipe, opts: CompileOptions) -> tuple:
+    """(recipe with the options applied, backend); refuses combinations the backend cannot take."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if max_loss is not None:
-        recipe = recipe.with_loss_budget(max_loss)
-    if asym:
-        if backend != "onnxruntime":
-            raise LlmqError(f"--asym (zero-point weights) cannot target the {backend} backend: TensorRT takes "
+    backend = backend_named(opts.backend)
+    if opts.max_loss is not None:
+        recipe = recipe.with_loss_budget(opts.max_loss)
+    if opts.asym:
+        if backend.symmetric_weights_only:
+            raise LlmqError(f"--asym (zero-point weights) cannot target the {backend.name} backend: TensorRT takes "
                             "symmetric weights only", "use --backend onnxruntime, or drop --asym")
         recipe = recipe.with_asymmetric_weights()
-    if backend not in BACKENDS:
-        raise LlmqError(f"unknown backend '{backend}'", f"choose one of {', '.join(BACKENDS)}")
-    if backend not in recipe.backends:
-        raise LlmqError(f"recipe '{recipe.name}' cannot target the {backend} backend: {recipe.description}",
+    if backend.name not in recipe.backends:
+        raise LlmqError(f"recipe '{recipe.name}' cannot target the {backend.name} backend: {recipe.description}",
                         f"use --backend {' or '.join(recipe.backends)}")
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise LlmqError(f"output folder {output} already exists", "pass --overwrite to replace it, or choose another -o")
-    pipeline = PassManager(recipe.build(), verify=verify, dump_dir=dump_dir,
-                           progress=None if quiet else lambda name: logger.info("running %s", name))
+    return recipe, backend
 
+
+def _load(model: str, recipe: Recipe) -> tuple:
     graph = load_graph(model, recipe.opset)
     structure = discover(graph)
     if not structure.linears:
         raise LlmqError(f"{model} has no quantizable linear layer (MatMul/Gemm with a constant weight)",
                         "nothing to compile: check that this is the model you meant")
-    times["load_s"] = time.perf_counter() - t0
+    return graph, structure
 
+
+def _calibration(model: str, recipe: Recipe, opts: CompileOptions, structure) -> _Calibration:
+    calib = opts.calib
     if calib is None and os.path.isfile(calib_path_for(model)):
         calib = calib_path_for(model)
         logger.info("calibrating on %s (text the model sampled itself at export)", calib)
-    tok_path = resolve_tokenizer(tokenizer, tokenizer_dir_for(model))
+    tok_path = resolve_tokenizer(opts.tokenizer, tokenizer_dir_for(model))
     tok = check_tokenizer(tok_path, structure.vocab_size) if tok_path else None
-    patterns = tuple(recipe.exclude) + tuple(exclude)
-    ctx = PassContext(exclude=lambda name, node: any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node, p)
-                                                    for p in patterns))
     batches = None
-    if recipe.needs_calibration or (sqnr and (calib or tok)):
-        t = time.perf_counter()
-        samples = calib_samples or recipe.calib_samples
-        seq_len = calib_seq_len or recipe.calib_seq_len
+    if recipe.needs_calibration or (opts.sqnr and (calib or tok)):
         try:
-            batches = load_calibration(calib, tok, samples, seq_len, structure.vocab_size)
+            batches = load_calibration(calib, tok, opts.calib_samples or recipe.calib_samples,
+                                       opts.calib_seq_len or recipe.calib_seq_len, structure.vocab_size)
         except LlmqError:
             if recipe.needs_calibration:
                 raise
             logger.warning("no usable calibration text: the report will have no per-layer SQNR")
-        times["calib_data_s"] = time.perf_counter() - t
-    if not quiet:
+    return _Calibration(batches, calib, tok, tok_path)
+
+
+def _context(recipe: Recipe, opts: CompileOptions, calib: _Calibration) -> PassContext:
+    patterns = tuple(recipe.exclude) + tuple(opts.exclude)
+    ctx = PassContext(exclude=lambda name, node: any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node, p)
+                                                    for p in patterns))
+    if not opts.quiet:
         from tqdm.auto import tqdm
 
         ctx.progress = lambda it, desc: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    batches = calib.batches
     if batches is not None:
         progress = (lambda it: ctx.progress(it, "calibrating")) if ctx.progress else None
         ctx.stats_provider = lambda g, names: collect_stats(g, names, [b[None] for b in batches], progress)
@@ -133,13 +236,18 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
         ctx.calibration_batch = batches[:1]
         probe = batches[:1, :PROBE_TOKENS]
         ctx.output_probe = lambda g: _run_outputs(g, probe)
+    return ctx
 
+
+def _transform_and_quantize(graph, structure, pipeline, ctx, calib: _Calibration, opts: CompileOptions,
+                            times: dict) -> tuple:
+    """Run the recipe's passes; returns (layer rows, SQNR per linear, pass records)."""
     # SQNR reference: each linear's float input and weight as the quantize passes find them (after the
     # exact transforms), taken on one calibration batch when the quantize phase starts
     before_quantize: dict = {}
 
     def snapshot(phase: str, g) -> None:
-        if phase == "quantize" and sqnr and batches is not None:
+        if phase == "quantize" and opts.sqnr and calib.batches is not None:
             t = time.perf_counter()
             found = ctx.structure(g)
             before_quantize["structure"] = found
@@ -150,40 +258,25 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     t = time.perf_counter()
     records = pipeline.run(graph, ctx)
     times["passes_s"] = time.perf_counter() - t - times.get("sqnr_sample_s", 0.0)
-
     t = time.perf_counter()
     sqnr_values = layer_sqnr(before_quantize["structure"], graph, before_quantize["sample"]) if before_quantize else {}
     before_quantize.clear()
     times["sqnr_s"] = time.perf_counter() - t
-    rows = layer_table(structure, ctx.layers, sqnr_values, ctx.declined)
-    # what the rest needs of the input's structure; dropping it (and the context's analyses) frees the
-    # original weights it references before the output is verified
-    vocab_size, structure_summary, blocks = structure.vocab_size, structure.summary(), block_outputs(structure)
-    linear_names = {lin.name for lin in structure.linears}
-    del structure
-    ctx.invalidate(activations=True)
-    ctx.output_probe = ctx.stats_provider = ctx.sample_provider = ctx.stream_provider = None
+    return layer_table(structure, ctx.layers, sqnr_values, ctx.declined), sqnr_values, records
 
+
+def _stamp(graph, recipe: Recipe, pipeline, backend, model: str, vocab_size) -> None:
+    """Provenance: what built this file, so it can be rebuilt."""
     graph.model_metadata.update({"llmq.version": __version__, "llmq.recipe": recipe.name,
                                  "llmq.recipe_yaml": recipe.source_text, "llmq.pipeline": pipeline.describe(),
-                                 "llmq.backend": backend, "llmq.source_model": os.path.basename(model)})
+                                 "llmq.backend": backend.name, "llmq.source_model": os.path.basename(model)})
     if vocab_size:
         graph.model_metadata["llmq.vocab_size"] = str(vocab_size)
-    violations = check_tensorrt_rules(graph)
-    lowering = []
-    if backend == "onnxruntime":
-        from .backends.ort_attention import FuseAttentionPass
-        from .backends.ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass,
-                                            MergeMatMulNBitsPass)
 
-        t = time.perf_counter()
-        lowering_passes = [LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=accuracy_level),
-                           MergeMatMulNBitsPass(), DropBranchPadPass()] + ([FuseAttentionPass()] if fuse_attention else [])
-        lowering = PassManager(lowering_passes,
-                               verify=verify,
-                               dump_dir=os.path.join(dump_dir, "backend") if dump_dir else None).run(graph, ctx)
-        times["lowering_s"] = time.perf_counter() - t
 
+@contextlib.contextmanager
+def _staging(output: str):
+    """A temporary folder beside ``output``, removed if anything fails: nothing is ever half-written."""
     out_parent = os.path.dirname(output)
     os.makedirs(out_parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=out_parent)
@@ -191,84 +284,78 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", *, c
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
-        t = time.perf_counter()
-        model_path = os.path.join(tmp, "model.onnx")
-        files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
-        del graph
-        backend_info = {"name": backend, "tensorrt_rule_violations": violations, "lowering": lowering}
-        if backend == "onnxruntime":
-            backend_info.update(ort_backend.check_with_onnxruntime(model_path, accuracy_level))
-        elif backend == "tensorrt":
-            from .backends.tensorrt import build_engine
-
-            backend_info.update(build_engine(model_path, os.path.join(tmp, "model.engine")))
-        svg = sensitivity_svg(rows)
-        if svg:
-            with open(os.path.join(tmp, "sensitivity.svg"), "w", encoding="utf-8") as fh:
-                fh.write(svg)
-        with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as fh:
-            fh.write(recipe.source_text)
-        if tok_path:
-            shutil.copytree(tok_path, os.path.join(tmp, "model.tokenizer"))
-        times["write_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        # windows as long as the calibration ran (the model took that); without calibration, short ones
-        verify_len = int(batches.shape[1]) if batches is not None else min(calib_seq_len or recipe.calib_seq_len, 128)
-        verification = _verify(model, model_path, recipe, calib, tok, vocab_size, blocks,
-                               calib_samples or recipe.calib_samples, verify_len,
-                               accuracy_level if backend == "onnxruntime" else 0, ctx.progress)
-        times["verify_s"] = time.perf_counter() - t
-        if verification["problems"]:
-            where = _worst_block(verification)
-            message = (f"the compiled model is outside recipe {recipe.name}'s bound against {os.path.basename(model)} "
-                       f"on {verification['windows']} held-out windows: {verification['problems'][0]}{where}")
-            if not allow_loss:
-                raise LlmqError(message + "; nothing was written",
-                                "keep the damaged layers float (--exclude), choose a gentler recipe, or pass "
-                                "--allow-loss to write it anyway")
-            logger.warning("%s — written anyway because of --allow-loss", message)
-        times["total_s"] = time.perf_counter() - t0
-        quantized_w = sum(1 for r in rows if r.get("weight_bits"))
-        quantized_a = sum(1 for r in rows if r.get("act_bits"))
-        report = {
-            "llmq_version": __version__, "model": os.path.basename(model), "recipe": recipe.to_dict(),
-            "verification": verification,
-            "pipeline": pipeline.describe(), "backend": backend_info, "structure": structure_summary,
-            "passes": records, "declined": ctx.declined, "layers": rows,
-            "attention": attention_table(ctx.layers, linear_names),
-            "calibration": None if batches is None else {
-                "source": calib or "built-in default text", "samples": int(batches.shape[0]),
-                "seq_len": int(batches.shape[1]), "collections": ctx.stats_collections},
-            "totals": {"linears": len(rows), "quantized_weights": quantized_w, "quantized_activations": quantized_a,
-                       "int8_act_mac_fraction": round(int8_act_mac_fraction(rows), 4),
-                       "int8_act_mac_fraction_decoder": round(int8_act_mac_fraction(rows, include_lm_head=False), 4),
-                       "range_split_extra_int8_mac_fraction": round(range_split_extra_mac_fraction(rows), 4),
-                       "worst_sqnr_db": min(sqnr_values.values()) if sqnr_values else None},
-            "times": {k: round(v, 2) for k, v in times.items()},
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "files": {os.path.basename(f): os.path.getsize(f) for f in files},
-        }
-        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=1, default=_json_default)
-        if os.path.exists(output):
-            old = output + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    paths = {"model": os.path.join(output, "model.onnx"), "report": os.path.join(output, "report.json"),
-             "recipe": os.path.join(output, "recipe.yaml")}
-    if len(files) > 1:
-        paths["external_data"] = os.path.join(output, os.path.basename(files[1]))
-    if tok_path:
-        paths["tokenizer"] = os.path.join(output, "model.tokenizer")
-    report["summary"] = summary_text(report)
-    return CompileResult(output, paths, report)
+
+
+def _publish(tmp: str, output: str) -> None:
+    """Put the finished folder in place (replacing an old one only once the new one is complete)."""
+    if os.path.exists(output):
+        old = output + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+def _write_side_files(tmp: str, rows: list, recipe: Recipe, calib: _Calibration) -> None:
+    svg = sensitivity_svg(rows)
+    if svg:
+        with open(os.path.join(tmp, "sensitivity.svg"), "w", encoding="utf-8") as fh:
+            fh.write(svg)
+    with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as fh:
+        fh.write(recipe.source_text)
+    if calib.tokenizer_path:
+        shutil.copytree(calib.tokenizer_path, os.path.join(tmp, "model.tokenizer"))
+
+
+def _verify_output(model: str, model_path: str, recipe: Recipe, opts: CompileOptions, calib: _Calibration,
+                   vocab_size, blocks: dict, accuracy_level: int, progress) -> dict:
+    """The end-to-end check; outside the recipe's bound it fails the compile unless ``allow_loss``."""
+    # windows as long as the calibration ran (the model took that); without calibration, short ones
+    batches = calib.batches
+    verify_len = int(batches.shape[1]) if batches is not None else min(opts.calib_seq_len or recipe.calib_seq_len, 128)
+    verification = _verify(model, model_path, recipe, calib.source, calib.tokenizer, vocab_size, blocks,
+                           opts.calib_samples or recipe.calib_samples, verify_len, accuracy_level, progress)
+    if verification["problems"]:
+        where = _worst_block(verification)
+        message = (f"the compiled model is outside recipe {recipe.name}'s bound against {os.path.basename(model)} "
+                   f"on {verification['windows']} held-out windows: {verification['problems'][0]}{where}")
+        if not opts.allow_loss:
+            raise LlmqError(message + "; nothing was written",
+                            "keep the damaged layers float (--exclude), choose a gentler recipe, or pass "
+                            "--allow-loss to write it anyway")
+        logger.warning("%s — written anyway because of --allow-loss", message)
+    return verification
+
+
+def _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows, linear_names,
+            calib: _Calibration, sqnr_values, times, files) -> dict:
+    quantized_w = sum(1 for r in rows if r.get("weight_bits"))
+    quantized_a = sum(1 for r in rows if r.get("act_bits"))
+    batches = calib.batches
+    return {
+        "llmq_version": __version__, "model": os.path.basename(model), "recipe": recipe.to_dict(),
+        "verification": verification,
+        "pipeline": pipeline.describe(), "backend": backend_info, "structure": structure_summary,
+        "passes": records, "declined": ctx.declined, "layers": rows,
+        "attention": attention_table(ctx.layers, linear_names),
+        "calibration": None if batches is None else {
+            "source": calib.source or "built-in default text", "samples": int(batches.shape[0]),
+            "seq_len": int(batches.shape[1]), "collections": ctx.stats_collections},
+        "totals": {"linears": len(rows), "quantized_weights": quantized_w, "quantized_activations": quantized_a,
+                   "int8_act_mac_fraction": round(int8_act_mac_fraction(rows), 4),
+                   "int8_act_mac_fraction_decoder": round(int8_act_mac_fraction(rows, include_lm_head=False), 4),
+                   "range_split_extra_int8_mac_fraction": round(range_split_extra_mac_fraction(rows), 4),
+                   "worst_sqnr_db": min(sqnr_values.values()) if sqnr_values else None},
+        "times": {k: round(v, 2) for k, v in times.items()},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "files": {os.path.basename(f): os.path.getsize(f) for f in files},
+    }
 
 
 PROBE_TOKENS = 256  # tokens of the first calibration window an exact pass is checked on

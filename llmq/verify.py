@@ -67,7 +67,7 @@ def block_outputs(structure) -> dict:
 def _session(path: str, extra: list, accuracy_level: int):
     """A session for ``path`` with ``extra`` intermediate tensors exposed as outputs (skipped if impossible)."""
     if not extra:
-        return make_session(path, accuracy_level), []
+        return make_session(path, accuracy_level, prepack=False), []
     model = onnx.load(path, load_external_data=False)
     produced = {o for n in model.graph.node for o in n.output}
     present = {o.name for o in model.graph.output}
@@ -79,17 +79,17 @@ def _session(path: str, extra: list, accuracy_level: int):
     if not external:
         data = model.SerializeToString()
         del model  # the proto and the session's copy of the weights are never alive together
-        return make_session(data, accuracy_level), extra
+        return make_session(data, accuracy_level, prepack=False), extra
     folder = os.path.dirname(os.path.abspath(path))  # external data is found relative to the model's folder
     try:
         fd, tmp = tempfile.mkstemp(prefix=".llmq-verify-", suffix=".onnx", dir=folder)
         os.close(fd)
     except OSError:
         logger.warning("cannot write beside %s: block outputs are not compared", path)
-        return make_session(path, accuracy_level), []
+        return make_session(path, accuracy_level, prepack=False), []
     try:
         onnx.save(model, tmp)
-        return make_session(tmp, accuracy_level), extra
+        return make_session(tmp, accuracy_level, prepack=False), extra
     finally:
         os.remove(tmp)
 
@@ -101,15 +101,38 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def verify_model(input_path: str, output_path: str, windows: np.ndarray, vocab_size: int | None,
                  blocks: dict, accuracy_level: int = 0, progress=None) -> dict:
-    """Measure ``output_path`` against ``input_path`` on ``windows`` (int64 ``[n, seq]``), one window a run."""
+    """Measure ``output_path`` against ``input_path`` on ``windows`` (int64 ``[n, seq]``), one window a run.
+
+    The two models run one after the other, never both in memory: the input model's outputs on every window
+    are kept on disk (a temporary folder) while the compiled model runs."""
+    import gc
+
     wanted = list(dict.fromkeys(blocks.values()))
-    ref, ref_extra = _session(input_path, wanted, 0)
-    out, out_extra = _session(output_path, wanted, accuracy_level)
-    common = [n for n in wanted if n in ref_extra and n in out_extra]
-    out_names = {o.name for o in out.get_outputs()}
-    primary = [n for n in compared_outputs([o.name for o in ref.get_outputs()]) if n in out_names and n not in wanted]
-    ref_inputs = session_specs(ref)
-    out_inputs = session_specs(out)
+    with tempfile.TemporaryDirectory(prefix="llmq-verify-") as scratch:
+        ref, ref_extra = _session(input_path, wanted, 0)
+        ref_outputs = [o.name for o in ref.get_outputs()]
+        ref_inputs = session_specs(ref)
+        names = list(dict.fromkeys(compared_outputs(ref_outputs) + [n for n in wanted if n in ref_extra]))
+        for i, window in enumerate(progress(list(windows)) if progress else windows):
+            for name, value in zip(names, ref.run(names, prompt_feeds(ref_inputs, window[None]))):
+                np.save(os.path.join(scratch, f"{i}.{names.index(name)}.npy"), value)
+        del ref
+        gc.collect()
+        out, out_extra = _session(output_path, wanted, accuracy_level)
+        common = [n for n in wanted if n in ref_extra and n in out_extra]
+        out_names = {o.name for o in out.get_outputs()}
+        primary = [n for n in compared_outputs(ref_outputs) if n in out_names and n not in wanted]
+
+        def reference(i: int) -> dict:
+            return {n: np.load(os.path.join(scratch, f"{i}.{names.index(n)}.npy")) for n in primary + common}
+
+        return _compare(out, session_specs(out), windows, reference, primary, common, vocab_size, blocks,
+                        accuracy_level)
+
+
+def _compare(out, out_inputs, windows, reference, primary: list, common: list, vocab_size, blocks: dict,
+             accuracy_level: int) -> dict:
+    """Run the compiled model on each window and measure it against ``reference(i)``, the input's outputs."""
     sums: dict = {}
 
     def add(key, value, weight=1.0):
@@ -117,11 +140,10 @@ def verify_model(input_path: str, output_path: str, windows: np.ndarray, vocab_s
         s[0] += value * weight
         s[1] += weight
 
-    iterator = progress(list(windows)) if progress else windows
-    for window in iterator:
+    for i, window in enumerate(windows):
         ids = window[None]
         names = primary + common
-        y_ref = dict(zip(names, ref.run(names, prompt_feeds(ref_inputs, ids))))
+        y_ref = reference(i)
         y_out = dict(zip(names, out.run(names, prompt_feeds(out_inputs, ids))))
         for name in primary:
             a, b = y_ref[name], y_out[name]

@@ -184,7 +184,7 @@ class AnalyzeSensitivityPass(Pass):
                     if t is x and c is not Graph.producer(q):
                         c.inputs[j] = sw
             flags.append(flag.name)
-        session = graph_session(probe)
+        session = graph_session(probe, prepack=True)  # run once per group: packed weights pay for their copy
         inputs = input_specs(t for t in probe.gs.inputs if t.name not in flags)
         feeds = {**prompt_feeds(inputs, sample), **{f: np.asarray(False) for f in flags}}
         ref = session.run(None, feeds)[0][0]

@@ -19,6 +19,7 @@ from importlib import resources
 
 import yaml
 
+from ..backends.registry import BACKENDS
 from ..ir.errors import LlmqError
 from ..passes import REGISTRY
 from ..verify import Bound
@@ -27,7 +28,7 @@ __all__ = ["Recipe", "list_recipes", "load_recipe"]
 
 TOP_KEYS = {"name", "description", "opset", "calibration", "exclude", "passes", "backends", "verify"}
 VERIFY_KEYS = {"max_kl", "max_rel_error", "windows"}
-ALL_BACKENDS = ("qdq", "onnxruntime", "tensorrt")
+ALL_BACKENDS = tuple(BACKENDS)  # the backends, as defined once in backends/registry.py
 CALIB_KEYS = {"samples", "seq_len"}
 
 

@@ -1,0 +1,92 @@
+"""The backends, defined once: each is an object owning its lowering passes and its build step.
+
+* ``qdq`` — the portable explicit-quantization ONNX (Q/DQ) file: no lowering, no build. TensorRT builds
+  engines from it; ONNX Runtime runs it as it is.
+* ``onnxruntime`` — the Q/DQ graph lowered to ONNX Runtime's integer kernels (``MatMulIntegerToFloat``,
+  ``MatMulNBits``) and, optionally, fused attention (``GroupQueryAttention``); built by opening a session and
+  reporting what it fused.
+* ``tensorrt`` — the portable graph, built into an engine with TensorRT when it is installed (never on the
+  machines llmq is developed on; see the README).
+
+The driver asks :data:`BACKENDS` by name and iterates; it never branches on a backend's name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = ["Backend", "BACKENDS", "backend_named"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A target: ``lowering_passes(options)`` then ``build(model_path, folder, options)``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    symmetric_weights_only: ClassVar[bool] = True  # TensorRT takes zero-point-free weights only
+
+    def lowering_passes(self, options) -> list:
+        return []
+
+    def build(self, model_path: str, folder: str, options) -> dict:
+        """Build or check the written model; returns facts for the report."""
+        return {}
+
+    def accuracy_level(self, options) -> int:
+        """The ``MatMulNBits`` accuracy level the written model runs with (0: float activations)."""
+        return 0
+
+
+@dataclass(frozen=True)
+class QDQBackend(Backend):
+    name: ClassVar[str] = "qdq"
+    description: ClassVar[str] = "portable Q/DQ ONNX (what TensorRT builds from; ONNX Runtime runs it as is)"
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeBackend(Backend):
+    name: ClassVar[str] = "onnxruntime"
+    description: ClassVar[str] = "ONNX Runtime integer kernels (MatMulIntegerToFloat, MatMulNBits), fused attention"
+    symmetric_weights_only: ClassVar[bool] = False
+
+    def lowering_passes(self, options) -> list:
+        from .ort_attention import FuseAttentionPass
+        from .ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass,
+                                   MergeMatMulNBitsPass)
+
+        passes = [LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=options.accuracy_level),
+                  MergeMatMulNBitsPass(), DropBranchPadPass()]
+        return passes + ([FuseAttentionPass()] if options.fuse_attention else [])
+
+    def build(self, model_path: str, folder: str, options) -> dict:
+        from .onnxruntime import check_with_onnxruntime
+
+        return check_with_onnxruntime(model_path, options.accuracy_level)
+
+    def accuracy_level(self, options) -> int:
+        return options.accuracy_level
+
+
+@dataclass(frozen=True)
+class TensorRTBackend(Backend):
+    name: ClassVar[str] = "tensorrt"
+    description: ClassVar[str] = "TensorRT engine built from the portable Q/DQ graph (needs tensorrt installed)"
+
+    def build(self, model_path: str, folder: str, options) -> dict:
+        from .tensorrt import build_engine
+
+        return build_engine(model_path, os.path.join(folder, "model.engine"))
+
+
+BACKENDS = {b.name: b for b in (QDQBackend(), OnnxRuntimeBackend(), TensorRTBackend())}
+
+
+def backend_named(name: str) -> Backend:
+    from ..ir.errors import LlmqError
+
+    if name not in BACKENDS:
+        raise LlmqError(f"unknown backend '{name}'", f"choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
