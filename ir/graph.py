@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .storage import attach_external
+from .storage import ExternalValues, attach_external
 
 __all__ = ["Graph", "ConstantView", "FLOAT_TYPES", "float_dtype_of", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH", "FUSED_INPUT", "RANGE_SPLIT", "SUB_BYTE_DTYPES"]
 
@@ -115,12 +115,28 @@ class Graph:
         """The ONNX element type of :attr:`float_dtype` (for ``Cast`` nodes a pass inserts)."""
         return next(k for k, v in FLOAT_TYPES.items() if v == self.float_dtype)
 
-    def to_model(self) -> onnx.ModelProto:
+    def to_model(self, keep_external: bool = False) -> onnx.ModelProto:
+        """The graph as a self-contained ``ModelProto``: constants still on disk are read into it (without
+        being kept in the graph), unless ``keep_external`` (the streaming writer: they stay references)."""
         self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
         self.gs.opset = self.opset
+        on_disk = [] if keep_external else [
+            (t, t._values) for t in self.gs.tensors().values()
+            if isinstance(t, gs.Constant) and isinstance(getattr(t, "_values", None), ExternalValues)]
+        for t, values in on_disk:
+            t._values = values.load()
+        try:
+            return self._export()
+        finally:
+            for t, values in on_disk:
+                t._values = values
+
+    def _export(self) -> onnx.ModelProto:
         # onnx-graphsurgeon writes one byte per element; 4-bit constants are exported as 8-bit and repacked
+        # (constants still backed by a proto or a file are exported from it as they are: already packed)
         packed = {name: t for name, t in self.gs.tensors().items()
-                  if isinstance(t, gs.Constant) and t.dtype in SUB_BYTE_DTYPES}
+                  if isinstance(t, gs.Constant) and not isinstance(t._values, gs.ir.tensor.LazyValues)
+                  and t.dtype in SUB_BYTE_DTYPES}
         originals = {name: t.values for name, t in packed.items()}
         try:
             for name, t in packed.items():

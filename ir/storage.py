@@ -337,7 +337,7 @@ def write_model(to_model, graph: gs.Graph, path: str, external: bool | None = No
             del raw
             t._values = ExternalValues(proto, data_path, offset, length)
     try:
-        onnx.save_model(to_model(), path)
+        onnx.save_model(to_model(keep_external=True), path)
     finally:
         if not adopt:
             for name, t in large:
