@@ -34,16 +34,33 @@ logger = logging.getLogger(__name__)
 
 
 def part_model(model: onnx.ModelProto, part: Part, outputs: list, graph_inputs: dict) -> onnx.ModelProto:
-    """The model of ``part`` cut from ``model`` (a weightless export of the whole graph): its nodes, the
+    """The model of ``part`` cut from ``model`` (a weightless export of the whole graph): the nodes on the way
+    back from ``outputs`` to the part's inputs (so nodes a pass added since the partition are in), the
     initializers they read, its inputs typed from the whole model's value infos, and ``outputs``."""
-    wanted = set(part.nodes)
-    nodes = [n for n in model.graph.node if n.name in wanted]
+    stop = set(part.inputs or graph_inputs)
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    inner = {sub_input for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+             for sub_input in _subgraph_reads(a.g)}
+    picked, stack = set(), [o for o in outputs if o not in stop]
+    while stack:
+        index = producer.get(stack.pop())
+        if index is None or index in picked:
+            continue
+        picked.add(index)
+        node = model.graph.node[index]
+        reads = list(node.input) + ([t for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
+                                     for t in _subgraph_reads(a.g)] if inner else [])
+        stack.extend(t for t in reads if t and t not in stop)
+    nodes = [n for i, n in enumerate(model.graph.node) if i in picked]
     used = {i for n in nodes for i in n.input} | set(outputs)
+    if inner:
+        used |= {t for n in nodes for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for t in _subgraph_reads(a.g)}
     inits = [i for i in model.graph.initializer if i.name in used]
     init_names = {i.name for i in inits}
     infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
     inputs = []
-    for name in part.inputs or tuple(graph_inputs):
+    reached = [g for g in graph_inputs if g in used and g not in set(part.inputs)] if part.inputs else []
+    for name in tuple(part.inputs or graph_inputs) + tuple(reached):
         if name in init_names or name not in used:
             continue
         info = infos.get(name)
@@ -57,12 +74,25 @@ def part_model(model: onnx.ModelProto, part: Part, outputs: list, graph_inputs: 
     return sub
 
 
+def _subgraph_reads(g: onnx.GraphProto) -> set:
+    """The outer-scope tensors a subgraph (an If/Loop body) reads."""
+    made = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
+    reads = {i for n in g.node for i in n.input if i and i not in made}
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                reads |= _subgraph_reads(a.g) - made
+    return reads
+
+
 class BlockwiseRunner:
     """Calibration batches through the parts of a partitioned graph, one part at a time (see the module)."""
 
-    def __init__(self, graph: Graph, parts: Partition, batches: list, workdir: str | None = None, progress=None):
+    def __init__(self, graph: Graph, parts: Partition, batches: list, workdir: str | None = None, progress=None,
+                 options_factory=None):
         self.graph, self.parts, self.batches = graph, parts, list(batches)
         self.progress = progress
+        self.options_factory = options_factory  # () -> onnxruntime.SessionOptions for each part's session
         self._own = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="llmq-blocks-")
         self._saved: dict = {}  # tensor name -> index of the part that made it
@@ -82,13 +112,11 @@ class BlockwiseRunner:
 
     def _feeds(self, part: Part, batch: int) -> dict:
         feeds = prompt_feeds(input_specs(self.graph.gs.inputs), self.batches[batch])
-        out = {}
-        for name in part.inputs or tuple(feeds):
+        out = dict(feeds)  # the graph's inputs, for a part that reads one directly
+        for name in part.inputs:
             if name in self._saved:
                 out[name] = np.load(self._path(name, batch))
-            elif name in feeds:
-                out[name] = feeds[name]
-            else:
+            elif name not in feeds:
                 raise ValueError(f"part {part.name} reads {name}, which no earlier part saved")
         return out
 
@@ -96,17 +124,29 @@ class BlockwiseRunner:
     def session(self, part: Part, extra: list = ()):
         """A session running ``part`` of the graph as it stands now, with ``extra`` tensors exposed."""
         outputs = list(dict.fromkeys(list(part.outputs) + list(extra)))
-        return graph_arrays_session(self.graph, lambda model: part_model(model, part, outputs, self._graph_inputs)), outputs
+        options = self.options_factory() if self.options_factory else None
+        return graph_arrays_session(self.graph, lambda model: part_model(model, part, outputs, self._graph_inputs),
+                                    options), outputs
 
-    def run(self, index: int, names: list, each) -> None:
-        """Run part ``index`` on every batch; ``each(name, array)`` per requested tensor per batch."""
+    def run(self, index: int, names: list, each, batches=None) -> None:
+        """Run part ``index`` on every batch (or those in ``batches``); ``each(name, array)`` per requested
+        tensor per batch. A requested tensor the part reads as an input is given as it was fed."""
         part = self.parts.parts[index]
-        session, outputs = self.session(part, names)
-        batches = range(len(self.batches))
-        for b in (self.progress(batches, part.name) if self.progress else batches):
-            values = dict(zip(outputs, session.run(outputs, self._feeds(part, b))))
+        inputs = set(part.inputs)
+        session, outputs = self.session(part, [n for n in names if n not in inputs])
+        batches = range(len(self.batches)) if batches is None else batches
+        wanted = {i.name for i in session.get_inputs()}
+        for b in (self.progress(batches, part.name) if self.progress and len(batches) > 1 else batches):
+            feeds = self._feeds(part, b)
+            values = dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in wanted})))
             for name in names:
-                each(name, values[name])
+                each(name, feeds[name] if name in inputs else values[name])
+
+    def outputs(self, index: int, batch: int = 0) -> dict:
+        """``{name: array}`` of part ``index``'s outputs on batch ``batch`` (an exactness probe of the part)."""
+        out: dict = {}
+        self.run(index, list(self.parts.parts[index].outputs), out.__setitem__, [batch])
+        return out
 
     def stats(self, index: int, names: list) -> dict:
         """``{name: TensorStats}`` of tensors computed in part ``index``, over every batch."""
@@ -114,26 +154,33 @@ class BlockwiseRunner:
         self.run(index, names, lambda n, v: stats[n].update(v))
         return stats
 
-    def advance(self, index: int) -> None:
+    def advance(self, index: int, names: tuple = (), each=None) -> None:
         """Run part ``index`` (as the graph stands: float or already quantized) and save what later parts
-        read; delete saved tensors no later part reads."""
+        read; delete saved tensors no part from ``index`` on reads (part ``index``'s own inputs stay until the
+        next advance, so the part can still run after it advanced: float propagation advances it first).
+        ``names``/``each``: tensors of the part handed to ``each(name, array)`` per batch in the same run."""
         if index != self.done + 1:
             raise ValueError(f"parts advance in order: {self.done + 1} next, not {index}")
         part = self.parts.parts[index]
         keep = [o for o in part.outputs if self._last_reader.get(o, -1) > index]
 
-        def save(name, value, counter=iter(range(1 << 62))):
-            b = next(counter) // max(len(keep), 1)
-            path = self._path(name, b)
-            np.save(path, value)
-            self.bytes_written += os.path.getsize(path)
+        wanted = list(dict.fromkeys(keep + list(names)))
 
-        if keep:
-            self.run(index, keep, save)
+        def save(name, value, counter=iter(range(1 << 62))):
+            b = next(counter) // max(len(wanted), 1)
+            if name in names:
+                each(name, value)
+            if name in keep:
+                path = self._path(name, b)
+                np.save(path, value)
+                self.bytes_written += os.path.getsize(path)
+
+        if wanted:
+            self.run(index, wanted, save)
         for name in keep:
             self._saved[name] = index
         for name, last in list(self._last_reader.items()):
-            if last <= index and name in self._saved:
+            if last < index and name in self._saved:
                 for b in range(len(self.batches)):
                     try:
                         os.remove(self._path(name, b))

@@ -166,6 +166,8 @@ def partition(graph: Graph, structure: Structure) -> Partition:
                 continue
             if producer is not None and owner.get(producer.name) == index:
                 continue  # another output of a node this part already holds (Split)
+            if producer is not None and producer.name in owner and _constant_only(t):
+                continue  # a weight's view another part holds too (a tied embedding): each part computes its own
             if t.name in stop or producer is None or producer.name in owner or (
                     index > 0 and t.name not in dependent and not _constant_only(t)):
                 if t.name not in outputs:
@@ -210,6 +212,18 @@ def partition(graph: Graph, structure: Structure) -> Partition:
         name, inputs, outputs, nodes = specs[j]
         specs[j] = (name, inputs, tuple(outputs) + tuple(dict.fromkeys(names)), nodes)
     parts = [Part(*spec) for spec in specs]
+    made: dict = {}
+    for i, part in enumerate(parts):
+        for t in part.outputs:
+            made.setdefault(t, i)
+    for i, part in enumerate(parts):  # a chain: each part reads only what earlier parts made
+        for t in part.inputs:
+            j = made.get(t)
+            if j is not None and j >= i:
+                raise ValueError(f"part {part.name} reads {t}, which {parts[j].name} makes: the blocks do not form a chain "
+                                 "at the residual stream")
+            if j is None and not (_is_input(graph, tensors[t]) or _constant_only(tensors[t])):
+                raise ValueError(f"part {part.name} reads {t}, which no part makes")
     unassigned = [n.name for n in graph.gs.nodes if n.name not in owner and not _constant_only_node(n)]
     if unassigned:  # nodes no output depends on: they run nowhere
         logger.debug("%d node(s) reach no output and belong to no part (first: %s)", len(unassigned), unassigned[0])

@@ -34,8 +34,8 @@ from .graph import Graph
 from .storage import release_memory, session_inputs, weights_as_inputs, write_model
 from .structure import Structure, discover
 
-__all__ = ["Pass", "PassResult", "PassContext", "PassManager", "PHASES", "EXACT_TOLERANCE", "exact_tolerance", "output_error",
-           "save_model"]
+__all__ = ["Pass", "PassResult", "PassContext", "PassManager", "PHASES", "EXACT_TOLERANCE", "Scope", "exact_tolerance",
+           "output_error", "save_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,30 @@ class PassResult:
     stats: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """The part of the graph a block-by-block compile works on: decoder layer ``layer`` (its linears and
+    attention block, found again after every change), or, for the parts around the blocks (``layer`` None),
+    the linears among ``nodes`` that belong to no layer (the LM head)."""
+
+    name: str
+    layer: int | None = None
+    nodes: frozenset = frozenset()
+
+    def admits(self, lin) -> bool:
+        if self.layer is not None:
+            return lin.layer == self.layer
+        return lin.layer is None and lin.node.name in self.nodes
+
+    def restrict(self, structure: Structure) -> Structure:
+        linears = [lin for lin in structure.linears if self.admits(lin)]
+        names = {lin.name for lin in linears}
+        return Structure(linears=linears,
+                         attention=[a for a in structure.attention if self.layer is not None and a["layer"] == self.layer],
+                         residual_adds=[r for r in structure.residual_adds if r["after"] in names],
+                         embedding=structure.embedding, vocab_size=structure.vocab_size)
+
+
 @dataclass
 class PassContext:
     """What passes share within one compile: structure, calibration statistics, layer records.
@@ -102,6 +126,7 @@ class PassContext:
     calibration_batch: object = None  # one int64 [1, seq] batch of the calibration data, for measurements
     output_probe: Callable | None = None  # graph -> {output name: array} on a fixed sample (exactness checks)
     progress: Callable | None = None  # (iterable, description) -> iterable that shows progress
+    scope: Scope | None = None  # block by block: passes see (and change) this part's linears only
     _structure: Structure | None = None
     _stats: dict = field(default_factory=dict)
     _sample: dict = field(default_factory=dict)
@@ -109,7 +134,8 @@ class PassContext:
 
     def structure(self, graph: Graph) -> Structure:
         if self._structure is None:
-            self._structure = discover(graph)
+            found = discover(graph)
+            self._structure = found if self.scope is None else self.scope.restrict(found)
         return self._structure
 
     def activation_stats(self, graph: Graph, names: list) -> dict:
@@ -178,6 +204,9 @@ class Pass:
     changes_activations: ClassVar[bool] = True
     requires_stats: ClassVar[bool] = False
     exact: ClassVar[bool] = False  # the rewrite keeps the graph's function (checked on the model: see above)
+    # its decisions for one block need nothing outside it, so a compile may run it block by block (a pass that
+    # ranks or budgets across the whole model sets False, and the compile then runs whole)
+    block_local: ClassVar[bool] = True
 
     @dataclass(frozen=True)
     class Options:
@@ -211,6 +240,7 @@ class PassManager:
     dump_dir: str | None = None
     progress: Callable[[str], None] | None = None
     before_phase: Callable[[str, Graph], None] | None = None  # called once as each phase starts
+    release: bool = True  # hand memory back after each pass (a block-by-block caller does it once per block)
 
     def __post_init__(self):
         last = None
@@ -274,7 +304,8 @@ class PassManager:
                     self._verify(graph, p)
                 if self.dump_dir:
                     self._dump(graph, f"{index + 1:02d}-{p.name}.onnx")
-            release_memory()  # what the pass replaced goes back to the system before the next one runs
+            if self.release:
+                release_memory()  # what the pass replaced goes back to the system before the next one runs
             records.append({"pass": p.name, "options": p.describe(), "modified": result.modified,
                             "seconds": round(seconds, 3), "stats": result.stats})
             logger.info("%s: modified=%s in %.2fs %s", p.name, result.modified, seconds, result.stats)

@@ -27,17 +27,28 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import external_data_helper as edh
 from onnx import numpy_helper
 
-__all__ = ["ExternalValues", "INLINE_LIMIT", "attach_external", "detach", "release_memory", "spill_inline", "constant_nbytes", "graph_arrays_session", "graph_session", "peek", "session_inputs",
+__all__ = ["ExternalValues", "bytes_read", "INLINE_LIMIT", "attach_external", "detach", "release_memory", "spill", "spill_inline", "constant_nbytes", "fill_packed", "graph_arrays_session", "graph_session", "peek", "session_inputs",
            "weights_as_inputs", "write_model"]
 
 logger = logging.getLogger(__name__)
 
-# Weights over this many bytes in all are written as external data (protobuf refuses messages over 2 GB; the
-# margin leaves room for the graph itself). Tests lower it to exercise the external path on tiny models.
-INLINE_LIMIT = 2**31 - 1 - (64 << 20)
+# Weights of this many bytes in all or more are written as external data. Protobuf refuses messages over 2 GB,
+# and reading a single file means parsing all of it into memory at once (ONNX Runtime, and llmq's own
+# verification of what it wrote), where external data is memory-mapped: past 1 GiB the weights go beside the
+# model. Tests lower it to exercise the external path on tiny models.
+INLINE_LIMIT = 1 << 30
 SMALL = 1024  # constants below this stay inside the proto (shapes, axes, scalars)
 ALIGN_OVER, ALIGNMENT = 1 << 20, 1 << 16
 INLINE_FILE = "llmq-inline-weights.data"  # where the loader moves weights a model file holds inline
+
+
+_READ = [0]  # bytes of weights read from external data (files, or memory maps handed to a session)
+
+
+def bytes_read() -> int:
+    """Bytes of weights this process has read from external data so far (a memory map handed to an ONNX
+    Runtime session counts its size)."""
+    return _READ[0]
 
 
 class ExternalValues(LazyValues):
@@ -58,7 +69,9 @@ class ExternalValues(LazyValues):
     def _raw(self) -> bytes:
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
-            return fh.read(self.length if self.length is not None else -1)
+            raw = fh.read(self.length if self.length is not None else -1)
+        _READ[0] += len(raw)
+        return raw
 
     def load(self) -> np.ndarray:
         proto = onnx.TensorProto()
@@ -83,6 +96,50 @@ class ExternalValues(LazyValues):
 _SUB_BYTE = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
+def _append(fh, raw: bytes) -> int:
+    """Append ``raw`` to the open data file ``fh`` (64 KiB-aligned when ≥ 1 MiB, so ONNX Runtime and
+    :meth:`ExternalValues.mapped` can map it; else 16-byte aligned); returns its offset."""
+    offset = fh.tell()
+    align = ALIGNMENT if len(raw) >= ALIGN_OVER else 16
+    if offset % align:
+        fh.write(b"\0" * (align - offset % align))
+        offset = fh.tell()
+    fh.write(raw)
+    return offset
+
+
+def _external_proto(proto: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    """``proto`` made a reference to ``location`` at ``offset``; returns a fresh copy of it to keep: protobuf
+    (upb) keeps a cleared field's bytes in the message's arena, so holding ``proto`` would hold its data."""
+    proto.ClearField("raw_data")
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    del proto.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        proto.external_data.add(key=key, value=value)
+    fresh = onnx.TensorProto()
+    fresh.CopyFrom(proto)
+    return fresh
+
+
+def spill(graph: gs.Graph, path: str) -> int:
+    """Move every large constant of ``graph`` held in memory to the end of the scratch file ``path``, where it
+    is read again lazily (:class:`ExternalValues`); returns the bytes moved. A block-by-block compile calls
+    this as each block finishes, so memory holds one block's new weights, not the model's."""
+    moved = 0
+    with open(path, "ab") as fh:
+        for name, t in _large(graph):
+            if isinstance(t._values, LazyValues):
+                continue
+            proto = numpy_helper.from_array(np.asarray(t._values), name)
+            raw = proto.raw_data
+            offset = _append(fh, raw)
+            t._values = ExternalValues(_external_proto(proto, os.path.basename(path), offset, len(raw)), path, offset,
+                                       len(raw))
+            t.data_location = None
+            moved += len(raw)
+    return moved
+
+
 def spill_inline(model: onnx.ModelProto, folder: str) -> int:
     """Move every initializer of ``model`` stored inline (≥ 1 KB) into ``folder/``:data:`INLINE_FILE` and make it an
     external reference there; returns the bytes moved. With :func:`attach_external` and :func:`detach`, the
@@ -94,16 +151,7 @@ def spill_inline(model: onnx.ModelProto, folder: str) -> int:
             if not init.HasField("raw_data") or len(init.raw_data) < SMALL:
                 continue
             raw = init.raw_data
-            offset = fh.tell()
-            if len(raw) >= ALIGN_OVER and offset % ALIGNMENT:
-                fh.write(b"\0" * (ALIGNMENT - offset % ALIGNMENT))
-                offset = fh.tell()
-            fh.write(raw)
-            init.ClearField("raw_data")
-            init.data_location = onnx.TensorProto.EXTERNAL
-            del init.external_data[:]
-            for key, value in (("location", INLINE_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
-                init.external_data.add(key=key, value=value)
+            _external_proto(init, INLINE_FILE, _append(fh, raw), len(raw))
             moved += len(raw)
     return moved
 
@@ -180,33 +228,61 @@ def _large(graph: gs.Graph):
 
 
 def session_inputs(to_model, graph: gs.Graph, upcast: bool = False) -> tuple:
-    """``(weightless model, names, arrays)`` for an ONNX Runtime session over ``graph``: ``to_model()`` exports
-    it with every large constant replaced by an external stub, whose values go in ``arrays`` (memory-mapped
-    where still on disk, else the arrays the graph holds). ``upcast``: bfloat16 arrays are given as float32
-    (see :mod:`llmq.ir.precision`; the caller up-casts the rest of the model)."""
-    stubs, names, arrays = {}, [], []
+    """``(weightless model, names, arrays, packed)`` for an ONNX Runtime session over ``graph``: ``to_model()``
+    exports it with every large constant replaced by an external stub, whose values go in ``arrays``
+    (memory-mapped where still on disk, else the arrays the graph holds). 4-bit constants are stubbed too
+    but ONNX Runtime takes packed bytes only from the proto: ``packed`` maps their names to their constants,
+    for :func:`fill_packed` to put in once the model is cut to what a session needs. ``upcast``: bfloat16
+    arrays are given as float32 (see :mod:`llmq.ir.precision`; the caller up-casts the rest of the model).
+    Nothing is read into the graph: a constant still on disk stays there."""
+    stubs, names, arrays, packed = {}, [], [], {}
     for name, t in _large(graph):
         values = t._values
-        array = values.mapped() if isinstance(values, ExternalValues) else None
-        if array is None:
-            array = np.ascontiguousarray(t.values)
-        if upcast and array.dtype.name == "bfloat16":
-            array = array.astype(np.float32)
-        if str(array.dtype) in ("int4", "uint4") or array.dtype.kind not in "fiubV":
-            continue  # 4-bit codes stay in the proto (ONNX Runtime takes packed bytes only from there)
-        stub = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
+        if isinstance(values, LazyValues):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(values.tensor.data_type)
+            shape = tuple(int(d) for d in values.tensor.dims)
+        else:
+            dtype, shape = np.asarray(values).dtype, np.asarray(values).shape
+        if str(dtype) in ("int4", "uint4"):
+            packed[name] = t
+            array = None
+        elif dtype.kind not in "fiubV":
+            continue  # strings and the like stay in the proto
+        else:
+            array = values.mapped() if isinstance(values, ExternalValues) else None
+            if array is None:
+                array = values.load() if isinstance(values, LazyValues) else np.ascontiguousarray(values)
+            if upcast and array.dtype.name == "bfloat16":
+                array = array.astype(np.float32)
+        stub = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(
+                                    array.dtype if array is not None else dtype),
+                                dims=list(shape), data_location=onnx.TensorProto.EXTERNAL)
         stub.external_data.add(key="location", value="__llmq_in_memory__")
         stubs[name] = (t, t._values)
         t._values = LazyValues(stub)
-        names.append(name)
-        arrays.append(array)
+        if array is not None:
+            names.append(name)
+            arrays.append(array)
     try:
         model = to_model()
     finally:
         for t, values in stubs.values():
             t._values = values
-    return model, names, arrays
+    return model, names, arrays, packed
+
+
+def fill_packed(model: onnx.ModelProto, packed: dict) -> None:
+    """Put the packed bytes of the 4-bit constants ``model`` keeps (stubs from :func:`session_inputs`) inline."""
+    for init in model.graph.initializer:
+        t = packed.get(init.name)
+        if t is None:
+            continue
+        values = t._values
+        raw = values._raw() if isinstance(values, ExternalValues) else numpy_helper.from_array(
+            values.load() if isinstance(values, LazyValues) else np.asarray(values)).raw_data
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.DEFAULT
+        init.raw_data = raw
 
 
 def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -262,11 +338,13 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False):
     from .precision import upcast_bfloat16
 
     upcast = graph.float_dtype.name == "bfloat16"
-    model, names, arrays = session_inputs(graph.to_model, graph.gs, upcast)
+    model, names, arrays, packed = session_inputs(graph.to_model, graph.gs, upcast)
     model = cut(model)
+    fill_packed(model, packed)
     kept = {i.name for i in model.graph.initializer}
     pairs = [(n, a) for n, a in zip(names, arrays) if n in kept]
     names, arrays = [n for n, _ in pairs], [a for _, a in pairs]
+    _READ[0] += sum(a.nbytes for a in arrays if isinstance(a, np.memmap))
     if upcast:
         upcast_bfloat16(model)
     if options is None:
@@ -283,28 +361,81 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False):
     return session
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+MODEL_GRAPH, GRAPH_INITIALIZER = 7, 5  # ModelProto.graph, GraphProto.initializer (onnx.proto field numbers)
+
+
+def _write_inline(to_model, large: list, path: str) -> None:
+    """One self-contained file, written a tensor at a time: the model without its large constants, then each
+    one as another ``graph { initializer }`` field, which protobuf parsers merge into the one graph (the
+    wire format's rule for a message field that appears twice). No proto of the whole model is ever built,
+    so writing costs one tensor of memory, not two copies of the model."""
+    stubs = {}
+    for name, t in large:
+        values = t._values
+        if isinstance(values, ExternalValues):
+            stubs[name] = (t, values, None)  # exported as a reference, read when its turn comes
+            continue
+        if isinstance(values, LazyValues):
+            continue  # a proto still holds it: exported as it is
+        array = np.asarray(values)
+        if str(array.dtype) in ("int4", "uint4"):
+            continue  # packed by the graph's exporter
+        stub = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="__llmq_streamed__")
+        stubs[name] = (t, values, array)
+        t._values = LazyValues(stub)
+    try:
+        model = to_model(keep_external=True)
+    finally:
+        for t, values, _ in stubs.values():
+            t._values = values
+    inits = list(model.graph.initializer)
+    streamed = [i for i in inits if edh.uses_external_data(i)]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(i for i in inits if not edh.uses_external_data(i))
+    with open(path, "wb") as fh:
+        fh.write(model.SerializeToString())
+        del model
+        for init in streamed:
+            t, values, array = stubs[init.name]
+            raw = values._raw() if array is None else numpy_helper.from_array(array).raw_data
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+            init.raw_data = raw
+            fh.write(_field(MODEL_GRAPH, _field(GRAPH_INITIALIZER, init.SerializeToString())))
+            del raw
+            init.ClearField("raw_data")
+
+
 def write_model(to_model, graph: gs.Graph, path: str, external: bool | None = None,
                 inline_limit: int | None = None, adopt: bool = False) -> list:
     """Write the graph (``to_model`` exports it) to ``path``; returns the files written. ``external``: force
     external data on or off (default: on when the large constants total ``inline_limit`` bytes or more).
-    ``adopt``: the written constants now read from the written file (their arrays are dropped: memory is
-    freed as each is written); otherwise the graph is left as it was."""
+    ``adopt``: with external data, the written constants now read from the written file (their arrays are
+    dropped: memory is freed as each is written); otherwise the graph is left as it was. Either way a constant
+    is read or serialized one at a time (see :func:`_write_inline`)."""
     large = list(_large(graph))
     total = sum(constant_nbytes(t) for _, t in large)
     limit = INLINE_LIMIT if inline_limit is None else inline_limit
     if external is None:
         external = total >= limit
     if not external:
-        lazy = {name: t._values for name, t in large if isinstance(t._values, ExternalValues)}
-        for name, t in large:
-            if name in lazy:
-                t._values = lazy[name].load()  # the proto holds every weight inline
-        try:
-            onnx.save_model(to_model(), path)
-        finally:
-            for name, t in large:
-                if name in lazy and not adopt:
-                    t._values = lazy[name]
+        _write_inline(to_model, large, path)
         return [path]
     location = os.path.basename(path) + ".data"
     data_path = os.path.join(os.path.dirname(os.path.abspath(path)), location)
@@ -324,16 +455,9 @@ def write_model(to_model, graph: gs.Graph, path: str, external: bool | None = No
                 proto = numpy_helper.from_array(values.load() if isinstance(values, LazyValues) else np.asarray(values), name)
                 raw = proto.raw_data
                 proto.ClearField("raw_data")
-            offset = fh.tell()
-            if len(raw) >= ALIGN_OVER and offset % ALIGNMENT:
-                fh.write(b"\0" * (ALIGNMENT - offset % ALIGNMENT))
-                offset = fh.tell()
-            fh.write(raw)
-            length = len(raw)
+            offset, length = _append(fh, raw), len(raw)
             proto.name = name
-            proto.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                proto.external_data.add(key=key, value=value)
+            proto = _external_proto(proto, location, offset, length)
             del raw
             t._values = ExternalValues(proto, data_path, offset, length)
     try:

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import FLOAT_BRANCH, FUSED_INPUT, RANGE_SPLIT, ROLE_KEY, TRANSPARENT_OPS, ConstantView, Graph
 
-__all__ = ["Linear", "Norm", "Structure", "discover"]
+__all__ = ["Linear", "Norm", "Structure", "discover", "lite_linears"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +128,24 @@ def _find_linear(graph: Graph, node: gs.Node) -> Linear | None:
 
 
 def _consumed_shape(graph: Graph, view: ConstantView):
-    if not view.chain:
-        return tuple(view.tensor.shape)
-    try:
-        return Graph.materialize(view).shape
-    except NotImplementedError:
-        return None
+    """The shape the consumer sees, from the stored shape through the view's chain (no value is read:
+    discovery runs after every change, and materializing each quantized weight made it cost the model)."""
+    shape = tuple(view.tensor.shape)
+    for node in view.chain:
+        if node.op == "Transpose":
+            perm = node.attrs.get("perm")
+            shape = tuple(shape[p] for p in perm) if perm is not None else shape[::-1]
+        elif node.op == "Reshape":
+            target = [int(d) for d in np.asarray(node.inputs[1].values).reshape(-1)]
+            if any(d <= 0 for d in target):  # 0 (copy) and -1 (infer): worked out from the values' size
+                try:
+                    return Graph.materialize(view).shape
+                except NotImplementedError:
+                    return None
+            shape = tuple(target)
+        elif node.op not in ("DequantizeLinear", "Cast"):
+            return None  # Squeeze, Unsqueeze, Flatten: not a view materialize follows either
+    return shape
 
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -239,7 +251,7 @@ def _classify_norm(graph: Graph, tensor: gs.Tensor, seen_through_scale: bool = T
         return Norm(NORM_OPS[node.op], node, w, b)
     bias = None
     if node.op == "Add":
-        consts = [t for t in node.inputs if isinstance(t, gs.Constant) and t.values.ndim == 1]
+        consts = [t for t in node.inputs if isinstance(t, gs.Constant) and len(t.shape) == 1]
         others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
         if len(consts) != 1 or len(others) != 1:
             return None
@@ -251,7 +263,7 @@ def _classify_norm(graph: Graph, tensor: gs.Tensor, seen_through_scale: bool = T
         node = inner
     if node.op != "Mul":
         return None
-    consts = [t for t in node.inputs if isinstance(t, gs.Constant) and t.values.ndim == 1]
+    consts = [t for t in node.inputs if isinstance(t, gs.Constant) and len(t.shape) == 1]
     others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
     if len(consts) != 1 or len(others) != 1 or Graph.producer(others[0]) is None:
         return None
@@ -367,7 +379,7 @@ def discover(graph: Graph) -> Structure:
         lin.range_split = _range_split_source(graph, lin.act) is not None
 
     gathers = [n for n in graph.gs.nodes if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant)
-               and n.inputs[0].values.ndim == 2 and not isinstance(n.inputs[1], gs.Constant)]
+               and len(n.inputs[0].shape) == 2 and not isinstance(n.inputs[1], gs.Constant)]
     if gathers:  # the token embedding reads the ids input (GPT-2's position table may come first)
         def fed_by(t):
             while (p := Graph.producer(t)) is not None and p.op in ("Reshape", "Unsqueeze", "Squeeze", "Cast",
@@ -521,6 +533,17 @@ def _dedupe_names(st: Structure) -> None:
         if base in seen:
             lin.name = f"{base}#{seen[base]}"
         seen[base] = seen.get(base, 0) + 1
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+
+
+def lite_linears(structure: Structure) -> list:
+    """The structure's linears with names, roles and shapes only: no node, weight or tensor of the graph, so
+    keeping them keeps no weight alive while passes replace the originals."""
+    return [replace(lin, node=_Named(lin.node.name), weight=None, act=None, norm=None) for lin in structure.linears]
 
 
 def weight_matrix(lin: Linear) -> np.ndarray:

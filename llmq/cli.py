@@ -142,6 +142,8 @@ def compile_main(argv=None) -> int:
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="onnxruntime backend: keep attention as exported instead of fusing each block into "
                         "GroupQueryAttention + RotaryEmbedding (the fusion is probed against the original on the spot)")
+    p.add_argument("--no-blocks", action="store_true",
+                   help="run the passes on the whole graph at once, not block by block (memory then grows with the model)")
     p.add_argument("--allow-loss", action="store_true",
                    help="write the model even if the end-to-end check against the input model finds it outside the "
                         "recipe's bound (a loud warning instead of an error)")
@@ -167,7 +169,7 @@ def compile_main(argv=None) -> int:
                                  calib_seq_len=args.calib_seq_len, exclude=tuple(args.exclude), backend=args.backend,
                                  overwrite=args.overwrite, dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet,
                                  max_loss=args.max_loss, accuracy_level=args.accuracy_level, asym=args.asym,
-                                 fuse_attention=not args.no_fuse_attention, allow_loss=args.allow_loss)
+                                 fuse_attention=not args.no_fuse_attention, allow_loss=args.allow_loss, blocks=not args.no_blocks)
         result = run_compile(args.model, args.recipe, args.output, options)
         if args.json:
             json.dump(result.report, sys.stdout, indent=1, default=str)

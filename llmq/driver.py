@@ -1,7 +1,7 @@
 """The compile driver: load → discover → calibrate → run the recipe's pipeline → lower → write.
 
 Output folder (written under a temporary name and renamed, so a failure leaves nothing half-written):
-``model.onnx`` (+ ``model.onnx.data`` when over 2 GB), ``report.json``, ``recipe.yaml``, and the
+``model.onnx`` (+ ``model.onnx.data`` when its weights pass 1 GiB), ``report.json``, ``recipe.yaml``, and the
 tokenizer as ``model.tokenizer/`` when one was found. The model records the recipe, pipeline and llmq
 version in ``metadata_props``; the same input, recipe and calibration data give byte-identical output.
 """
@@ -17,26 +17,29 @@ import resource
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from . import __version__
 from .backends.qdq import check_tensorrt_rules
 from .backends.registry import BACKENDS, backend_named
+from .blocks import BlockPlan, plan_blocks, run_blocks
 from .calib.collect import collect_stats, run_with_outputs
 from .calib.data import load_calibration, load_holdout
 from .frontends.onnx_loader import load_graph
 from .frontends.torch_export import calib_path_for, tokenizer_dir_for
 from .ir.errors import LlmqError
 from .ir.passes import PassContext, PassManager
-from .ir.storage import release_memory, write_model
-from .ir.structure import discover
+from .ir.storage import bytes_read, constant_nbytes, release_memory, write_model
+from .ir.structure import discover, lite_linears
 from .recipes import Recipe, load_recipe
 from .report import (attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, range_split_extra_mac_fraction,
                      sensitivity_svg, summary_text)
 from .tokenizer import check_tokenizer, resolve_tokenizer
-from .verify import block_outputs, check_bound, compared_outputs, verify_model
+from .verify import block_outputs, check_bound, compared_outputs, verify_by_parts, verify_model
 
 __all__ = ["compile", "CompileOptions", "CompileResult", "BACKENDS"]
 
@@ -57,7 +60,8 @@ class CompileOptions:
     as GroupQueryAttention (probed); ``allow_loss``: write the model even when the end-to-end check finds it
     outside the recipe's bound (with a loud warning) instead of failing; ``verify``: check the graph after
     every pass; ``dump_dir``: write the graph after every pass that changed it; ``sqnr``: per-layer SQNR in
-    the report."""
+    the report; ``blocks``: run the passes block by block where the recipe and the graph allow (see
+    :mod:`llmq.blocks`), else on the whole graph at once."""
 
     calib: str | None = None
     tokenizer: str | None = None
@@ -75,6 +79,7 @@ class CompileOptions:
     asym: bool = False
     fuse_attention: bool = True
     allow_loss: bool = False
+    blocks: bool = True
 
 
 @dataclass
@@ -114,6 +119,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
 
     logger.info("phase load")
     graph, structure = _load(model, recipe)
+    input_bytes = sum(constant_nbytes(t) for t in graph.tensors().values() if isinstance(t, gs.Constant))
     times["load_s"] = time.perf_counter() - t0
     t = time.perf_counter()
     logger.info("phase calibration data")
@@ -122,12 +128,26 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
     ctx = _context(recipe, opts, calib)
     pipeline = PassManager(recipe.build(), verify=opts.verify, dump_dir=opts.dump_dir,
                            progress=lambda name: logger.info("running %s", name))
-    rows, sqnr_values, records = _transform_and_quantize(graph, structure, pipeline, ctx, calib, opts, times)
-    # what the rest needs of the input's structure; dropping it (and the context's analyses) frees the
-    # original weights it references before the output is verified
+    plan = plan_blocks(graph, structure, pipeline, recipe.calib_propagate) if opts.blocks else \
+        BlockPlan(None, "block-by-block compile turned off (--no-blocks)")
+    logger.info("phase passes (%s)", "block by block" if plan.parts is not None else f"whole: {plan.why_whole}")
+    # what the rest needs of the input's structure; dropping it frees the original weights it references as
+    # the passes replace them (the layer table needs names and shapes only)
     vocab_size, structure_summary, blocks = structure.vocab_size, structure.summary(), block_outputs(structure)
     linear_names = {lin.name for lin in structure.linears}
+    linears = lite_linears(structure)
     del structure
+    if plan.parts is not None:
+        os.makedirs(os.path.dirname(output), exist_ok=True)  # the scratch file lives beside the output
+        scratch = tempfile.mkdtemp(prefix=".llmq-scratch-", dir=os.path.dirname(output))
+        weakref.finalize(graph, shutil.rmtree, scratch, True)  # the graph reads its finished blocks from there
+        t = time.perf_counter()
+        records, sqnr_values = run_blocks(graph, plan, pipeline, ctx, calib.batches, opts.sqnr and calib.batches is not None,
+                                          scratch, ctx.progress)
+        times["passes_s"] = time.perf_counter() - t
+        rows = layer_table(linears, ctx.layers, sqnr_values, ctx.declined)
+    else:
+        rows, sqnr_values, records = _transform_and_quantize(graph, linears, pipeline, ctx, calib, opts, times)
     ctx.invalidate(activations=True)
     ctx.output_probe = ctx.stats_provider = ctx.sample_provider = ctx.stream_provider = None
     release_memory()
@@ -153,12 +173,13 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         times["write_s"] = time.perf_counter() - t
         t = time.perf_counter()
         logger.info("phase verify")
+        by_parts = plan.parts if plan.parts is not None and input_bytes > VERIFY_BY_PARTS_OVER else None
         verification = _verify_output(model, model_path, recipe, opts, calib, vocab_size, blocks,
-                                      backend.accuracy_level(opts), ctx.progress)
+                                      backend.accuracy_level(opts), ctx.progress, by_parts)
         times["verify_s"] = time.perf_counter() - t
         times["total_s"] = time.perf_counter() - t0
         report = _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows,
-                         linear_names, calib, sqnr_values, times, files)
+                         linear_names, calib, sqnr_values, times, files, plan)
         with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1, default=_json_default)
         _publish(tmp, output)
@@ -239,7 +260,7 @@ def _context(recipe: Recipe, opts: CompileOptions, calib: _Calibration) -> PassC
     return ctx
 
 
-def _transform_and_quantize(graph, structure, pipeline, ctx, calib: _Calibration, opts: CompileOptions,
+def _transform_and_quantize(graph, linears, pipeline, ctx, calib: _Calibration, opts: CompileOptions,
                             times: dict) -> tuple:
     """Run the recipe's passes; returns (layer rows, SQNR per linear, pass records)."""
     # SQNR reference: each linear's float input and weight as the quantize passes find them (after the
@@ -262,7 +283,7 @@ def _transform_and_quantize(graph, structure, pipeline, ctx, calib: _Calibration
     sqnr_values = layer_sqnr(before_quantize["structure"], graph, before_quantize["sample"]) if before_quantize else {}
     before_quantize.clear()
     times["sqnr_s"] = time.perf_counter() - t
-    return layer_table(structure, ctx.layers, sqnr_values, ctx.declined), sqnr_values, records
+    return layer_table(linears, ctx.layers, sqnr_values, ctx.declined), sqnr_values, records
 
 
 def _stamp(graph, recipe: Recipe, pipeline, backend, model: str, vocab_size) -> None:
@@ -314,13 +335,13 @@ def _write_side_files(tmp: str, rows: list, recipe: Recipe, calib: _Calibration)
 
 
 def _verify_output(model: str, model_path: str, recipe: Recipe, opts: CompileOptions, calib: _Calibration,
-                   vocab_size, blocks: dict, accuracy_level: int, progress) -> dict:
+                   vocab_size, blocks: dict, accuracy_level: int, progress, parts=None) -> dict:
     """The end-to-end check; outside the recipe's bound it fails the compile unless ``allow_loss``."""
     # windows as long as the calibration ran (the model took that); without calibration, short ones
     batches = calib.batches
     verify_len = int(batches.shape[1]) if batches is not None else min(opts.calib_seq_len or recipe.calib_seq_len, 128)
     verification = _verify(model, model_path, recipe, calib.source, calib.tokenizer, vocab_size, blocks,
-                           opts.calib_samples or recipe.calib_samples, verify_len, accuracy_level, progress)
+                           opts.calib_samples or recipe.calib_samples, verify_len, accuracy_level, progress, parts)
     if verification["problems"]:
         where = _worst_block(verification)
         message = (f"the compiled model is outside recipe {recipe.name}'s bound against {os.path.basename(model)} "
@@ -334,7 +355,7 @@ def _verify_output(model: str, model_path: str, recipe: Recipe, opts: CompileOpt
 
 
 def _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows, linear_names,
-            calib: _Calibration, sqnr_values, times, files) -> dict:
+            calib: _Calibration, sqnr_values, times, files, plan) -> dict:
     quantized_w = sum(1 for r in rows if r.get("weight_bits"))
     quantized_a = sum(1 for r in rows if r.get("act_bits"))
     batches = calib.batches
@@ -353,11 +374,19 @@ def _report(model, recipe, backend_info, verification, pipeline, structure_summa
                    "range_split_extra_int8_mac_fraction": round(range_split_extra_mac_fraction(rows), 4),
                    "worst_sqnr_db": min(sqnr_values.values()) if sqnr_values else None},
         "times": {k: round(v, 2) for k, v in times.items()},
+        "compile_mode": plan.summary(),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "io": {"weight_bytes_read": bytes_read(), "weight_bytes_spilled": plan.spilled_bytes,
+               "activation_bytes_written": plan.activation_bytes,
+               "output_bytes": sum(os.path.getsize(f) for f in files)},
         "files": {os.path.basename(f): os.path.getsize(f) for f in files},
     }
 
 
+# a model whose weights are larger is verified one part at a time when it compiled block by block (memory
+# bounded by a block; ONNX Runtime's CPU holds float32 copies of a float16 model's weights). Below it, the
+# whole-model check is faster (two sessions, not two per part). Tests lower it.
+VERIFY_BY_PARTS_OVER = 1 << 30
 PROBE_TOKENS = 256  # tokens of the first calibration window an exact pass is checked on
 
 
@@ -367,7 +396,7 @@ def _run_outputs(graph, batch: np.ndarray) -> dict:
 
 
 def _verify(model: str, model_path: str, recipe: Recipe, calib, tok, vocab_size: int | None, blocks: dict,
-            samples: int, seq_len: int, accuracy_level: int, progress) -> dict:
+            samples: int, seq_len: int, accuracy_level: int, progress, parts=None) -> dict:
     """The compiled file against the input file on held-out windows (see :mod:`llmq.verify`)."""
     bound = recipe.bound
     windows, source, held_out = load_holdout(calib, tok, samples, seq_len, bound.windows, vocab_size)
@@ -376,8 +405,17 @@ def _verify(model: str, model_path: str, recipe: Recipe, calib, tok, vocab_size:
         windows = rng.integers(0, vocab_size or 2, (bound.windows, min(seq_len, 128)), dtype=np.int64)
         source, held_out = f"random token ids ({source})", True
     try:
-        result = verify_model(model, model_path, windows, vocab_size, blocks, accuracy_level,
-                              (lambda it: progress(it, "verifying")) if progress else None)
+        result = None
+        if parts is not None:
+            result = verify_by_parts(model, model_path, windows, vocab_size, blocks, parts, recipe.opset, accuracy_level,
+                                     (lambda it: progress(it, "verifying by parts")) if progress else None)
+            if result is None:
+                logger.info("the compiled model does not keep the input's block boundaries: verified whole")
+            else:
+                result["by_parts"] = True
+        if result is None:
+            result = verify_model(model, model_path, windows, vocab_size, blocks, accuracy_level,
+                                  (lambda it: progress(it, "verifying")) if progress else None)
     except LlmqError:
         raise
     except Exception as exc:  # ONNX Runtime refused to run a model on the windows

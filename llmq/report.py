@@ -106,14 +106,14 @@ def sensitivity_svg(rows: list, top: int = 40) -> str | None:
     return "\n".join(parts)
 
 
-def layer_table(structure: Structure, records: dict, sqnr: dict, declined: list = ()) -> list:
-    """One row per linear. A linear whose weight stays float carries ``float_reason`` (the first pass that
+def layer_table(linears: list, records: dict, sqnr: dict, declined: list = ()) -> list:
+    """One row per linear of ``linears`` (a structure's, or :func:`~llmq.ir.structure.lite_linears` of it). A linear whose weight stays float carries ``float_reason`` (the first pass that
     declined it and why, else why no pass selected it); every decline that names it is in ``declined``."""
     by_linear: dict = {}
     for d in declined:
         by_linear.setdefault(d["where"], []).append(f"{d['pass']}: {d['reason']}")
     rows = []
-    for lin in structure.linears:
+    for lin in linears:
         row = {"name": lin.name, "node": lin.node.name, "role": lin.role, "layer": lin.layer,
                "producer": lin.producer, "in_features": lin.in_features, "out_features": lin.out_features,
                "macs_per_token": lin.macs_per_token}

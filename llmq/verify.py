@@ -29,7 +29,7 @@ import onnx
 from .backends.onnxruntime import make_session
 from .ir.feeds import prompt_feeds, session_specs
 
-__all__ = ["Bound", "verify_model", "check_bound", "block_outputs", "compared_outputs"]
+__all__ = ["Bound", "verify_model", "verify_by_parts", "check_bound", "block_outputs", "compared_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +126,74 @@ def verify_model(input_path: str, output_path: str, windows: np.ndarray, vocab_s
         def reference(i: int) -> dict:
             return {n: np.load(os.path.join(scratch, f"{i}.{names.index(n)}.npy")) for n in primary + common}
 
-        return _compare(out, session_specs(out), windows, reference, primary, common, vocab_size, blocks,
+        out_inputs = session_specs(out)
+
+        def compiled(i: int) -> dict:
+            return dict(zip(primary + common, out.run(primary + common, prompt_feeds(out_inputs, windows[i][None]))))
+
+        return _compare(windows, reference, compiled, primary, common, vocab_size, blocks, accuracy_level)
+
+
+def verify_by_parts(input_path: str, output_path: str, windows: np.ndarray, vocab_size: int | None, blocks: dict,
+                    parts, opset: int, accuracy_level: int = 0, progress=None) -> dict | None:
+    """:func:`verify_model` one part at a time (``parts``: the input graph's partition), so memory holds one
+    block of either model, not a whole one (ONNX Runtime's CPU runs a float16 model with float32 copies of
+    its weights: twice the model). Each model's parts run on every window in turn, their inputs saved on disk
+    (:class:`~llmq.calib.blockwise.BlockwiseRunner`); the compiled model is cut at the same tensors. None if
+    the compiled model lacks one of those boundaries (the caller then verifies whole)."""
+    from .backends.onnxruntime import session_options
+    from .calib.blockwise import BlockwiseRunner
+    from .frontends.onnx_loader import load_graph
+    from .ir.partition import Part, Partition
+
+    wanted = set(blocks.values())
+    with tempfile.TemporaryDirectory(prefix="llmq-verify-") as scratch:
+        saved: dict = {}
+        for role, path, level in (("ref", input_path, 0), ("out", output_path, accuracy_level)):
+            graph = load_graph(path, opset)
+            tensors = graph.tensors()
+            if any(p.outputs and p.outputs[0] not in tensors for p in parts.parts if p.name != "head"):
+                return None
+            own = Partition(tuple(Part(p.name, tuple(t for t in p.inputs if t in tensors),
+                                       tuple(t for t in p.outputs if t in tensors), ()) for p in parts.parts))
+            outputs = compared_outputs([t.name for t in graph.gs.outputs])
+            runner = BlockwiseRunner(graph, own, [w[None] for w in windows], os.path.join(scratch, role),
+                                     options_factory=lambda level=level: session_options(level))
+            os.makedirs(runner.workdir)
+            names = saved.setdefault(role, [])
+            try:
+                indices = range(len(own.parts))
+                for i in (progress(indices) if progress else indices):
+                    mine = tuple(t for t in own.parts[i].outputs if t in wanted or t in outputs)
+                    counter = iter(range(1 << 62))
+
+                    def keep(name, value, mine=mine, counter=counter, names=names):
+                        window = next(counter) // len(mine)
+                        if name not in names:
+                            names.append(name)
+                        np.save(os.path.join(scratch, f"{role}.{window}.{names.index(name)}.npy"), value)
+
+                    runner.advance(i, mine, keep)
+            finally:
+                runner.close()
+                del graph, runner
+        ref_names, out_names = saved["ref"], saved["out"]
+        ref_outputs = [n for n in ref_names if n not in wanted]
+        common = [n for n in ref_names if n in wanted and n in out_names]
+        primary = [n for n in ref_outputs if n in out_names]
+
+        def load(role, names, i, which):
+            return {n: np.load(os.path.join(scratch, f"{role}.{i}.{names.index(n)}.npy")) for n in which}
+
+        return _compare(windows, lambda i: load("ref", ref_names, i, primary + common),
+                        lambda i: load("out", out_names, i, primary + common), primary, common, vocab_size, blocks,
                         accuracy_level)
 
 
-def _compare(out, out_inputs, windows, reference, primary: list, common: list, vocab_size, blocks: dict,
+def _compare(windows, reference, compiled, primary: list, common: list, vocab_size, blocks: dict,
              accuracy_level: int) -> dict:
-    """Run the compiled model on each window and measure it against ``reference(i)``, the input's outputs."""
+    """Measure the compiled model's outputs on each window (``compiled(i)``) against ``reference(i)``, the
+    input's."""
     sums: dict = {}
 
     def add(key, value, weight=1.0):
@@ -140,11 +201,9 @@ def _compare(out, out_inputs, windows, reference, primary: list, common: list, v
         s[0] += value * weight
         s[1] += weight
 
-    for i, window in enumerate(windows):
-        ids = window[None]
-        names = primary + common
+    for i in range(len(windows)):
         y_ref = reference(i)
-        y_out = dict(zip(names, out.run(names, prompt_feeds(out_inputs, ids))))
+        y_out = compiled(i)
         for name in primary:
             a, b = y_ref[name], y_out[name]
             if _is_lm(name, a, vocab_size):

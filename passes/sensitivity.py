@@ -66,6 +66,7 @@ class AnalyzeSensitivityPass(Pass):
     phase = "quantize"
     changes_activations = False
     requires_stats = True
+    block_local = False  # ranks activation groups by their effect on the whole model's logits
 
     @dataclass(frozen=True)
     class Options:

@@ -117,7 +117,7 @@ def test_min_int8_macs_caps_the_float_budget(tiny_llama_onnx, split):
     stats = records[len(first)]["stats"]
     assert 0 < len(stats["kept_float"]) < 8 and stats["limited_by_min_int8_macs"]
     assert any("split_float_macs_per_token" in row for row in ctx.layers.values()) == split
-    rows = layer_table(ctx.structure(graph), ctx.layers, {})
+    rows = layer_table(ctx.structure(graph).linears, ctx.layers, {})
     assert int8_act_mac_fraction(rows, include_lm_head=False) >= 0.75
 
 

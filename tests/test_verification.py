@@ -36,7 +36,9 @@ class _ScaleFinalNorm(Pass):
         factor: float = -1.0
 
     def run(self, graph, ctx):
-        head = next(lin for lin in ctx.structure(graph).linears if lin.role == "lm_head")
+        head = next((lin for lin in ctx.structure(graph).linears if lin.role == "lm_head"), None)
+        if head is None:  # block by block: a part without the LM head
+            return PassResult(False, {})
         norm = head.norm
         gamma = gs.Constant(graph.unique_name("bad_gamma"), np.asarray(norm.weight.values, np.float32) * self.options.factor)
         for node in [norm.node] + [gs_p for t in norm.node.inputs if (gs_p := (t.inputs[0] if t.inputs else None))]:

@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="w8a8")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--backend", default="qdq")
+    ap.add_argument("--calib", help="calibration data (.txt/.jsonl, or an .npz of input_ids for a model without a tokenizer)")
     args = ap.parse_args()
     phase = {"name": "load", "peaks": {}}
 
@@ -48,7 +49,8 @@ def main() -> None:
     from llmq.driver import compile as llmq_compile
 
     started = time.perf_counter()
-    result = llmq_compile(args.model, args.recipe, args.output, backend=args.backend, quiet=True, overwrite=True)
+    result = llmq_compile(args.model, args.recipe, args.output, backend=args.backend, quiet=True, overwrite=True,
+                          calib=args.calib, allow_loss=True)
     stop.set()
     thread.join()
     print(f"total {time.perf_counter() - started:.1f} s, peak RSS {result.report['peak_rss_mb']:.0f} MB")

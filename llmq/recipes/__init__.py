@@ -1,6 +1,6 @@
 """Recipes: YAML files naming a pipeline of passes and their options.
 
-A recipe has ``name``, ``description``, ``opset``, optional ``calibration`` (``samples``, ``seq_len``),
+A recipe has ``name``, ``description``, ``opset``, optional ``calibration`` (``samples``, ``seq_len``, ``propagate``: quantized | float),
 optional ``exclude`` (glob patterns over layer names like ``layers.3.mlp.down`` or ONNX node names),
 optional ``backends`` (the backends that can run what the recipe emits; default all), optional ``verify``
 (the bound the compiled model must meet against the input model on held-out windows: ``max_kl`` for
@@ -29,7 +29,8 @@ __all__ = ["Recipe", "list_recipes", "load_recipe"]
 TOP_KEYS = {"name", "description", "opset", "calibration", "exclude", "passes", "backends", "verify"}
 VERIFY_KEYS = {"max_kl", "max_rel_error", "windows"}
 ALL_BACKENDS = tuple(BACKENDS)  # the backends, as defined once in backends/registry.py
-CALIB_KEYS = {"samples", "seq_len"}
+CALIB_KEYS = {"samples", "seq_len", "propagate"}
+PROPAGATE = ("quantized", "float")  # what each block is calibrated on, compiling block by block
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Recipe:
     passes: tuple  # ((pass_name, {options}), ...)
     calib_samples: int = 16
     calib_seq_len: int = 512
+    # block by block, block i is calibrated on the outputs of blocks < i as compiled (quantized: GPTQ's order,
+    # each block fitted to what the deployed model really feeds it) or as given (float)
+    calib_propagate: str = "quantized"
     exclude: tuple = ()
     backends: tuple = ALL_BACKENDS  # the backends whose runtime can execute what this recipe emits
     bound: Bound = Bound()  # what the compiled model promises against the input model
@@ -145,6 +149,8 @@ def parse_recipe(text: str, origin: str) -> Recipe:
     if not isinstance(calib, dict) or set(calib) - CALIB_KEYS:
         raise LlmqError(f"{origin}: unknown calibration key(s) {', '.join(sorted(set(calib) - CALIB_KEYS))}",
                         f"allowed: {', '.join(sorted(CALIB_KEYS))}")
+    if calib.get("propagate", PROPAGATE[0]) not in PROPAGATE:
+        raise LlmqError(f"{origin}: calibration.propagate must be one of {', '.join(PROPAGATE)}, not {calib['propagate']!r}")
     passes = []
     for item in data["passes"] or []:
         if isinstance(item, str):
@@ -179,6 +185,7 @@ def parse_recipe(text: str, origin: str) -> Recipe:
     recipe = Recipe(name=str(data["name"]), description=" ".join(str(data.get("description", "")).split()),
                     opset=int(data.get("opset", 21)), passes=tuple(passes),
                     calib_samples=int(calib.get("samples", 16)), calib_seq_len=int(calib.get("seq_len", 512)),
+                    calib_propagate=str(calib.get("propagate", PROPAGATE[0])),
                     exclude=tuple(exclude), backends=backends, bound=bound, source_text=text)
     options = [dict(o) for _, o in passes]
     names = [n for n, _ in passes]

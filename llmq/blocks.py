@@ -1,0 +1,203 @@
+"""The block-by-block compile: the recipe's passes run on one part of the graph at a time.
+
+The graph is partitioned once at its block boundaries (:mod:`llmq.ir.partition`: prefix, ``layers.i``, head).
+For each part, in order:
+
+1. the passes see only that part's linears and attention block (:class:`~llmq.ir.passes.Scope`; the
+   structure is found again after every change, restricted to the part);
+2. their calibration comes from :class:`~llmq.calib.blockwise.BlockwiseRunner`: one ONNX Runtime session over
+   the part's weights, fed with the part's inputs saved on disk; an exact pass proves itself on the part's
+   outputs (its residual output and any graph output made in it) instead of the logits;
+3. the part advances: its outputs, as compiled (``calibration: {propagate: quantized}``, the default:
+   GPTQ's order, each block calibrated on what the deployed model will feed it) or as given (``propagate:
+   float``: advanced before its passes run), are saved for the parts after it;
+4. its new constants move to a scratch file read lazily (:func:`~llmq.ir.storage.spill`), and the structure
+   and samples that held its old weights are dropped.
+
+So memory holds one block's weights and one batch of its activations, not the model. Each part's work is a
+function of (the graph's part, its saved inputs, the recipe), which is what a later fan-out to workers needs
+(see ``docs/scale.md``).
+
+A pipeline with a pass that ranks or budgets across the whole model (``block_local = False``: sensitivity),
+or a graph that does not partition into a chain of blocks, compiles whole, and the report says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .calib.blockwise import BlockwiseRunner
+from .ir.partition import Partition, partition
+from .ir.passes import PassContext, PassManager, Scope
+from .ir.storage import release_memory, spill
+from .report import layer_sqnr
+
+__all__ = ["BlockPlan", "plan_blocks", "run_blocks"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockPlan:
+    """How a compile runs its passes: ``parts`` (block by block) or whole, with the reason."""
+
+    parts: Partition | None
+    why_whole: str | None = None
+    propagate: str = "quantized"
+    blocks: list = field(default_factory=list)  # per part: name, linears, seconds
+    spilled_bytes: int = 0
+    activation_bytes: int = 0
+
+    def summary(self) -> dict:
+        if self.parts is None:
+            return {"mode": "whole", "why": self.why_whole}
+        seconds = [b["seconds"] for b in self.blocks if b["name"].startswith("layers.")]
+        return {"mode": "blocks", "parts": len(self.parts.parts), "propagate": self.propagate,
+                "seconds_per_block": round(float(np.mean(seconds)), 3) if seconds else None,
+                "activation_bytes_written": self.activation_bytes, "weight_bytes_spilled": self.spilled_bytes,
+                "blocks": self.blocks}
+
+
+def plan_blocks(graph, structure, pipeline: PassManager, propagate: str) -> BlockPlan:
+    """Block by block where every pass is block-local and the graph partitions; otherwise whole, saying why."""
+    whole = [p.name for p in pipeline.passes if not p.block_local]
+    if not pipeline.passes:
+        return BlockPlan(None, "the recipe has no passes")
+    if whole:
+        return BlockPlan(None, f"{', '.join(whole)} ranks across the whole model")
+    try:
+        parts = partition(graph, structure)
+    except ValueError as exc:
+        return BlockPlan(None, f"the graph does not partition into blocks: {exc}")
+    for part in parts.parts:  # a part's linears are its layer's, or it is not a chain of blocks
+        layer = _layer(part.name)
+        nodes = set(part.nodes)
+        wrong = [lin.name for lin in structure.linears if lin.node.name in nodes and layer is not None
+                 and lin.layer not in (layer, None)]
+        if wrong:
+            return BlockPlan(None, f"part {part.name} holds linears of another layer ({wrong[0]})")
+    return BlockPlan(parts, propagate=propagate)
+
+
+def _layer(name: str) -> int | None:
+    m = re.fullmatch(r"layers\.(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def run_blocks(graph, plan: BlockPlan, pipeline: PassManager, ctx: PassContext, batches, sqnr: bool, scratch: str,
+               progress=None) -> tuple:
+    """Run ``pipeline`` part by part (see the module); returns (pass records merged over the parts, SQNR per
+    linear). ``batches``: int64 [samples, seq] calibration tokens, or None (weight-only recipes)."""
+    parts = plan.parts.parts
+    runner = BlockwiseRunner(graph, plan.parts, [b[None] for b in batches]) if batches is not None else None
+    spill_path = os.path.join(scratch, "llmq-compiled-blocks.data")
+    records: list = []
+    sqnr_values: dict = {}
+    indices = range(len(parts))
+    pipeline.release = False  # once per block, below: a full collection costs ~0.2 s with torch loaded
+    try:
+        for i in (progress(indices, "blocks") if progress else indices):
+            part = parts[i]
+            started = time.perf_counter()
+            layer = _layer(part.name)
+            ctx.scope = Scope(part.name, layer, frozenset(part.nodes))
+            ctx.invalidate(activations=True)
+            if runner is not None:
+                _runner_providers(ctx, runner, i)
+                if plan.propagate == "float":
+                    runner.advance(i)
+            scoped = ctx.structure(graph)
+            linears = len(scoped.linears)
+            if linears or scoped.attention:
+                before: dict = {}
+
+                def snapshot(phase, g, before=before):
+                    if phase == "quantize" and sqnr and runner is not None:
+                        found = ctx.structure(g)
+                        before["structure"] = found
+                        before["sample"] = dict(ctx.activation_sample(g, sorted({lin.act.name for lin in found.linears})))
+
+                pipeline.before_phase = snapshot
+                records.append(pipeline.run(graph, ctx))
+                if before:
+                    sqnr_values.update(layer_sqnr(before["structure"], graph, before["sample"]))
+                before.clear()
+            if runner is not None and plan.propagate != "float":
+                runner.advance(i)
+            ctx.invalidate(activations=True)  # the structure held this part's old weights
+            plan.spilled_bytes += spill(graph.gs, spill_path)
+            release_memory()
+            seconds = time.perf_counter() - started
+            plan.blocks.append({"name": part.name, "linears": linears, "seconds": round(seconds, 3)})
+            logger.info("part %s (%d/%d): %d linears in %.1f s", part.name, i + 1, len(parts), linears, seconds)
+    finally:
+        ctx.scope = None
+        ctx.invalidate(activations=True)
+        ctx.stats_provider = ctx.sample_provider = ctx.stream_provider = ctx.output_probe = None
+        pipeline.before_phase, pipeline.release = None, True
+        if runner is not None:
+            plan.activation_bytes = runner.bytes_written
+            runner.close()
+    return merge_records(records), sqnr_values
+
+
+def _runner_providers(ctx: PassContext, runner: BlockwiseRunner, index: int) -> None:
+    """The context's calibration, answered by part ``index``'s session on its saved inputs."""
+
+    def sample(graph, names):
+        out: dict = {}
+        runner.run(index, names, out.__setitem__, [0])
+        return out
+
+    ctx.stats_provider = lambda graph, names: runner.stats(index, names)
+    ctx.sample_provider = sample
+    ctx.stream_provider = lambda graph, names, each: runner.run(index, names, each)
+    ctx.output_probe = lambda graph: runner.outputs(index, 0)
+
+
+def merge_records(per_part: list) -> list:
+    """One record per pass over all parts: seconds, counts and per-kind counts summed, ``modified`` or
+    ``rolled_back`` if any part was, SQNRs the worst (lowest) part's, other numbers the largest (errors: the
+    worst part's), and ``mean_``/``median_`` values averaged over the parts that report them."""
+    merged: dict = {}
+    for records in per_part:
+        for r in records:
+            m = merged.setdefault(r["pass"], {"pass": r["pass"], "options": r["options"], "modified": False,
+                                              "seconds": 0.0, "stats": {}, "_means": {}})
+            m["modified"] |= r["modified"]
+            m["seconds"] = round(m["seconds"] + r["seconds"], 3)
+            for key, value in r["stats"].items():
+                old = m["stats"].get(key)
+                if value is None:
+                    m["stats"].setdefault(key, None)
+                elif isinstance(value, bool):
+                    m["stats"][key] = bool(old) or value
+                elif isinstance(value, dict):
+                    total = dict(old or {})
+                    for k, v in value.items():
+                        total[k] = total.get(k, 0) + v if isinstance(v, (int, float)) else v
+                    m["stats"][key] = total
+                elif not isinstance(value, (int, float)):
+                    m["stats"][key] = value
+                elif key.startswith(("mean_", "median_")):
+                    m["_means"].setdefault(key, []).append(value)
+                elif old is None:
+                    m["stats"][key] = value
+                elif "sqnr" in key:
+                    m["stats"][key] = min(old, value)
+                elif isinstance(value, int) and not key.endswith(("rank", "bits", "group_size")):
+                    m["stats"][key] = old + value
+                else:
+                    m["stats"][key] = max(old, value)
+    out = []
+    for m in merged.values():
+        for key, values in m.pop("_means").items():
+            m["stats"][key] = round(float(np.mean(values)), 6)
+        out.append(m)
+    return out
