@@ -75,6 +75,7 @@ def plan_blocks(graph, structure, pipeline: PassManager, propagate: str) -> Bloc
         parts = partition(graph, structure)
     except ValueError as exc:
         return BlockPlan(None, f"the graph does not partition into blocks: {exc}")
+    owner = parts.of_node()
     for part in parts.parts:  # a part's linears are its layer's, or it is not a chain of blocks
         layer = _layer(part.name)
         nodes = set(part.nodes)
@@ -82,6 +83,10 @@ def plan_blocks(graph, structure, pipeline: PassManager, propagate: str) -> Bloc
                  and lin.layer not in (layer, None)]
         if wrong:
             return BlockPlan(None, f"part {part.name} holds linears of another layer ({wrong[0]})")
+    for lin in structure.linears:  # a fold into a norm the part before holds would change its finished outputs
+        if lin.norm is not None and owner.get(lin.norm.node.name) not in (None, owner.get(lin.node.name)):
+            return BlockPlan(None, f"{lin.name} reads a norm of the part before ({owner[lin.norm.node.name]}: a "
+                                   "post-LN block), so folds into it would cross parts")
     return BlockPlan(parts, propagate=propagate)
 
 

@@ -110,7 +110,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
     fields as keyword arguments) say how; see :class:`CompileOptions`. Returns the written paths and the report
     (also written as ``report.json``)."""
     opts = replace(options or CompileOptions(), **overrides)
-    t0 = time.perf_counter()
+    t0, read0 = time.perf_counter(), bytes_read()
     times: dict = {}
     recipe, backend = _plan(recipe, opts)
     output = os.path.abspath(output)
@@ -179,7 +179,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         times["verify_s"] = time.perf_counter() - t
         times["total_s"] = time.perf_counter() - t0
         report = _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows,
-                         linear_names, calib, sqnr_values, times, files, plan)
+                         linear_names, calib, sqnr_values, times, files, plan, bytes_read() - read0)
         with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1, default=_json_default)
         _publish(tmp, output)
@@ -355,7 +355,7 @@ def _verify_output(model: str, model_path: str, recipe: Recipe, opts: CompileOpt
 
 
 def _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows, linear_names,
-            calib: _Calibration, sqnr_values, times, files, plan) -> dict:
+            calib: _Calibration, sqnr_values, times, files, plan, weights_read: int) -> dict:
     quantized_w = sum(1 for r in rows if r.get("weight_bits"))
     quantized_a = sum(1 for r in rows if r.get("act_bits"))
     batches = calib.batches
@@ -376,7 +376,7 @@ def _report(model, recipe, backend_info, verification, pipeline, structure_summa
         "times": {k: round(v, 2) for k, v in times.items()},
         "compile_mode": plan.summary(),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "io": {"weight_bytes_read": bytes_read(), "weight_bytes_spilled": plan.spilled_bytes,
+        "io": {"weight_bytes_read": weights_read, "weight_bytes_spilled": plan.spilled_bytes,
                "activation_bytes_written": plan.activation_bytes,
                "output_bytes": sum(os.path.getsize(f) for f in files)},
         "files": {os.path.basename(f): os.path.getsize(f) for f in files},

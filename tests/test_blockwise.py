@@ -150,3 +150,23 @@ def test_verification_by_parts_equals_whole(models, recipe, backend, tmp_path, c
     for key, value in va["outputs"]["logits"].items():
         assert vb["outputs"]["logits"][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
     assert [b["rel_error"] for b in vb["blocks"]] == pytest.approx([b["rel_error"] for b in va["blocks"]], rel=1e-4)
+
+
+def test_post_ln_and_parallel_layouts_compile_whole(tmp_path, tiny_tokenizer):
+    """A post-LN block's input norm sits in the block before (a fold into it would change outputs already
+    propagated) and Falcon's layer-0 cut lands after its shared LayerNorm (not a chain): both compile whole,
+    saying why; a pre-LN model runs by blocks."""
+    from llmq.blocks import plan_blocks
+    from llmq.ir.passes import PassManager
+    from llmq.recipes import load_recipe
+
+    reasons = {}
+    for family in ("opt-postln", "falcon", "opt"):
+        path = export_family(family, build_family(family, str(tmp_path / family), tiny_tokenizer),
+                             str(tmp_path / f"{family}.onnx"))
+        graph = load_graph(path)
+        plan = plan_blocks(graph, discover(graph), PassManager(load_recipe("w4a16").build()), "quantized")
+        reasons[family] = plan.why_whole if plan.parts is None else None
+    assert "post-LN" in reasons["opt-postln"]
+    assert "chain" in reasons["falcon"]
+    assert reasons["opt"] is None
