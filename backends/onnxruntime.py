@@ -25,7 +25,7 @@ DEFAULT_ACCURACY_LEVEL = 0
 
 
 def _options(accuracy_level: int, optimized_path: str | None = None, threads: int | None = None,
-             optimize: bool = True, spinning: bool = True, prepack: bool = True):
+             optimize: bool = True, spinning: bool = True, prepack: bool = True, arena: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -37,6 +37,8 @@ def _options(accuracy_level: int, optimized_path: str | None = None, threads: in
         opts.optimized_model_filepath = optimized_path
     if threads:
         opts.intra_op_num_threads = threads
+    if not arena:  # activations freed after each run instead of kept for the next (a one-off check)
+        opts.enable_cpu_mem_arena = False
     if not prepack:  # ONNX Runtime's packed copies of the weights: worth their memory only for long runs
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if not spinning:  # idle worker threads sleep instead of spinning (several live sessions do not steal cores)
@@ -50,11 +52,11 @@ def session_options(accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int |
 
 
 def make_session(model_path: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None,
-                 optimize: bool = True, spinning: bool = True, prepack: bool = True):
+                 optimize: bool = True, spinning: bool = True, prepack: bool = True, arena: bool = True):
     """A CPU session (``model_path``: a path or serialized bytes); a bfloat16 model runs through the documented
     float32 up-cast of :mod:`llmq.ir.precision` (``session.llmq_upcast`` tells)."""
     return cpu_session(model_path, _options(accuracy_level, threads=threads, optimize=optimize, spinning=spinning,
-                                            prepack=prepack))
+                                            prepack=prepack, arena=arena))
 
 
 def fused_ops(model_path: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:

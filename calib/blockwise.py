@@ -28,7 +28,7 @@ from ..ir.partition import Part, Partition
 from ..ir.storage import graph_arrays_session
 from .observers import TensorStats
 
-__all__ = ["BlockwiseRunner", "part_model"]
+__all__ = ["BlockwiseRunner", "PartSweep", "part_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +188,37 @@ class BlockwiseRunner:
                         pass
                 del self._saved[name]
         self.done = index
+
+
+class PartSweep:
+    """One short sample carried through the parts in memory, in any number of variants at once (e.g. the same
+    tokens with different switch inputs set): iterate to get ``(index, part, run)`` per part in order, one
+    session alive at a time; ``run(state, extra)`` runs the part on the tensors earlier parts made
+    (``state``: ``{name: array}``, as :meth:`carry` keeps it) and the feeds in ``extra``, returning
+    ``{output: array}``. Memory holds one part's weights and the variants' boundary tensors."""
+
+    def __init__(self, graph: Graph, parts: Partition, ids: np.ndarray, inputs: list, options_factory=None):
+        self.graph, self.parts, self.options_factory = graph, parts, options_factory
+        self.feeds = prompt_feeds(input_specs(inputs), ids)
+        self._graph_inputs = {name: shape for name, shape, _ in input_specs(graph.gs.inputs)}
+        self._last_reader = parts.saved()
+
+    def __iter__(self):
+        for index, part in enumerate(self.parts.parts):
+            outputs = list(part.outputs)
+            options = self.options_factory() if self.options_factory else None
+            session = graph_arrays_session(self.graph, lambda m, part=part: part_model(m, part, outputs, self._graph_inputs),
+                                           options)
+            wanted = {i.name for i in session.get_inputs()}
+
+            def run(state: dict, extra: dict | None = None, session=session, wanted=wanted, outputs=outputs) -> dict:
+                feeds = {**self.feeds, **state, **(extra or {})}
+                return dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in wanted})))
+
+            yield index, part, run
+            del session, run
+
+    def carry(self, index: int, state: dict, outputs: dict) -> dict:
+        """The state after part ``index`` made ``outputs``: what parts after it still read."""
+        merged = {**state, **outputs}
+        return {k: v for k, v in merged.items() if self._last_reader.get(k, -1) > index}

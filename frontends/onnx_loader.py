@@ -68,7 +68,7 @@ def load_onnx(path: str, external_data: bool = True) -> onnx.ModelProto:
     base = os.path.dirname(os.path.abspath(path))
     _check_external(model, base, path)
     try:
-        onnx.checker.check_model(path)  # by path: external data is checked in place, never loaded
+        _check(model, path)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LlmqError(f"{path} is not a valid ONNX model: {first}", "re-export the model") from exc
@@ -83,27 +83,42 @@ def load_onnx(path: str, external_data: bool = True) -> onnx.ModelProto:
 DETACHED = "__llmq_detached__"
 
 
+def _check(model: onnx.ModelProto, path: str) -> None:
+    """``onnx.checker`` on ``model`` without a second copy of its weights: by path when they are external
+    (checked in place, never loaded); else on a weightless copy (the checker given the file would parse the
+    weights again, doubling the load's peak)."""
+    if any(edh.uses_external_data(t) for t in edh._get_all_tensors(model)):
+        onnx.checker.check_model(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="llmq-check-") as folder:
+        open(os.path.join(folder, DETACHED), "wb").close()  # the checker wants the detached tensors' file to exist
+        light = os.path.join(folder, "model.onnx")
+        onnx.save(_weightless(model), light)
+        onnx.checker.check_model(light)
+
+
 def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers over 1 KB hold no bytes (marked external): small enough for the
-    checker, the version converter and shape inference at any model size. The model's own bytes are moved
-    aside while copying, never duplicated."""
-    stash = {}
-    for init in model.graph.initializer:
-        if init.HasField("raw_data") and len(init.raw_data) > 1024:
-            stash[init.name] = init.raw_data
-            init.ClearField("raw_data")
-    try:
-        light = onnx.ModelProto()
-        light.CopyFrom(model)
-    finally:
-        for init in model.graph.initializer:
-            if init.name in stash:
-                init.raw_data = stash[init.name]
-    for init in light.graph.initializer:
-        if init.name in stash:
-            init.data_location = onnx.TensorProto.EXTERNAL
-            del init.external_data[:]
-            init.external_data.add(key="location", value=DETACHED)
+    checker, the version converter and shape inference at any model size. Built field by field: ``model`` is
+    not touched (clearing and restoring its bytes would leave a second copy of them in its protobuf arena,
+    which is freed only with the model)."""
+    light = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, name, getattr(model, name))
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    src, dst = model.graph, light.graph
+    dst.name, dst.doc_string = src.name, src.doc_string
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(dst, name).extend(getattr(src, name))
+    for init in src.initializer:
+        if init.HasField("raw_data") and init.ByteSize() > 1024:
+            t = dst.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            t.external_data.add(key="location", value=DETACHED)
+        else:
+            dst.initializer.add().CopyFrom(init)
     return light
 
 
@@ -141,23 +156,49 @@ def _infer_shapes(model: onnx.ModelProto) -> None:
     model.graph.value_info.extend(inferred.graph.value_info)
 
 
+class Origin:
+    """The scratch folder a loaded graph reads its formerly inline weights from, removed when the last holder
+    of this object goes; ``reference``: the input model as given, with those weights referenced from the
+    folder instead of inline (for running the input again without parsing its weights: verification), or
+    None when the input had no inline weights or also external ones."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="llmq-weights-")
+        self.reference: str | None = None
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+
 def load_graph(path: str, opset: int = 21) -> Graph:
     """Load ``path`` as an llmq graph at ``opset`` or above, with shapes inferred where possible, weights
-    checked finite, mixture-of-experts refused, and Gemm linears in canonical MatMul + Add form."""
-    model = upgrade_opset(load_onnx(path, external_data=False), opset)
-    _infer_shapes(model)
+    checked finite, mixture-of-experts refused, and Gemm linears in canonical MatMul + Add form. The graph's
+    ``origin`` is an :class:`Origin`: hold it to keep the weights' folder (and ``reference``) beyond the graph."""
+    model = load_onnx(path, external_data=False)
     # weights stored inside the file move to a scratch file beside nothing (read lazily, like external data),
     # so the parsed model can be freed: no weight is held twice, and none until a pass reads it
-    scratch = tempfile.mkdtemp(prefix="llmq-weights-")
+    origin = Origin()
     try:
-        spill_inline(model, scratch)
-        graph = Graph.from_model(model, base_dir=os.path.dirname(os.path.abspath(path)), inline_dir=scratch)
+        external = any(edh.uses_external_data(t) for t in edh._get_all_tensors(model))
+        moved = spill_inline(model, origin.folder)
+        # the moved bytes stay in the parsed model's protobuf arena, which anything the graph keeps of it would
+        # keep alive: the graph is made from a copy (a few MB now), and the parsed model is freed
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
+        del model
+        if moved and not external:
+            origin.reference = os.path.join(origin.folder, "input.onnx")
+            onnx.save(light, origin.reference)
+        light = upgrade_opset(light, opset)
+        _infer_shapes(light)
+        graph = Graph.from_model(light, base_dir=os.path.dirname(os.path.abspath(path)), inline_dir=origin.folder)
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
+        origin.remove()
         raise
-    weakref.finalize(graph, shutil.rmtree, scratch, True)
+    graph.origin = origin
     detach(graph.gs)
-    del model
+    del light
     if not graph.gs.inputs or not graph.gs.outputs:
         raise LlmqError(f"{path} has no graph inputs or outputs", "re-export the model")
     check_finite_weights(graph, path)

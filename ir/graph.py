@@ -83,6 +83,8 @@ class Graph:
     _names: itertools.count = field(default_factory=itertools.count, repr=False)
     _taken: set | None = field(default=None, repr=False)
     _nx: nx.DiGraph | None = field(default=None, repr=False)
+    # what must live as long as the graph, set by the loader (the scratch folder its weights are read from)
+    origin: object = field(default=None, repr=False)
 
     # ---- conversion (called by frontends/ and backends/ only) ----
     @classmethod

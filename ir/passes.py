@@ -127,6 +127,8 @@ class PassContext:
     output_probe: Callable | None = None  # graph -> {output name: array} on a fixed sample (exactness checks)
     progress: Callable | None = None  # (iterable, description) -> iterable that shows progress
     scope: Scope | None = None  # block by block: passes see (and change) this part's linears only
+    partition: object = None  # block by block, for a by_parts pass's run: the graph's Partition
+    prepared: dict = field(default_factory=dict)  # pass name -> what its prepare_block gathered, part by part
     _structure: Structure | None = None
     _stats: dict = field(default_factory=dict)
     _sample: dict = field(default_factory=dict)
@@ -205,8 +207,12 @@ class Pass:
     requires_stats: ClassVar[bool] = False
     exact: ClassVar[bool] = False  # the rewrite keeps the graph's function (checked on the model: see above)
     # its decisions for one block need nothing outside it, so a compile may run it block by block (a pass that
-    # ranks or budgets across the whole model sets False, and the compile then runs whole)
+    # ranks or budgets across the whole model sets False, and the compile then runs whole, unless it is by_parts)
     block_local: ClassVar[bool] = True
+    # a model-wide pass that still works in bounded memory on a partitioned graph: a block-by-block compile calls
+    # prepare_block(graph, ctx) on each part (scoped, calibrated) in the sweep of the passes before it, then
+    # run(graph, ctx) once with ctx.partition set, and runs the passes after it in a sweep of their own
+    by_parts: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:
@@ -227,6 +233,10 @@ class Pass:
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def prepare_block(self, graph: Graph, ctx: PassContext) -> None:
+        """A ``by_parts`` pass: gather what :meth:`run` will need of the part in ``ctx.scope`` (into
+        ``ctx.prepared[self.name]``), while its calibration is at hand."""
 
     def describe(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))

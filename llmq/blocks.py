@@ -18,8 +18,12 @@ So memory holds one block's weights and one batch of its activations, not the mo
 function of (the graph's part, its saved inputs, the recipe), which is what a later fan-out to workers needs
 (see ``docs/scale.md``).
 
-A pipeline with a pass that ranks or budgets across the whole model (``block_local = False``: sensitivity),
-or a graph that does not partition into a chain of blocks, compiles whole, and the report says why.
+A pass that ranks or budgets across the whole model (``block_local = False``) splits the work into sweeps if
+it can run over the partition in bounded memory (``by_parts``: sensitivity): the passes before it run in
+one sweep, which also has it gather what it needs of each part (its ``prepare_block``); it runs once over the
+partitioned graph; the passes after it run in a second sweep, calibrated afresh (so ``w8a8`` propagates its
+calibration twice). A model-wide pass that cannot, or a graph that does not partition into a chain of blocks,
+compiles whole, and the report says why.
 """
 
 from __future__ import annotations
@@ -50,23 +54,25 @@ class BlockPlan:
     parts: Partition | None
     why_whole: str | None = None
     propagate: str = "quantized"
-    blocks: list = field(default_factory=list)  # per part: name, linears, seconds
+    blocks: list = field(default_factory=list)  # per part and sweep: name, sweep, linears, seconds
     spilled_bytes: int = 0
     activation_bytes: int = 0
 
     def summary(self) -> dict:
         if self.parts is None:
             return {"mode": "whole", "why": self.why_whole}
-        seconds = [b["seconds"] for b in self.blocks if b["name"].startswith("layers.")]
+        layers = [b for b in self.blocks if b["name"].startswith("layers.")]
+        per_block = sum(b["seconds"] for b in layers) / len({b["name"] for b in layers}) if layers else None
         return {"mode": "blocks", "parts": len(self.parts.parts), "propagate": self.propagate,
-                "seconds_per_block": round(float(np.mean(seconds)), 3) if seconds else None,
+                "sweeps": max((b["sweep"] for b in self.blocks), default=0),
+                "seconds_per_block": round(per_block, 3) if per_block is not None else None,
                 "activation_bytes_written": self.activation_bytes, "weight_bytes_spilled": self.spilled_bytes,
                 "blocks": self.blocks}
 
 
 def plan_blocks(graph, structure, pipeline: PassManager, propagate: str) -> BlockPlan:
     """Block by block where every pass is block-local and the graph partitions; otherwise whole, saying why."""
-    whole = [p.name for p in pipeline.passes if not p.block_local]
+    whole = [p.name for p in pipeline.passes if not p.block_local and not p.by_parts]
     if not pipeline.passes:
         return BlockPlan(None, "the recipe has no passes")
     if whole:
@@ -98,16 +104,56 @@ def _layer(name: str) -> int | None:
 def run_blocks(graph, plan: BlockPlan, pipeline: PassManager, ctx: PassContext, batches, sqnr: bool, scratch: str,
                progress=None) -> tuple:
     """Run ``pipeline`` part by part (see the module); returns (pass records merged over the parts, SQNR per
-    linear). ``batches``: int64 [samples, seq] calibration tokens, or None (weight-only recipes)."""
+    linear). ``batches``: int64 [samples, seq] calibration tokens, or None (weight-only recipes).
+
+    A model-wide pass that works by parts (``by_parts``: sensitivity) splits the pipeline: the passes before
+    it run in one sweep of the parts, which also calls its ``prepare_block`` on each; it then runs once over
+    the partitioned graph; the passes after it run in a sweep of their own, calibrated afresh."""
+    records: list = []
+    sqnr_values: dict = {}
+    segments = _segments(pipeline.passes)
+    for number, (local, model_wide) in enumerate(segments, 1):
+        sub = PassManager(local, verify=pipeline.verify, dump_dir=pipeline.dump_dir, progress=pipeline.progress,
+                          release=False)
+        label = "blocks" if len(segments) == 1 else f"blocks (sweep {number}/{len(segments)})"
+        if local or model_wide is not None:
+            records.extend(_sweep(graph, plan, sub, ctx, batches, sqnr, scratch, progress, label, number, model_wide,
+                                  sqnr_values))
+        if model_wide is not None:
+            ctx.partition = plan.parts
+            try:
+                records.extend(PassManager([model_wide], progress=pipeline.progress, release=False).run(graph, ctx))
+            finally:
+                ctx.partition = None
+                ctx.prepared.pop(model_wide.name, None)
+                ctx.invalidate(activations=True)
+    return records, sqnr_values
+
+
+def _segments(passes: list) -> list:
+    """``[(block-local passes, the model-wide pass after them or None)]``, split at each ``by_parts`` pass."""
+    out, local = [], []
+    for p in passes:
+        if p.block_local:
+            local.append(p)
+        else:
+            out.append((local, p))
+            local = []
+    if local or not out:
+        out.append((local, None))
+    return out
+
+
+def _sweep(graph, plan: BlockPlan, pipeline: PassManager, ctx: PassContext, batches, sqnr: bool, scratch: str,
+           progress, label: str, number: int, prepare, sqnr_values: dict) -> list:
+    """One sweep of the parts: ``pipeline`` on each, then ``prepare.prepare_block`` (a model-wide pass)."""
     parts = plan.parts.parts
     runner = BlockwiseRunner(graph, plan.parts, [b[None] for b in batches]) if batches is not None else None
     spill_path = os.path.join(scratch, "llmq-compiled-blocks.data")
     records: list = []
-    sqnr_values: dict = {}
     indices = range(len(parts))
-    pipeline.release = False  # once per block, below: a full collection costs ~0.2 s with torch loaded
     try:
-        for i in (progress(indices, "blocks") if progress else indices):
+        for i in (progress(indices, label) if progress else indices):
             part = parts[i]
             started = time.perf_counter()
             layer = _layer(part.name)
@@ -119,7 +165,7 @@ def run_blocks(graph, plan: BlockPlan, pipeline: PassManager, ctx: PassContext, 
                     runner.advance(i)
             scoped = ctx.structure(graph)
             linears = len(scoped.linears)
-            if linears or scoped.attention:
+            if (linears or scoped.attention) and pipeline.passes:
                 before: dict = {}
 
                 def snapshot(phase, g, before=before):
@@ -133,23 +179,26 @@ def run_blocks(graph, plan: BlockPlan, pipeline: PassManager, ctx: PassContext, 
                 if before:
                     sqnr_values.update(layer_sqnr(before["structure"], graph, before["sample"]))
                 before.clear()
+            if prepare is not None and linears:
+                prepare.prepare_block(graph, ctx)
             if runner is not None and plan.propagate != "float":
                 runner.advance(i)
             ctx.invalidate(activations=True)  # the structure held this part's old weights
             plan.spilled_bytes += spill(graph.gs, spill_path)
             release_memory()
             seconds = time.perf_counter() - started
-            plan.blocks.append({"name": part.name, "linears": linears, "seconds": round(seconds, 3)})
-            logger.info("part %s (%d/%d): %d linears in %.1f s", part.name, i + 1, len(parts), linears, seconds)
+            plan.blocks.append({"name": part.name, "sweep": number, "linears": linears, "seconds": round(seconds, 3)})
+            logger.info("part %s (%d/%d, sweep %d): %d linears in %.1f s", part.name, i + 1, len(parts), number,
+                        linears, seconds)
     finally:
         ctx.scope = None
         ctx.invalidate(activations=True)
         ctx.stats_provider = ctx.sample_provider = ctx.stream_provider = ctx.output_probe = None
-        pipeline.before_phase, pipeline.release = None, True
+        pipeline.before_phase = None
         if runner is not None:
-            plan.activation_bytes = runner.bytes_written
+            plan.activation_bytes += runner.bytes_written
             runner.close()
-    return merge_records(records), sqnr_values
+    return merge_records(records)
 
 
 def _runner_providers(ctx: PassContext, runner: BlockwiseRunner, index: int) -> None:

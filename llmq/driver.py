@@ -165,6 +165,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         model_path = os.path.join(tmp, "model.onnx")
         logger.info("phase write")
         files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
+        origin = graph.origin  # the input's weights, moved out of its file at load: verification runs on them
         del graph
         release_memory()
         backend_info = {"name": backend.name, "tensorrt_rule_violations": violations, "lowering": lowering,
@@ -175,7 +176,9 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         logger.info("phase verify")
         by_parts = plan.parts if plan.parts is not None and input_bytes > VERIFY_BY_PARTS_OVER else None
         verification = _verify_output(model, model_path, recipe, opts, calib, vocab_size, blocks,
-                                      backend.accuracy_level(opts), ctx.progress, by_parts)
+                                      backend.accuracy_level(opts), ctx.progress, by_parts,
+                                      getattr(origin, "reference", None))
+        del origin
         times["verify_s"] = time.perf_counter() - t
         times["total_s"] = time.perf_counter() - t0
         report = _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows,
@@ -335,12 +338,15 @@ def _write_side_files(tmp: str, rows: list, recipe: Recipe, calib: _Calibration)
 
 
 def _verify_output(model: str, model_path: str, recipe: Recipe, opts: CompileOptions, calib: _Calibration,
-                   vocab_size, blocks: dict, accuracy_level: int, progress, parts=None) -> dict:
-    """The end-to-end check; outside the recipe's bound it fails the compile unless ``allow_loss``."""
+                   vocab_size, blocks: dict, accuracy_level: int, progress, parts=None, reference=None) -> dict:
+    """The end-to-end check; outside the recipe's bound it fails the compile unless ``allow_loss``.
+    ``reference``: the input ``model`` as the loader left it (its inline weights in a file beside it, which
+    ONNX Runtime maps instead of parsing), run in its place."""
     # windows as long as the calibration ran (the model took that); without calibration, short ones
     batches = calib.batches
     verify_len = int(batches.shape[1]) if batches is not None else min(opts.calib_seq_len or recipe.calib_seq_len, 128)
-    verification = _verify(model, model_path, recipe, calib.source, calib.tokenizer, vocab_size, blocks,
+    source = model if parts is not None or reference is None else reference
+    verification = _verify(source, model_path, recipe, calib.source, calib.tokenizer, vocab_size, blocks,
                            opts.calib_samples or recipe.calib_samples, verify_len, accuracy_level, progress, parts)
     if verification["problems"]:
         where = _worst_block(verification)

@@ -82,20 +82,30 @@ def range_split_extra_mac_fraction(rows: list) -> float:
     return sum(r.get("range_split_int8_macs_per_token", 0) for r in rows) / total if total else 0.0
 
 
+def _sensitivity_measure(rows: list) -> tuple:
+    """(row key, what it measures) of the sensitivity scores in ``rows``: the whole model's output KL, or, for a
+    block-by-block compile, the noise at the group's block output."""
+    if any("sensitivity_kl" in r for r in rows):
+        return "sensitivity_kl", "output KL when only this group's input is INT8"
+    return ("sensitivity_block_noise", "noise at its block's output (relative to the residual stream) when only "
+            "this group's input is INT8")
+
+
 def sensitivity_svg(rows: list, top: int = 40) -> str | None:
     """A horizontal bar chart (SVG) of the most sensitive activation groups, by output KL."""
     seen, bars = set(), []
-    for r in sorted((r for r in rows if "sensitivity_kl" in r), key=lambda r: r["sensitivity_rank"]):
+    key, caption = _sensitivity_measure(rows)
+    for r in sorted((r for r in rows if key in r), key=lambda r: r["sensitivity_rank"]):
         if r["sensitivity_rank"] not in seen:
             seen.add(r["sensitivity_rank"])
-            bars.append((r["name"], r["sensitivity_kl"], "act_bits" not in r))
+            bars.append((r["name"], r[key], "act_bits" not in r))
     if not bars:
         return None
     bars = bars[:top]
     peak = max(kl for _, kl, _ in bars) or 1.0
     width, row, left = 720, 16, 190
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row * len(bars) + 40}" font-family="monospace" font-size="11">',
-             '<text x="4" y="14">output KL when only this group\'s input is INT8 (red: kept float by the budget)</text>']
+             f'<text x="4" y="14">{caption} (red: kept float by the budget)</text>']
     for i, (name, kl, kept) in enumerate(bars):
         y = 24 + i * row
         w = max(1.0, (width - left - 90) * kl / peak)
@@ -174,10 +184,11 @@ def summary_text(report: dict, worst: int = 10) -> str:
         ratios = sorted(r["range_split_ratio"] for r in ranged)
         lines.append(f"split-range on {len(ranged)} linears (input max|x| {ratios[0]:.1f}–{ratios[-1]:.1f}× the clip value): "
                      f"their residual rows add {100 * t.get('range_split_extra_int8_mac_fraction', 0.0):.1f} % INT8 MACs to the decoder")
-    sens = sorted({(r["sensitivity_rank"], r["name"], r["sensitivity_kl"], "act_bits" not in r)
-                   for r in report["layers"] if "sensitivity_rank" in r})
+    key, caption = _sensitivity_measure(report["layers"])
+    sens = sorted({(r["sensitivity_rank"], r["name"], r[key], "act_bits" not in r)
+                   for r in report["layers"] if "sensitivity_rank" in r and key in r})
     if sens:
-        lines.append("most sensitive activation groups (output KL when quantized alone):")
+        lines.append(f"most sensitive activation groups ({caption}):")
         lines.extend(f"  {rank:>3}. {name:<24} {kl:.4g}{'  (kept float)' if kept else ''}" for rank, name, kl, kept in sens[:10])
     attn = report.get("attention") or []
     smoothed = [a for a in attn if "key_outlier_ratio_before" in a]

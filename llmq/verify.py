@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import onnx
 
 from .backends.onnxruntime import make_session
 from .ir.feeds import prompt_feeds, session_specs
+from .ir.storage import release_memory, spill_inline
 
 __all__ = ["Bound", "verify_model", "verify_by_parts", "check_bound", "block_outputs", "compared_outputs"]
 
@@ -65,31 +67,47 @@ def block_outputs(structure) -> dict:
 
 
 def _session(path: str, extra: list, accuracy_level: int):
-    """A session for ``path`` with ``extra`` intermediate tensors exposed as outputs (skipped if impossible)."""
-    if not extra:
-        return make_session(path, accuracy_level, prepack=False), []
+    """A session for ``path`` with ``extra`` intermediate tensors exposed as outputs (skipped if impossible).
+
+    A model holding its weights inline is handed to ONNX Runtime with them moved to a temporary external-data
+    file, which it maps instead of copying: a session over an inline file holds the file's bytes, its parse
+    and its tensors (1.4 GB for SmolLM2-135M's 543 MB), one over external data only what it touches."""
     model = onnx.load(path, load_external_data=False)
-    produced = {o for n in model.graph.node for o in n.output}
-    present = {o.name for o in model.graph.output}
-    extra = [n for n in extra if n in produced and n not in present]
-    for name in extra:
-        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    if extra:
+        produced = {o for n in model.graph.node for o in n.output}
+        present = {o.name for o in model.graph.output}
+        extra = [n for n in extra if n in produced and n not in present]
+        for name in extra:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     external = any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
                    for t in model.graph.initializer)
-    if not external:
-        data = model.SerializeToString()
-        del model  # the proto and the session's copy of the weights are never alive together
-        return make_session(data, accuracy_level, prepack=False), extra
+    inline = not external and any(t.HasField("raw_data") and t.ByteSize() > 1 << 20 for t in model.graph.initializer)
+    if not extra and not inline:
+        del model
+        return make_session(path, accuracy_level, prepack=False, arena=False), []
+    if inline:
+        folder = tempfile.mkdtemp(prefix="llmq-verify-")
+        try:
+            spill_inline(model, folder)
+            light = onnx.ModelProto()
+            light.CopyFrom(model)  # without the moved bytes, which stay in the parsed model's arena
+            del model
+            tmp = os.path.join(folder, "model.onnx")
+            onnx.save(light, tmp)
+            del light
+            return make_session(tmp, accuracy_level, prepack=False, arena=False), extra
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # a mapped file lives on until the session closes
     folder = os.path.dirname(os.path.abspath(path))  # external data is found relative to the model's folder
     try:
         fd, tmp = tempfile.mkstemp(prefix=".llmq-verify-", suffix=".onnx", dir=folder)
         os.close(fd)
     except OSError:
         logger.warning("cannot write beside %s: block outputs are not compared", path)
-        return make_session(path, accuracy_level, prepack=False), []
+        return make_session(path, accuracy_level, prepack=False, arena=False), []
     try:
         onnx.save(model, tmp)
-        return make_session(tmp, accuracy_level, prepack=False), extra
+        return make_session(tmp, accuracy_level, prepack=False, arena=False), extra
     finally:
         os.remove(tmp)
 
@@ -105,7 +123,6 @@ def verify_model(input_path: str, output_path: str, windows: np.ndarray, vocab_s
 
     The two models run one after the other, never both in memory: the input model's outputs on every window
     are kept on disk (a temporary folder) while the compiled model runs."""
-    import gc
 
     wanted = list(dict.fromkeys(blocks.values()))
     with tempfile.TemporaryDirectory(prefix="llmq-verify-") as scratch:
@@ -116,8 +133,9 @@ def verify_model(input_path: str, output_path: str, windows: np.ndarray, vocab_s
         for i, window in enumerate(progress(list(windows)) if progress else windows):
             for name, value in zip(names, ref.run(names, prompt_feeds(ref_inputs, window[None]))):
                 np.save(os.path.join(scratch, f"{i}.{names.index(name)}.npy"), value)
+            del value
         del ref
-        gc.collect()
+        release_memory()  # the input model's session goes back to the system before the compiled one loads
         out, out_extra = _session(output_path, wanted, accuracy_level)
         common = [n for n in wanted if n in ref_extra and n in out_extra]
         out_names = {o.name for o in out.get_outputs()}
@@ -190,6 +208,9 @@ def verify_by_parts(input_path: str, output_path: str, windows: np.ndarray, voca
                         accuracy_level)
 
 
+ROWS = 64  # output rows (tokens) compared at a time
+
+
 def _compare(windows, reference, compiled, primary: list, common: list, vocab_size, blocks: dict,
              accuracy_level: int) -> dict:
     """Measure the compiled model's outputs on each window (``compiled(i)``) against ``reference(i)``, the
@@ -206,17 +227,20 @@ def _compare(windows, reference, compiled, primary: list, common: list, vocab_si
         y_out = compiled(i)
         for name in primary:
             a, b = y_ref[name], y_out[name]
-            if _is_lm(name, a, vocab_size):
-                la, lb = _log_softmax(a.reshape(-1, a.shape[-1])), _log_softmax(b.reshape(-1, b.shape[-1]))
-                kl = (np.exp(la) * (la - lb)).sum(axis=-1, dtype=np.float64)
-                add((name, "kl"), float(kl.mean()), kl.size)
-                add((name, "top1"), float((la.argmax(-1) == lb.argmax(-1)).mean()), kl.size)
-            a2, b2 = a.reshape(-1, a.shape[-1]).astype(np.float32), b.reshape(-1, b.shape[-1]).astype(np.float32)
-            add((name, "err2"), float(np.square(a2 - b2).sum(dtype=np.float64)))
-            add((name, "ref2"), float(np.square(a2).sum(dtype=np.float64)))
-            norms = np.sqrt(np.square(a2).sum(-1, dtype=np.float64) * np.square(b2).sum(-1, dtype=np.float64))
-            cos = (a2 * b2).sum(-1, dtype=np.float64) / np.maximum(norms, 1e-30)
-            add((name, "cos"), float(cos.mean()), len(cos))
+            lm = _is_lm(name, a, vocab_size)
+            a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+            for start in range(0, len(a), ROWS):  # a few rows at a time: a vocabulary-wide row is 0.2–0.5 MB
+                a2, b2 = a[start:start + ROWS].astype(np.float32), b[start:start + ROWS].astype(np.float32)
+                if lm:
+                    la, lb = _log_softmax(a2), _log_softmax(b2)
+                    kl = (np.exp(la) * (la - lb)).sum(axis=-1, dtype=np.float64)
+                    add((name, "kl"), float(kl.mean()), kl.size)
+                    add((name, "top1"), float((la.argmax(-1) == lb.argmax(-1)).mean()), kl.size)
+                add((name, "err2"), float(np.square(a2 - b2).sum(dtype=np.float64)))
+                add((name, "ref2"), float(np.square(a2).sum(dtype=np.float64)))
+                norms = np.sqrt(np.square(a2).sum(-1, dtype=np.float64) * np.square(b2).sum(-1, dtype=np.float64))
+                cos = (a2 * b2).sum(-1, dtype=np.float64) / np.maximum(norms, 1e-30)
+                add((name, "cos"), float(cos.mean()), len(cos))
         for tensor in common:
             a, b = y_ref[tensor].astype(np.float32), y_out[tensor].astype(np.float32)
             add((tensor, "err2"), float(np.square(a - b).sum(dtype=np.float64)))

@@ -19,6 +19,19 @@ the others quantized (one more run per group) instead of by its KL alone: intera
 KL with every group quantized already meets ``max_kl`` (and ``keep_float`` is 0), nothing goes float and the
 marginal runs are skipped: the report ranks by isolated KL and says so (``ranking`` in the pass stats).
 The ranking and the joint KL before and after the budget go into the report.
+
+**Block by block** (a partitioned graph, ``ctx.partition``: what a compile of a large model runs), no session
+holds the whole model. The INT8 scale of each group comes from its part's full calibration
+(:meth:`prepare_block`, in the sweep of the transforms before this pass). Then the sample is carried through
+the parts, in float: in each block, every group of that block is scored by the noise it adds to the block's
+output, relative to the residual stream there (``block_noise``: isolated, the group alone; marginal, what it
+adds with the block's other groups quantized). The ranking is by that score instead of output KL (a local
+proxy for a global effect: on SmolLM2-135M it picks the same kind of groups, see ``docs/scale.md``). The
+budget itself is still decided on the joint output KL, measured exactly: the sample is carried through the
+parts once per candidate budget, up to ``BATCH`` candidates in one sweep (a bracketing search over the
+prefix length), and with every group quantized it equals the whole-model measurement. The report's
+``measure`` says which of the two ranked, and the per-linear scores are ``sensitivity_block_noise`` /
+``sensitivity_block_marginal`` instead of ``sensitivity_kl``.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..calib.blockwise import PartSweep
 from ..calib.observers import OBSERVERS, amax
 from ..ir.feeds import input_specs, prompt_feeds
 from ..ir.graph import Graph
@@ -48,11 +62,21 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def mean_kl(ref_logits: np.ndarray, logits: np.ndarray, ref_log_probs: np.ndarray | None = None) -> float:
-    """Mean over tokens of KL(softmax(ref) ‖ softmax(logits)); pass ``ref_log_probs`` to reuse them."""
-    lp = _log_softmax(ref_logits) if ref_log_probs is None else ref_log_probs
-    lq = _log_softmax(logits)
-    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+def mean_kl(ref_logits: np.ndarray, logits: np.ndarray, ref_log_probs: np.ndarray | None = None,
+            chunk: int = 64) -> float:
+    """Mean over tokens of KL(softmax(ref) ‖ softmax(logits)); pass ``ref_log_probs`` to reuse them. Computed
+    ``chunk`` tokens at a time in float64 (a 128k vocabulary makes whole-batch float64 copies hundreds of MB)."""
+    vocab = ref_logits.shape[-1]
+    ref_logits, logits = ref_logits.reshape(-1, vocab), logits.reshape(-1, vocab)
+    if ref_log_probs is not None:
+        ref_log_probs = ref_log_probs.reshape(-1, vocab)
+    total = 0.0
+    for start in range(0, ref_logits.shape[0], chunk):
+        part = slice(start, start + chunk)
+        lp = _log_softmax(ref_logits[part]) if ref_log_probs is None else ref_log_probs[part].astype(np.float64)
+        lq = _log_softmax(logits[part])
+        total += float(np.sum(np.exp(lp) * (lp - lq)))
+    return total / max(ref_logits.shape[0], 1)
 
 
 class AnalyzeSensitivityPass(Pass):
@@ -67,6 +91,8 @@ class AnalyzeSensitivityPass(Pass):
     changes_activations = False
     requires_stats = True
     block_local = False  # ranks activation groups by their effect on the whole model's logits
+    by_parts = True  # ... which a partitioned graph measures in bounded memory (see the module)
+    BATCH = 16  # candidate budgets measured together in one sweep of the parts
 
     @dataclass(frozen=True)
     class Options:
@@ -96,16 +122,32 @@ class AnalyzeSensitivityPass(Pass):
             if not 0.0 <= self.min_int8_macs <= 1.0:
                 raise ValueError("min_int8_macs is a fraction in [0, 1]")
 
+    def _groups(self, graph: Graph, ctx: PassContext) -> dict:
+        """``{activation tensor: [linears reading it]}`` of the selected linears (in scope)."""
+        groups: dict = {}
+        for lin in selected_linears(ctx.structure(graph), ctx, self.name, self.options.roles, "activation"):
+            groups.setdefault(lin.act.name, []).append(lin)
+        return groups
+
+    def _scale(self, stats) -> float:
+        return amax(stats, self.options.observer, qmax(8)) / qmax(8)
+
+    def prepare_block(self, graph: Graph, ctx: PassContext) -> None:
+        """Block by block: the INT8 scale of each group of the part, from the part's full calibration."""
+        groups = self._groups(graph, ctx)
+        stats = ctx.activation_stats(graph, sorted(groups)) if groups else {}
+        ctx.prepared.setdefault(self.name, {}).update({n: self._scale(stats[n]) for n in groups})
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        groups: dict = {}
-        for lin in selected_linears(ctx.structure(graph), ctx, self.name, o.roles, "activation"):
-            groups.setdefault(lin.act.name, []).append(lin)
+        groups = self._groups(graph, ctx)
         if not groups:
             return PassResult(False, {"groups": 0})
         names = sorted(groups, key=lambda n: groups[n][0].name)
+        if ctx.partition is not None:
+            return self._run_by_parts(graph, ctx, groups, names)
         stats = ctx.activation_stats(graph, names)
-        scales = {n: amax(stats[n], o.observer, qmax(8)) / qmax(8) for n in names}
+        scales = {n: self._scale(stats[n]) for n in names}
         kls, joint = self._measure(graph, ctx, names, scales)
         joint_all = joint(set(names))
         # with the budget met by every group quantized nothing goes float: the marginal runs would decide nothing
@@ -130,20 +172,112 @@ class AnalyzeSensitivityPass(Pass):
                 else:
                     lo = mid + 1
             count = lo
-        keep = set(ranking[:count])
         joint_after = joint(set(ranking[count:]))
-        for rank, n in enumerate(ranking, 1):
-            for lin in groups[n]:
-                ctx.record(lin.name, sensitivity_kl=kls[n], sensitivity_rank=rank)
-                if n in keep:
-                    what = "kept float" if o.action == "float" else "switched to per-token dynamic"
-                    ctx.float_activations[lin.name] = f"{what} by the sensitivity budget (rank {rank}, KL {kls[n]:.3g})"
-                    if o.action == "per-token":
-                        ctx.per_token_activations.add(lin.name)
-        kept = [groups[n][0].name for n in ranking if n in keep]
-        return PassResult(False, {"groups": len(names), "kept_float": kept, "ranking": ranking_used,
+        self._apply(ctx, groups, ranking, count, {n: {"sensitivity_kl": kls[n]} for n in names})
+        return PassResult(False, {"groups": len(names), "kept_float": [groups[n][0].name for n in ranking[:count]],
+                                  "ranking": ranking_used, "measure": "output KL",
                                   "kl_sum_all": float(sum(kls.values())), "kl_joint_all": joint_all,
                                   "kl_joint_after_budget": joint_after, "max_kl": o.max_kl,
+                                  "limited_by_min_int8_macs": count == cap < len(ranking) and o.min_int8_macs > 0})
+
+    def _apply(self, ctx: PassContext, groups: dict, ranking: list, count: int, scores: dict) -> None:
+        """Record each group's rank and ``scores``; the first ``count`` of the ranking go float (or per-token)."""
+        for rank, n in enumerate(ranking, 1):
+            for lin in groups[n]:
+                ctx.record(lin.name, sensitivity_rank=rank, **scores[n])
+                if rank <= count:
+                    what = "kept float" if self.options.action == "float" else "switched to per-token dynamic"
+                    score = ", ".join(f"{k.replace('sensitivity_', '').replace('_', ' ')} {v:.3g}" for k, v in scores[n].items())
+                    ctx.float_activations[lin.name] = f"{what} by the sensitivity budget (rank {rank}, {score})"
+                    if self.options.action == "per-token":
+                        ctx.per_token_activations.add(lin.name)
+
+    def _run_by_parts(self, graph: Graph, ctx: PassContext, groups: dict, names: list) -> PassResult:
+        """The budget on a partitioned graph, in bounded memory (see the module): each group ranked by the
+        noise it adds to its block's output, on the sample carried through the float graph; then the joint
+        output KL of candidate budgets measured exactly, several at once, carried through the parts."""
+        o = self.options
+        scales = ctx.prepared.get(self.name, {})
+        missing = [n for n in names if n not in scales]
+        if missing:
+            raise ValueError(f"no prepared scale for {missing[0]}: prepare_block did not run on its part")
+        probe, flag_of = self._switches(graph, names, scales)
+        sweep = PartSweep(probe, ctx.partition, self._sample(ctx), [t for t in probe.gs.inputs if t.name not in flag_of.values()])
+        off = {f: np.asarray(False) for f in flag_of.values()}
+        owner = ctx.partition.of_node()
+        part_of = {n: owner[groups[n][0].node.name] for n in names}
+        logits = graph.gs.outputs[0].name
+
+        def switched(quantized) -> dict:
+            return {**off, **{flag_of[n]: np.asarray(True) for n in quantized}}
+
+        isolated, marginal, state, ref = {}, {}, {}, None
+        parts = ctx.partition.parts
+        iterator = ctx.progress(sweep, "sensitivity (blocks)") if ctx.progress else sweep
+        for index, part, run in iterator:
+            base = run(state, off)
+            mine = [n for n in names if part_of[n] == part.name]
+            if mine and part.outputs:
+                out = part.outputs[0]
+
+                def noise(quantized) -> float:
+                    return block_noise(base[out], run(state, switched(quantized))[out])
+
+                every = noise(mine)
+                for n in mine:
+                    isolated[n] = noise([n])
+                    marginal[n] = every - noise([m for m in mine if m != n]) if len(mine) > 1 else every
+            if index == len(parts) - 1:
+                ref = base[logits]
+            state = sweep.carry(index, state, base)
+        ref_lp = None  # recomputed per chunk: no float64 copy of the reference kept
+        if o.ranking == "isolated":
+            score = isolated
+        elif o.ranking == "marginal":
+            score = marginal
+        else:
+            score = {n: v / sum(lin.macs_per_token for lin in groups[n]) for n, v in marginal.items()}
+        ranking = sorted(names, key=lambda n: -score[n])
+        cap = self._mac_cap(ctx, ctx.structure(graph), ranking, groups) if o.action == "float" else len(ranking)
+        known: dict = {}
+
+        def measure(counts) -> None:
+            """The joint KL with the first ``count`` groups of the ranking left out, for each of ``counts``."""
+            todo = sorted(set(counts) - set(known))
+            if not todo:
+                return
+            sets = [switched(ranking[c:]) for c in todo]
+            states = [{} for _ in todo]
+            label = f"sensitivity ({len(todo)} budget{'s' if len(todo) > 1 else ''})"
+            for index, part, run in (ctx.progress(sweep, label) if ctx.progress else sweep):
+                for k, flags in enumerate(sets):
+                    out = run(states[k], flags)
+                    if index == len(parts) - 1:
+                        known[todo[k]] = max(0.0, mean_kl(ref, out[logits], ref_lp)) if todo[k] < len(ranking) else 0.0
+                    states[k] = sweep.carry(index, states[k], out)
+
+        count = min(o.keep_float, cap)
+        measure([0, count])
+        if o.max_kl is not None and not (o.keep_float == 0 and known[0] <= o.max_kl):
+            lo, hi = count, cap  # the smallest count in [lo, hi] whose joint KL meets the budget (hi if none does)
+            while lo < hi:
+                candidates = sorted({int(round(x)) for x in np.linspace(lo, hi, min(hi - lo + 1, self.BATCH))})
+                measure(candidates)
+                inside = [c for c in known if lo <= c <= hi]
+                good = [c for c in inside if known[c] <= o.max_kl]
+                top = min(good) if good else hi
+                below = [c for c in inside if c < top and known[c] > o.max_kl]
+                lo, hi = (max(below) + 1 if below else lo), top
+                if hi == lo or all(c in known for c in range(lo, hi)):
+                    break
+            count = hi
+            measure([count])
+        self._apply(ctx, groups, ranking, count,
+                    {n: {"sensitivity_block_noise": isolated[n], "sensitivity_block_marginal": marginal[n]} for n in names})
+        return PassResult(False, {"groups": len(names), "kept_float": [groups[n][0].name for n in ranking[:count]],
+                                  "ranking": o.ranking, "measure": "block output noise (block by block)",
+                                  "kl_joint_all": known[0], "kl_joint_after_budget": known[count], "max_kl": o.max_kl,
+                                  "budgets_measured": len(known),
                                   "limited_by_min_int8_macs": count == cap < len(ranking) and o.min_int8_macs > 0})
 
     def _mac_cap(self, ctx: PassContext, structure, ranking: list, groups: dict) -> int:
@@ -163,12 +297,44 @@ class AnalyzeSensitivityPass(Pass):
     def _measure(self, graph: Graph, ctx: PassContext, names: list, scales: dict) -> tuple:
         """KL per group, and a function measuring any set of groups together: one ONNX Runtime session
         with a boolean switch per group."""
+        sample = self._sample(ctx)
+        probe, flag_of = self._switches(graph, names, scales)
+        flags = [flag_of[n] for n in names]
+        session = graph_session(probe, prepack=True)  # run once per group: packed weights pay for their copy
+        inputs = input_specs(t for t in probe.gs.inputs if t.name not in flags)
+        feeds = {**prompt_feeds(inputs, sample), **{f: np.asarray(False) for f in flags}}
+        ref = session.run(None, feeds)[0][0]
+        ref_lp = _log_softmax(ref)
+        kls = {}
+        iterator = ctx.progress(names, "sensitivity") if ctx.progress else names
+        for name, flag in zip(iterator, flags):
+            feeds[flag] = np.asarray(True)
+            kls[name] = max(0.0, mean_kl(ref, session.run(None, feeds)[0][0], ref_lp))
+            feeds[flag] = np.asarray(False)
+        cache: dict = {}
+
+        def joint(quantized: set) -> float:
+            """KL with every group in ``quantized`` quantized at once."""
+            key = frozenset(quantized)
+            if key not in cache:
+                run = dict(feeds)
+                for n in quantized:
+                    run[flag_of[n]] = np.asarray(True)
+                cache[key] = max(0.0, mean_kl(ref, session.run(None, run)[0][0], ref_lp)) if quantized else 0.0
+            return cache[key]
+        return kls, joint
+
+    def _sample(self, ctx: PassContext) -> np.ndarray:
         if ctx.calibration_batch is None:
             raise ValueError("the sensitivity analysis needs a calibration batch")
-        sample = np.ascontiguousarray(ctx.calibration_batch[..., :self.options.tokens])
+        return np.ascontiguousarray(ctx.calibration_batch[..., :self.options.tokens])
+
+    def _switches(self, graph: Graph, names: list, scales: dict) -> tuple:
+        """A copy of the graph (weights shared) where each group's tensor passes through
+        ``Where(flag, DQ(Q(x)), x)`` with ``flag`` a boolean graph input; returns (copy, {group: flag name})."""
         probe = graph.snapshot()  # nodes copied, weights shared: the switches are added to the copy only
         tensors = probe.tensors()
-        flags = []
+        flag_of = {}
         for i, name in enumerate(names):
             x = tensors[name]
             consumers = list(x.outputs)
@@ -184,28 +350,13 @@ class AnalyzeSensitivityPass(Pass):
                 for j, t in enumerate(c.inputs):
                     if t is x and c is not Graph.producer(q):
                         c.inputs[j] = sw
-            flags.append(flag.name)
-        session = graph_session(probe, prepack=True)  # run once per group: packed weights pay for their copy
-        inputs = input_specs(t for t in probe.gs.inputs if t.name not in flags)
-        feeds = {**prompt_feeds(inputs, sample), **{f: np.asarray(False) for f in flags}}
-        ref = session.run(None, feeds)[0][0]
-        ref_lp = _log_softmax(ref)
-        kls = {}
-        iterator = ctx.progress(names, "sensitivity") if ctx.progress else names
-        for name, flag in zip(iterator, flags):
-            feeds[flag] = np.asarray(True)
-            kls[name] = max(0.0, mean_kl(ref, session.run(None, feeds)[0][0], ref_lp))
-            feeds[flag] = np.asarray(False)
-        flag_of = dict(zip(names, flags))
-        cache: dict = {}
+            flag_of[name] = flag.name
+        return probe, flag_of
 
-        def joint(quantized: set) -> float:
-            """KL with every group in ``quantized`` quantized at once."""
-            key = frozenset(quantized)
-            if key not in cache:
-                run = dict(feeds)
-                for n in quantized:
-                    run[flag_of[n]] = np.asarray(True)
-                cache[key] = max(0.0, mean_kl(ref, session.run(None, run)[0][0], ref_lp)) if quantized else 0.0
-            return cache[key]
-        return kls, joint
+
+def block_noise(reference: np.ndarray, value: np.ndarray) -> float:
+    """Mean over tokens of ``‖value_t − reference_t‖² / ‖reference_t‖²`` (the last axis is the feature axis):
+    the noise a change adds to the residual stream, relative to it, as the next norm sees it."""
+    r = np.asarray(reference, np.float64).reshape(-1, reference.shape[-1])
+    d = np.asarray(value, np.float64).reshape(-1, reference.shape[-1]) - r
+    return float(np.mean(np.sum(d * d, axis=-1) / np.maximum(np.sum(r * r, axis=-1), 1e-30)))

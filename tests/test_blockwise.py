@@ -123,8 +123,8 @@ def test_float_propagation_equals_the_whole_graph_compile(models, tmp_path, cali
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
 def test_block_compile_with_quantized_propagation(models, name, tmp_path, calib_text):
     """The default order (each block calibrated on its quantized predecessors' outputs) compiles within the
-    recipe's bound; the report gives time per block and the bytes moved; a recipe that ranks across the whole
-    model compiles whole and says why."""
+    recipe's bound; the report gives time per block and the bytes moved; a recipe with a sensitivity budget
+    compiles in two sweeps of the blocks, the budget decided between them."""
     result = _compile(models[name], "w4a16", tmp_path / "o", calib_text)
     mode, io = result.report["compile_mode"], result.report["io"]
     assert mode["mode"] == "blocks" and mode["propagate"] == "quantized"
@@ -133,7 +133,35 @@ def test_block_compile_with_quantized_propagation(models, name, tmp_path, calib_
     assert result.report["verification"]["within_bound"]
     assert result.report["totals"]["quantized_weights"] == sum(b["linears"] for b in mode["blocks"]) - 1  # LM head
     ranked = _compile(models[name], "w8a8", tmp_path / "w8a8", calib_text, allow_loss=True)
-    assert ranked.report["compile_mode"]["mode"] == "whole" and "sensitivity" in ranked.report["compile_mode"]["why"]
+    mode = ranked.report["compile_mode"]
+    assert mode["mode"] == "blocks" and mode["sweeps"] == 2
+    assert {b["sweep"] for b in mode["blocks"]} == {1, 2} and len(mode["blocks"]) == 2 * mode["parts"]
+    assert ranked.report["verification"]["within_bound"]
+    sens = next(p for p in ranked.report["passes"] if p["pass"] == "sensitivity")["stats"]
+    assert sens["measure"].startswith("block output noise") and sens["kl_joint_all"] > 0
+
+
+def test_sensitivity_by_parts_measures_the_whole_models_kl(models, tmp_path, calib_text):
+    """Block by block, the sensitivity budget ranks groups by the noise each adds at its block's output, but
+    the joint output KLs it decides on are measured exactly, carried through the parts: with every group
+    quantized it is the whole-model measurement's KL; the budget it picks meets max_kl measured that way."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: budget\npasses:\n  - smooth-quant: {alpha: 0.5}\n"
+                      "  - sensitivity: {max_kl: 3.0e-7, min_int8_macs: 0.3, ranking: marginal}\n"
+                      "  - quantize-activations\n  - quantize-weights\n")
+    blocks = _compile(models["llama"], str(recipe), tmp_path / "blocks", calib_text)
+    whole = _compile(models["llama"], str(recipe), tmp_path / "whole", calib_text, blocks=False)
+    sb = next(p for p in blocks.report["passes"] if p["pass"] == "sensitivity")["stats"]
+    sw = next(p for p in whole.report["passes"] if p["pass"] == "sensitivity")["stats"]
+    assert blocks.report["compile_mode"]["mode"] == "blocks" and whole.report["compile_mode"]["mode"] == "whole"
+    assert sw["kl_joint_all"] > 3e-7  # the budget has work to do on this model
+    assert sb["kl_joint_all"] == pytest.approx(sw["kl_joint_all"], rel=1e-3)
+    assert sb["kl_joint_after_budget"] <= 3e-7 or sb["limited_by_min_int8_macs"]
+    assert sb["kept_float"] and sb["budgets_measured"] >= 2
+    rows = [r for r in blocks.report["layers"] if "sensitivity_rank" in r]
+    assert rows and all(r["sensitivity_block_noise"] >= 0 for r in rows)
+    kept = {r["name"] for r in blocks.report["layers"] if "sensitivity_rank" in r and "act_bits" not in r}
+    assert set(sb["kept_float"]) <= kept
 
 
 @pytest.mark.parametrize("recipe,backend", [("w8a16", "qdq"), ("w4a16", "onnxruntime")])

@@ -108,3 +108,35 @@ def test_large_valid_model_is_not_called_invalid(external_llama, tmp_path, capsy
     code = compile_main([external_llama, "--recipe", "w8a16", "-o", str(tmp_path / "out"), "-q", "--json"])
     assert code == 0
     assert os.path.isfile(tmp_path / "out" / "model.onnx.data")
+
+
+def test_inline_input_kept_beside_its_moved_weights_for_verification(tiny_llama_onnx, external_llama):
+    """A model holding its weights inline is loaded with them moved to a scratch file, and the input itself is
+    kept there referencing them (verification runs it without parsing its weights again): it is the same model,
+    output for output; the folder goes with the last holder of the graph's origin."""
+    import gc
+
+    import onnxruntime as ort
+
+    graph = load_graph(tiny_llama_onnx)
+    origin = graph.origin
+    kept = onnx.load(origin.reference, load_external_data=False)
+    given = onnx.load(tiny_llama_onnx)
+    assert [(n.op_type, list(n.input)) for n in kept.graph.node] == [(n.op_type, list(n.input)) for n in given.graph.node]
+    assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in kept.graph.initializer)
+    ids = np.random.default_rng(0).integers(0, 100, (1, 12))
+    outs = []
+    for path in (tiny_llama_onnx, origin.reference):
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feeds = {i.name: ids if i.name == "input_ids" else np.ones_like(ids) for i in session.get_inputs()}
+        outs.append(session.run(None, feeds)[0])
+        del session
+    np.testing.assert_array_equal(outs[0], outs[1])
+    folder = origin.folder
+    del graph
+    gc.collect()
+    assert os.path.isdir(folder)
+    del origin
+    gc.collect()
+    assert not os.path.exists(folder)
+    assert load_graph(external_llama).origin.reference is None  # its weights are the user's external data
