@@ -17,7 +17,7 @@ demo: install
 		--recipes w8a16 w8a8@onnxruntime w8a8-dynamic@onnxruntime w4a16@onnxruntime
 
 test: install
-	$(PYTHON) -m pytest -q -rs tests
+	$(PYTHON) -m pytest -q -rs --durations=25 tests
 
 test-fast: install
 	$(PYTHON) -m pytest -q -rs -m "not real_model" tests

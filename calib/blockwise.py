@@ -209,16 +209,27 @@ class PartSweep:
             options = self.options_factory() if self.options_factory else None
             session = graph_arrays_session(self.graph, lambda m, part=part: part_model(m, part, outputs, self._graph_inputs),
                                            options)
-            wanted = {i.name for i in session.get_inputs()}
-
-            def run(state: dict, extra: dict | None = None, session=session, wanted=wanted, outputs=outputs) -> dict:
-                feeds = {**self.feeds, **state, **(extra or {})}
-                return dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in wanted})))
-
+            run = _PartRun(session, outputs, self.feeds)
+            del session
             yield index, part, run
-            del session, run
+            run.session = None  # closed here, before the next part's session opens, whatever the caller holds
+            del run
 
     def carry(self, index: int, state: dict, outputs: dict) -> dict:
         """The state after part ``index`` made ``outputs``: what parts after it still read."""
         merged = {**state, **outputs}
         return {k: v for k, v in merged.items() if self._last_reader.get(k, -1) > index}
+
+
+class _PartRun:
+    """``run(state, extra)`` of :class:`PartSweep`: one part's session, valid until the sweep moves on."""
+
+    def __init__(self, session, outputs: list, feeds: dict):
+        self.session, self.outputs, self.feeds = session, outputs, feeds
+        self.wanted = {i.name for i in session.get_inputs()}
+
+    def __call__(self, state: dict, extra: dict | None = None) -> dict:
+        if self.session is None:
+            raise RuntimeError("the sweep has moved past this part")
+        feeds = {**self.feeds, **state, **(extra or {})}
+        return dict(zip(self.outputs, self.session.run(self.outputs, {k: v for k, v in feeds.items() if k in self.wanted})))

@@ -108,9 +108,12 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     light.opset_import.extend(model.opset_import)
     light.metadata_props.extend(model.metadata_props)
     light.functions.extend(model.functions)
+    light.training_info.extend(model.training_info)
+    light.configuration.extend(model.configuration)
     src, dst = model.graph, light.graph
     dst.name, dst.doc_string = src.name, src.doc_string
-    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+    for name in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation",
+                 "metadata_props"):
         getattr(dst, name).extend(getattr(src, name))
     for init in src.initializer:
         if init.HasField("raw_data") and init.ByteSize() > 1024:
@@ -192,7 +195,8 @@ def load_graph(path: str, opset: int = 21) -> Graph:
             onnx.save(light, origin.reference)
         light = upgrade_opset(light, opset)
         _infer_shapes(light)
-        graph = Graph.from_model(light, base_dir=os.path.dirname(os.path.abspath(path)), inline_dir=origin.folder)
+        graph = Graph.from_model(light, base_dir=os.path.dirname(os.path.abspath(path)),
+                                 inline_dir=origin.folder if moved else None)  # else all is the file's own
     except BaseException:
         origin.remove()
         raise

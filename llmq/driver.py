@@ -345,7 +345,7 @@ def _verify_output(model: str, model_path: str, recipe: Recipe, opts: CompileOpt
     # windows as long as the calibration ran (the model took that); without calibration, short ones
     batches = calib.batches
     verify_len = int(batches.shape[1]) if batches is not None else min(opts.calib_seq_len or recipe.calib_seq_len, 128)
-    source = model if parts is not None or reference is None else reference
+    source = reference or model
     verification = _verify(source, model_path, recipe, calib.source, calib.tokenizer, vocab_size, blocks,
                            opts.calib_samples or recipe.calib_samples, verify_len, accuracy_level, progress, parts)
     if verification["problems"]:

@@ -92,7 +92,8 @@ def _sensitivity_measure(rows: list) -> tuple:
 
 
 def sensitivity_svg(rows: list, top: int = 40) -> str | None:
-    """A horizontal bar chart (SVG) of the most sensitive activation groups, by output KL."""
+    """A horizontal bar chart (SVG) of the most sensitive activation groups, by the score
+    that ranked them (output KL, or block output noise when the compile ran block by block)."""
     seen, bars = set(), []
     key, caption = _sensitivity_measure(rows)
     for r in sorted((r for r in rows if key in r), key=lambda r: r["sensitivity_rank"]):

@@ -85,6 +85,10 @@ def _session(path: str, extra: list, accuracy_level: int):
     if not extra and not inline:
         del model
         return make_session(path, accuracy_level, prepack=False, arena=False), []
+    if not inline and not external:  # small and inline: handed over as bytes, nothing written anywhere
+        data = model.SerializeToString()
+        del model  # the proto and the session's copy of the weights are never alive together
+        return make_session(data, accuracy_level, prepack=False, arena=False), extra
     if inline:
         folder = tempfile.mkdtemp(prefix="llmq-verify-")
         try:

@@ -44,6 +44,7 @@ import onnx_graphsurgeon as gs
 
 from ..calib.blockwise import PartSweep
 from ..calib.observers import OBSERVERS, amax
+from ..ir.errors import LlmqError
 from ..ir.feeds import input_specs, prompt_feeds
 from ..ir.graph import Graph
 from ..ir.storage import graph_session
@@ -134,7 +135,9 @@ class AnalyzeSensitivityPass(Pass):
 
     def prepare_block(self, graph: Graph, ctx: PassContext) -> None:
         """Block by block: the INT8 scale of each group of the part, from the part's full calibration."""
+        declined = len(ctx.declined)
         groups = self._groups(graph, ctx)
+        del ctx.declined[declined:]  # selecting declines what it skips: recorded once, when the pass runs
         stats = ctx.activation_stats(graph, sorted(groups)) if groups else {}
         ctx.prepared.setdefault(self.name, {}).update({n: self._scale(stats[n]) for n in groups})
 
@@ -205,14 +208,23 @@ class AnalyzeSensitivityPass(Pass):
         sweep = PartSweep(probe, ctx.partition, self._sample(ctx), [t for t in probe.gs.inputs if t.name not in flag_of.values()])
         off = {f: np.asarray(False) for f in flag_of.values()}
         owner = ctx.partition.of_node()
-        part_of = {n: owner[groups[n][0].node.name] for n in names}
-        logits = graph.gs.outputs[0].name
+        part_of = {}
+        for n in names:  # a linear made after partitioning (a split-off branch) belongs to its layer's part
+            lin = groups[n][0]
+            part_of[n] = owner.get(lin.node.name) or (f"layers.{lin.layer}" if lin.layer is not None else None)
+            if part_of[n] is None:
+                raise ValueError(f"{lin.name} is in no part of the partition")
+        logits = graph.gs.outputs[0].name  # the logits, as the whole-model measure reads them
+        last = [i for i, p in enumerate(ctx.partition.parts) if logits in p.outputs]
+        if not last:
+            raise LlmqError(f"no part of the partition makes the graph's first output {logits}",
+                            "compile whole (--no-blocks)")
+        last = last[0]
 
         def switched(quantized) -> dict:
             return {**off, **{flag_of[n]: np.asarray(True) for n in quantized}}
 
         isolated, marginal, state, ref = {}, {}, {}, None
-        parts = ctx.partition.parts
         iterator = ctx.progress(sweep, "sensitivity (blocks)") if ctx.progress else sweep
         for index, part, run in iterator:
             base = run(state, off)
@@ -227,10 +239,9 @@ class AnalyzeSensitivityPass(Pass):
                 for n in mine:
                     isolated[n] = noise([n])
                     marginal[n] = every - noise([m for m in mine if m != n]) if len(mine) > 1 else every
-            if index == len(parts) - 1:
+            if index == last:
                 ref = base[logits]
             state = sweep.carry(index, state, base)
-        ref_lp = None  # recomputed per chunk: no float64 copy of the reference kept
         if o.ranking == "isolated":
             score = isolated
         elif o.ranking == "marginal":
@@ -243,6 +254,9 @@ class AnalyzeSensitivityPass(Pass):
 
         def measure(counts) -> None:
             """The joint KL with the first ``count`` groups of the ranking left out, for each of ``counts``."""
+            for c in set(counts) - set(known):
+                if c >= len(ranking):  # every group left float: the float model itself
+                    known[c] = 0.0
             todo = sorted(set(counts) - set(known))
             if not todo:
                 return
@@ -252,15 +266,15 @@ class AnalyzeSensitivityPass(Pass):
             for index, part, run in (ctx.progress(sweep, label) if ctx.progress else sweep):
                 for k, flags in enumerate(sets):
                     out = run(states[k], flags)
-                    if index == len(parts) - 1:
-                        known[todo[k]] = max(0.0, mean_kl(ref, out[logits], ref_lp)) if todo[k] < len(ranking) else 0.0
+                    if index == last:
+                        known[todo[k]] = max(0.0, mean_kl(ref, out[logits]))
                     states[k] = sweep.carry(index, states[k], out)
 
         count = min(o.keep_float, cap)
         measure([0, count])
         if o.max_kl is not None and not (o.keep_float == 0 and known[0] <= o.max_kl):
             lo, hi = count, cap  # the smallest count in [lo, hi] whose joint KL meets the budget (hi if none does)
-            while lo < hi:
+            while lo < hi and known.get(lo, np.inf) > o.max_kl:
                 candidates = sorted({int(round(x)) for x in np.linspace(lo, hi, min(hi - lo + 1, self.BATCH))})
                 measure(candidates)
                 inside = [c for c in known if lo <= c <= hi]
@@ -304,12 +318,11 @@ class AnalyzeSensitivityPass(Pass):
         inputs = input_specs(t for t in probe.gs.inputs if t.name not in flags)
         feeds = {**prompt_feeds(inputs, sample), **{f: np.asarray(False) for f in flags}}
         ref = session.run(None, feeds)[0][0]
-        ref_lp = _log_softmax(ref)
         kls = {}
         iterator = ctx.progress(names, "sensitivity") if ctx.progress else names
         for name, flag in zip(iterator, flags):
             feeds[flag] = np.asarray(True)
-            kls[name] = max(0.0, mean_kl(ref, session.run(None, feeds)[0][0], ref_lp))
+            kls[name] = max(0.0, mean_kl(ref, session.run(None, feeds)[0][0]))
             feeds[flag] = np.asarray(False)
         cache: dict = {}
 
@@ -320,7 +333,7 @@ class AnalyzeSensitivityPass(Pass):
                 run = dict(feeds)
                 for n in quantized:
                     run[flag_of[n]] = np.asarray(True)
-                cache[key] = max(0.0, mean_kl(ref, session.run(None, run)[0][0], ref_lp)) if quantized else 0.0
+                cache[key] = max(0.0, mean_kl(ref, session.run(None, run)[0][0])) if quantized else 0.0
             return cache[key]
         return kls, joint
 
