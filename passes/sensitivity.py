@@ -284,7 +284,7 @@ class AnalyzeSensitivityPass(Pass):
                 lo, hi = (max(below) + 1 if below else lo), top
                 if hi == lo or all(c in known for c in range(lo, hi)):
                     break
-            count = hi
+            count = lo if known.get(lo, np.inf) <= o.max_kl else hi
             measure([count])
         self._apply(ctx, groups, ranking, count,
                     {n: {"sensitivity_block_noise": isolated[n], "sensitivity_block_marginal": marginal[n]} for n in names})

@@ -39,7 +39,8 @@ def run(cmd: list) -> tuple:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"failed: {' '.join(cmd)}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the largest of any child so far: only meaningful when it grew
+    # ru_maxrss of children is the largest of any child so far: only meaningful when it grew (a compile's
+    # report carries its own peak: report_peak_rss_mb)
     return seconds, max(peak, before) / 1024.0 if peak > before else float("nan"), proc.stdout
 
 
@@ -81,7 +82,9 @@ def main() -> None:
             rows.append({"model": tag, "step": recipe, "seconds": round(secs, 1), "peak_rss_mb": round(rss),
                          "report_peak_rss_mb": report["peak_rss_mb"], "times": report["times"],
                          "bytes": sum(report["files"].values()),
-                         "per_block_s": round(report["times"].get("passes_s", 0) / layers, 2)})
+                         "compile_mode": report["compile_mode"]["mode"], "sweeps": report["compile_mode"].get("sweeps"),
+                         "per_block_s": report["compile_mode"].get("seconds_per_block"),
+                         "verify_kl": (report["verification"].get("outputs", {}).get("logits") or {}).get("kl")})
             print(rows[-1])
     print(json.dumps(rows, indent=1))
 
