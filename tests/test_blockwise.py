@@ -164,6 +164,21 @@ def test_sensitivity_by_parts_measures_the_whole_models_kl(models, tmp_path, cal
     assert set(sb["kept_float"]) <= kept
 
 
+def test_sensitivity_by_parts_keeps_the_asked_count_when_it_meets_the_budget(models, tmp_path, calib_text):
+    """``keep_float`` groups float already meet a loose ``max_kl``: block by block the budget keeps exactly that
+    many (no bracketing past it), and the declines its selection makes are recorded once, not once per sweep."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: budget\npasses:\n  - smooth-quant: {alpha: 0.5}\n"
+                      "  - sensitivity: {keep_float: 2, max_kl: 10.0}\n"
+                      "  - quantize-activations\n  - quantize-weights\n")
+    blocks = _compile(models["llama"], str(recipe), tmp_path / "blocks", calib_text, exclude=("*down*",))
+    assert blocks.report["compile_mode"]["mode"] == "blocks"
+    sb = next(p for p in blocks.report["passes"] if p["pass"] == "sensitivity")["stats"]
+    assert len(sb["kept_float"]) == 2 and sb["kl_joint_after_budget"] <= 10.0
+    mine = [(d["where"], d["reason"]) for d in blocks.report["declined"] if d["pass"] == "sensitivity"]
+    assert mine and len(mine) == len(set(mine))  # the excluded down projections: declined once each
+
+
 @pytest.mark.parametrize("recipe,backend", [("w8a16", "qdq"), ("w4a16", "onnxruntime")])
 def test_verification_by_parts_equals_whole(models, recipe, backend, tmp_path, calib_text, monkeypatch):
     """Verifying one part at a time (large models) measures what the whole-model check measures, also on a
