@@ -215,8 +215,15 @@ def summary_text(report: dict, worst: int = 10) -> str:
         reasons: dict = {}
         for d in report["declined"]:
             reasons.setdefault((d["pass"], d["reason"]), []).append(d["where"])
+        linears = {r["name"] for r in report["layers"]}
         for (p, why), where in sorted(reasons.items()):
-            lines.append(f"{p} left {len(where)} linear(s) alone: {why} ({', '.join(where[:4])}{', …' if len(where) > 4 else ''})")
-    for problem in report["backend"].get("tensorrt_rule_violations", [])[:5]:
-        lines.append(f"TensorRT rule: {problem['node']}: {problem['rule']}")
+            what = "linear(s)" if all(w in linears for w in where) else "node(s)"
+            lines.append(f"{p} left {len(where)} {what} alone: {why} ({', '.join(where[:4])}{', …' if len(where) > 4 else ''})")
+    violations = report["backend"].get("tensorrt_rule_violations", [])
+    if violations and report["backend"].get("name") == "onnxruntime":  # its own ops: not a defect of this artifact
+        lines.append(f"{len(violations)} node(s) use ONNX Runtime ops TensorRT would reject (e.g. {violations[0]['node']}: "
+                     f"{violations[0]['rule']}); compile with --backend qdq for TensorRT")
+    else:
+        for problem in violations[:5]:
+            lines.append(f"TensorRT rule: {problem['node']}: {problem['rule']}")
     return "\n".join(lines)

@@ -122,10 +122,10 @@ def test_float_propagation_equals_the_whole_graph_compile(models, tmp_path, cali
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
 def test_block_compile_with_quantized_propagation(models, name, tmp_path, calib_text):
-    """The default order (each block calibrated on its quantized predecessors' outputs) compiles within the
-    recipe's bound; the report gives time per block and the bytes moved; a recipe with a sensitivity budget
+    """The default order (each block calibrated on its quantized predecessors' outputs: GPTQ's) compiles within
+    the recipe's bound; the report gives time per block and the bytes moved; a recipe with a sensitivity budget
     compiles in two sweeps of the blocks, the budget decided between them."""
-    result = _compile(models[name], "w4a16", tmp_path / "o", calib_text)
+    result = _compile(models[name], "w4a16-gptq", tmp_path / "o", calib_text)
     mode, io = result.report["compile_mode"], result.report["io"]
     assert mode["mode"] == "blocks" and mode["propagate"] == "quantized"
     assert all(b["seconds"] >= 0 for b in mode["blocks"]) and mode["seconds_per_block"] > 0
