@@ -4,6 +4,7 @@ PIP ?= $(PYTHON) -m pip
 ARTIFACTS ?= artifacts
 WIKI ?= ../shared/data/wikitext2/wiki.test.raw
 WINDOWS ?= 16
+JOBS ?= 2
 
 .PHONY: install demo test test-fast bench clean
 
@@ -17,10 +18,10 @@ demo: install
 		--recipes w8a16 w8a8@onnxruntime w8a8-dynamic@onnxruntime w4a16@onnxruntime
 
 test: install
-	$(PYTHON) -m pytest -q -rs --durations=25 tests
+	$(PYTHON) -m pytest -q -rs --durations=25 -n $(JOBS) --dist loadgroup tests
 
 test-fast: install
-	$(PYTHON) -m pytest -q -rs -m "not real_model" tests
+	$(PYTHON) -m pytest -q -rs -n $(JOBS) --dist loadgroup -m "not real_model" tests
 
 bench: install
 	$(PYTHON) tools/bench_spine.py --artifacts $(ARTIFACTS) --text $(WIKI) --windows 40

@@ -13,7 +13,12 @@ group 128, symmetric by default). The error is the group's own linear outputs (t
 whole attention / MLP block output), taken over **every** calibration token: X's Gram matrix ``XᵀX/n`` and
 mean |X| are streamed over all batches, and ``‖X·Δ‖² = Σ Δ ⊙ (XᵀX Δ)`` — K²·N work per candidate instead of
 tokens·K·N, so the search uses all tokens and stays fast (a 512-token sample, as before, gave SmolLM2-135M
-47.9 at 16 WikiText windows; all 8192 tokens 45.2).
+47.9 at 16 WikiText windows; all 8192 tokens 45.2). K²·N grows fast with size (Llama-3-8B's down
+projection: 14336² × 4096 × 40 candidates, 3.4·10¹³ multiply-adds per block), so a group costing more
+than ``SEARCH_BUDGET`` per candidate is scored on a seeded sample of its output channels (``search_columns``,
+at least 512): every token still counts, and since each output channel's error depends on its own weight
+column only (the quantizer's groups run along K), the sampled sum scaled up is an unbiased estimate of the
+whole one. Every group of SmolLM2-135M is under the budget and searched whole.
 
 Clip search (after scaling; q and k too unless ``clip_qk`` is off, as the reference has it): per output channel and input group, the weight range
 shrinks by ``1 − i/grid`` for i < ``max_shrink·grid`` (1.0 → 0.55 with the defaults; symmetric INT4 shrinks
@@ -141,6 +146,9 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         max_shrink: float = 0.5
         groups: tuple = ("qkv", "gate_up", "o", "down")
         fallback_mul: bool = True
+        # the scale search scores each candidate on a seeded sample of the group's output channels when the
+        # whole group costs more than SEARCH_BUDGET per candidate (0: always every channel; see search_columns)
+        search_columns: int = -1
 
         def __post_init__(self):
             object.__setattr__(self, "groups", tuple(self.groups))
@@ -150,6 +158,8 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 raise ValueError("max_shrink must be in (0, 1)")
             if set(self.groups) - {"qkv", "gate_up", "o", "down"}:
                 raise ValueError("groups are qkv, gate_up, o, down")
+            if self.search_columns < -1:
+                raise ValueError("search_columns: -1 (by cost), 0 (all) or a count")
 
     def _needs_samples(self) -> bool:
         return True
@@ -166,6 +176,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         if tie is not None:
             mean_abs = _tie(mean_abs, *tie)
         weights = [_oriented(m, _weight(m)).astype(np.float32) for m in members]
+        scored = _column_sample(weights, search_columns(weights[0].shape[0], o.search_columns))
         best = (np.inf, 0.0, np.ones(len(mean_abs)))
         candidates = [(i / o.grid, False) for i in range(o.grid)]
         if o.duo:
@@ -179,9 +190,9 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 s = np.maximum(s / (np.power(w_mean, 1 - r) + 1e-4), 1e-4)
             s = s / np.sqrt(s.max() * s.min())
             s_full = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
-            err = sum(output_error(inputs.gram, w - weight_fake_quant(w * s_full[:, None], o.bits, o.group_size,
-                                                                      o.symmetric) / s_full[:, None])
-                      for w in weights)
+            err = sum(weight * output_error(inputs.gram, w - weight_fake_quant(w * s_full[:, None], o.bits,
+                                                                               o.group_size, o.symmetric) / s_full[:, None])
+                      for w, weight in scored)
             if err < best[0]:
                 best = (err, (r, duo), s)
         _, (r, duo), s = best
@@ -204,6 +215,35 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
             err = relative_output_error(gram, ref, weight_fake_quant(w, o.bits, o.group_size, o.symmetric))
             ctx.record(m.name, weight_out_err_rtn=self._pending.get(m.name), weight_out_err_awq=err,
                        awq_clipped=bool(o.clip and (o.clip_qk or m.role not in ("q", "k", "qkv"))))
+
+
+SEARCH_BUDGET = 2 ** 31  # K²·N multiply-adds per candidate: SmolLM2-135M's largest group is 1.4·10⁹
+
+
+def search_columns(k: int, option: int) -> int:
+    """How many output channels the scale search scores for an input of ``k`` channels: ``option`` if > 0,
+    every one if 0, else (-1, the default) as many as ``SEARCH_BUDGET / K²`` affords, at least 512."""
+    if option >= 0:
+        return option
+    return max(512, SEARCH_BUDGET // (k * k))
+
+
+def _column_sample(weights: list, limit: int) -> list:
+    """``[(weight, factor)]``: the members' ``[K, N]`` weights cut to about ``limit`` output channels in all,
+    drawn without replacement (seeded) from each member in proportion to its width, each member's error
+    scaled by ``N / drawn`` (unbiased: a channel's error depends on its own column only, as the quantizer's
+    groups run along K). All columns, factor 1, when ``limit`` is 0 or covers them."""
+    total = sum(w.shape[1] for w in weights)
+    if limit <= 0 or total <= limit:
+        return [(w, 1.0) for w in weights]
+    rng = np.random.default_rng(0)
+    out = []
+    for w in weights:
+        n = w.shape[1]
+        take = min(n, max(1, round(limit * n / total)))
+        cols = np.sort(rng.choice(n, take, replace=False))
+        out.append((np.ascontiguousarray(w[:, cols]), n / take))
+    return out
 
 
 def _weight_mean(weights: list, group: int) -> np.ndarray:

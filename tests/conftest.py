@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import onnx
-import pytest
-from onnx import TensorProto, helper, numpy_helper
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # pytest-xdist: share the cores between the workers' BLAS and torch threads (set before numpy loads)
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import pytest  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -198,3 +203,9 @@ def decode_logits(model_path: str, prompt: np.ndarray, tokens: list) -> list:
         out = dict(zip(names, sess.run(None, prompt_feeds(inputs, np.asarray([[token]]), past))))
         seen.append(out["logits"])
     return seen
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model tests first (a stable sort): they are the longest, so under pytest-xdist the workers start
+    them at once and the short tests fill in around them, rather than trailing the run."""
+    items.sort(key=lambda item: item.get_closest_marker("real_model") is None)

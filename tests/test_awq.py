@@ -67,3 +67,41 @@ def test_gram_error_is_the_output_error():
     direct = np.sum((x @ delta) ** 2, axis=0) / len(x)
     assert np.allclose(output_error(gram, delta, axis=0), direct, rtol=1e-10)
     assert np.isclose(output_error(gram, delta), direct.sum(), rtol=1e-10)
+
+
+def test_sampled_search_scores_estimate_the_whole_error():
+    """Above the cost budget the scale search scores a seeded sample of output channels, scaled up: the
+    estimate is close to the whole group's error, the whole group is used below the budget, and the sampled
+    search picks a scale whose whole error is close to the best's."""
+    from llmq.passes.awq import SEARCH_BUDGET, _column_sample, search_columns
+    from llmq.passes.qdq_math import output_error
+
+    assert search_columns(576, -1) >= 3072 and search_columns(14336, -1) == 512  # SmolLM2 whole; 8B sampled
+    assert search_columns(4096, 0) == 0 and search_columns(4096, 64) == 64
+    assert 576 * 576 * 3072 <= SEARCH_BUDGET
+
+    rng = np.random.default_rng(3)
+    k = 256
+    x = rng.standard_normal((2048, k)) * np.where(np.arange(k) % 37 == 0, 20.0, 1.0)  # outlier channels
+    gram = (x.T @ x / len(x)).astype(np.float32)
+    weights = [rng.standard_normal((k, n)).astype(np.float32) for n in (1024, 256, 256)]  # q, k, v
+    mean_abs = np.abs(x).mean(axis=0)
+    whole = _column_sample(weights, 0)
+    assert all(f == 1.0 and w is orig for (w, f), orig in zip(whole, weights))
+    scored = _column_sample(weights, 256)
+    assert abs(sum(w.shape[1] for w, _ in scored) - 256) <= len(weights)  # proportional, rounded
+    assert _column_sample(weights, 256)[0][0].tobytes() == scored[0][0].tobytes()  # seeded
+
+    def errors(pairs):
+        out = []
+        for r in np.arange(20) / 20:
+            s = np.power(mean_abs, r)
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+            out.append(sum(f * output_error(gram, w - weight_fake_quant(w * s[:, None], 4, 128, True) / s[:, None])
+                           for w, f in pairs))
+        return np.array(out)
+
+    full, sampled = errors(whole), errors(scored)
+    np.testing.assert_allclose(sampled, full, rtol=0.05)  # a 256-of-1536 sample estimates each candidate
+    assert full[np.argmin(sampled)] <= full.min() * 1.02  # and picks a candidate as good within 2 %
+    assert full.min() < full[0] * 0.9  # the outliers make the choice matter

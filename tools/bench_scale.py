@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = {
     "tinyllama": dict(hidden=2048, ffn=5632, heads=32, kv_heads=4, vocab=32000, layers=22),
@@ -73,10 +75,15 @@ def main() -> None:
             rows.append({"model": tag, "step": "export", "seconds": round(secs, 1), "peak_rss_mb": round(rss),
                          "bytes": size})
             print(rows[-1])
+        calib = os.path.join(args.work, tag, "calib-ids.npz")
+        if not os.path.isfile(calib):
+            # a random checkpoint has no tokenizer: seeded random token ids calibrate it as well as any text
+            ids = np.random.default_rng(0).integers(0, shape["vocab"], (args.calib_samples, args.calib_seq_len))
+            np.savez(calib, input_ids=ids.astype(np.int64))
         for recipe in args.recipes:
             out = os.path.join(args.work, tag, f"out-{recipe}")
             secs, rss, stdout = run(["llmq-compile", onnx_path, "--recipe", recipe, "-o", out, "--overwrite", "-q",
-                                     "--allow-loss", "--calib-samples", str(args.calib_samples),
+                                     "--allow-loss", "--calib-data", calib, "--calib-samples", str(args.calib_samples),
                                      "--calib-seq-len", str(args.calib_seq_len), "--json"])
             report = json.loads(stdout)
             rows.append({"model": tag, "step": recipe, "seconds": round(secs, 1), "peak_rss_mb": round(rss),
