@@ -105,3 +105,22 @@ def test_sampled_search_scores_estimate_the_whole_error():
     np.testing.assert_allclose(sampled, full, rtol=0.05)  # a 256-of-1536 sample estimates each candidate
     assert full[np.argmin(sampled)] <= full.min() * 1.02  # and picks a candidate as good within 2 %
     assert full.min() < full[0] * 0.9  # the outliers make the choice matter
+
+
+def test_wide_gram_streams_in_float32_to_the_same_matrix():
+    """Above 4096 channels the streamed Gram matrix sums in float32 (half the memory, finished in place): it is
+    the float64 sum's matrix to float32 precision."""
+    from llmq.passes.awq import _Inputs
+
+    rng = np.random.default_rng(4)
+    batches = [rng.standard_normal((64, 4100)).astype(np.float32) * (1 + 10 * (np.arange(4100) == 3)) for _ in range(6)]
+    acc = _Inputs(4100)
+    assert acc.gram.dtype == np.float32
+    for b in batches:
+        acc.update(b)
+    acc.finish()
+    x = np.concatenate(batches).astype(np.float64)
+    exact = x.T @ x / len(x)
+    assert acc.gram.dtype == np.float32 and acc.n == 384
+    np.testing.assert_allclose(acc.gram, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+    assert np.allclose(acc.abs_max, np.abs(x).max(axis=0))
