@@ -204,18 +204,16 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         s_fold = s.astype(np.float32)
         s = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
         # per member ‖X·W‖² (the same after scaling: (X/s)·(s·W) = X·W, so _after_group reuses it) and RTN's error
-        self._signal = {m.name: max(float(output_error(inputs.gram, w)), 1e-30) for m, w in zip(members, weights)}
-        self._pending = {m.name: float(output_error(inputs.gram, w - weight_fake_quant(w, o.bits, o.group_size,
-                                                                                       o.symmetric))) / self._signal[m.name]
+        quant = lambda w: weight_fake_quant(w, o.bits, o.group_size, o.symmetric)  # noqa: E731
+        self._signal = {m.name: max(_error_by_columns(inputs.gram, w), 1e-30) for m, w in zip(members, weights)}
+        self._pending = {m.name: _error_by_columns(inputs.gram, w, quant) / self._signal[m.name]
                          for m, w in zip(members, weights)}
         return s, s_fold, {"awq_ratio": r, "awq_duo": duo}
 
     def _after_group(self, graph: Graph, ctx: PassContext, members: list, inputs: _Inputs, s: np.ndarray) -> None:
         o = self.options
-        gram = np.empty(inputs.gram.shape, np.float32)  # the input the scaled weights now see: X / s
-        for start in range(0, len(s), 1024):  # by rows: no K×K temporaries beside it
-            rows = slice(start, start + 1024)
-            gram[rows] = inputs.gram[rows] / np.outer(s[rows], s)
+        gram = _ScaledGram(inputs.gram, s)  # the input the scaled weights now see: X / s (its diagonal blocks)
+        inv = (1.0 / s).astype(np.float32)[:, None]
         for m in members:
             w = _oriented(m, _weight(m))  # already scaled by s
             ref = w
@@ -223,9 +221,41 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 w = clip_search(gram, w, o.bits, o.group_size, o.symmetric, o.grid, o.max_shrink)
                 stored = w if m.weight_axis == 1 else w.T
                 m.node.inputs[1] = graph.make_constant(f"{m.name}.weight_clipped", np.ascontiguousarray(stored), self.name)
-            err = float(output_error(gram, ref - weight_fake_quant(w, o.bits, o.group_size, o.symmetric))) / self._signal[m.name]
+            # ‖(X/s)·(s·W − Q(clipped))‖² = ‖X·(W − Q(clipped)/s)‖², on the unscaled Gram matrix
+            unscaled = lambda cols, w=w, ref=ref: (ref[:, cols] - weight_fake_quant(w[:, cols], o.bits, o.group_size,  # noqa: E731
+                                                                                    o.symmetric)) * inv
+            err = _error_by_columns(inputs.gram, None, delta=unscaled, n=w.shape[1]) / self._signal[m.name]
             ctx.record(m.name, weight_out_err_rtn=self._pending.get(m.name), weight_out_err_awq=err,
                        awq_clipped=bool(o.clip and (o.clip_qk or m.role not in ("q", "k", "qkv"))))
+
+
+class _ScaledGram:
+    """``G / (s sᵀ)`` read by diagonal blocks only (what :func:`clip_search` reads), never built whole: the
+    same numbers as indexing the divided matrix, without its K×K copy."""
+
+    def __init__(self, gram: np.ndarray, s: np.ndarray):
+        self.gram, self.s = gram, s
+
+    def __getitem__(self, index):
+        rows, cols = index
+        return self.gram[rows, cols] / np.outer(self.s[rows], self.s[cols])
+
+
+def _error_by_columns(gram: np.ndarray, w: np.ndarray | None, quant=None, delta=None, n: int = 0,
+                      chunk: int = 2048) -> float:
+    """``‖X·Δ‖²`` (see :func:`output_error`) over a weight's output channels a chunk at a time, so the
+    temporaries are ``K × chunk``, not ``K × N``: ``Δ = W`` (``quant`` None), ``W − quant(W)``, or
+    ``delta(columns)``. Exact by chunks: each channel's quantization uses its own column only."""
+    n = n or w.shape[1]
+    total = 0.0
+    for start in range(0, n, chunk):
+        cols = slice(start, start + chunk)
+        if delta is not None:
+            d = delta(cols)
+        else:
+            d = w[:, cols] if quant is None else w[:, cols] - quant(w[:, cols])
+        total += float(output_error(gram, d))
+    return total
 
 
 SEARCH_BUDGET = 2 ** 31  # K²·N multiply-adds per candidate: SmolLM2-135M's largest group is 1.4·10⁹

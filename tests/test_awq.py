@@ -101,6 +101,15 @@ def test_sampled_search_scores_estimate_the_whole_error():
                            for w, f in pairs))
         return np.array(out)
 
+    from llmq.passes.awq import _error_by_columns, _ScaledGram
+
+    quant = lambda w: weight_fake_quant(w, 4, 128, True)  # noqa: E731
+    w = weights[0]
+    whole_error = float(output_error(gram, w - quant(w)))
+    assert np.isclose(_error_by_columns(gram, w, quant, chunk=100), whole_error, rtol=1e-9)  # chunks: exact
+    s = np.linspace(0.5, 2.0, k).astype(np.float32)
+    assert np.array_equal(_ScaledGram(gram, s)[10:20, 10:20], (gram / np.outer(s, s))[10:20, 10:20])
+
     full, sampled = errors(whole), errors(scored)
     np.testing.assert_allclose(sampled, full, rtol=0.05)  # a 256-of-1536 sample estimates each candidate
     assert full[np.argmin(sampled)] <= full.min() * 1.02  # and picks a candidate as good within 2 %
