@@ -80,10 +80,10 @@ def check_finite_weights(graph: Graph, path: str) -> None:
         values = peek(tensor)  # read (or mapped) without being kept: a large model is never all in memory
         if not isinstance(values, np.ndarray) or values.dtype.kind != "f" and values.dtype.name not in ("bfloat16",):
             continue
-        rows = values.reshape(-1) if values.ndim == 0 else values.reshape(values.shape[0], -1)
+        flat = values.reshape(-1)
         bad = nan = 0
-        for start in range(0, max(len(rows), 1), 4096):  # bounded temporaries on a large embedding
-            chunk = np.asarray(rows[start:start + 4096], np.float32)
+        for start in range(0, max(flat.size, 1), 1 << 22):  # 16 MB temporaries, whatever the tensor's shape
+            chunk = np.asarray(flat[start:start + (1 << 22)], np.float32)
             finite = np.isfinite(chunk)
             if not finite.all():
                 bad += int((~finite).sum())
