@@ -216,3 +216,18 @@ def test_empty_tokenizer_folder(tmp_path, capsys, model_copy, calib_text):
                                            "-o", str(tmp_path / "out")], capsys)
     _assert_clean_error(code, lines, err, "tok", "tokenizer")
     _no_output(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_weights_with_nan_or_inf_are_refused_by_name(tmp_path, capsys, bad):
+    """A NaN anywhere in a weight, or an infinity in a matrix, is one error naming the tensor; the check reads the
+    tensor in chunks whatever its shape (a wide [k, vocab] head), so a bad value past the first chunk counts."""
+    model = mlp_model(k=16, n=300_000)  # w1 [16, 300000]: 4.8M elements, more than one chunk in one row block
+    w1 = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w1[15, 299_999] = np.nan if bad == "nan" else np.inf
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    code, lines, err = _run(compile_main, [str(path), "--recipe", "w8a16", "-o", str(tmp_path / "out")], capsys)
+    _assert_clean_error(code, lines, err, "'w1'", "NaN" if bad == "nan" else "infinite", "[16, 300000]")
+    _no_output(tmp_path)
