@@ -99,7 +99,12 @@ class _Inputs:
 
     def update(self, value: np.ndarray) -> None:
         x = value.reshape(-1, value.shape[-1]).astype(np.float32)
-        self.gram += x.T @ x  # one batch in float32 (fast), the running sum in float64
+        if self.gram.dtype == np.float64:
+            self.gram += x.T @ x  # one batch in float32 (fast), the running sum in float64
+        else:  # wide: added 1024 columns at a time, with no K×K product beside the sum
+            for start in range(0, x.shape[1], 1024):
+                cols = slice(start, start + 1024)
+                self.gram[:, cols] += x.T @ x[:, cols]
         self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
         self.abs_max = np.maximum(self.abs_max, np.abs(x).max(axis=0))
         self.n += len(x)
