@@ -187,6 +187,8 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
             mean_abs = _tie(mean_abs, *tie)
         weights = [_oriented(m, _weight(m)).astype(np.float32) for m in members]
         scored = _column_sample(weights, search_columns(weights[0].shape[0], o.search_columns))
+        # the reported errors are taken on the channels the search scored (all of them unless sampled)
+        self._columns = {m.name: cols for m, (_, _, cols) in zip(members, scored)}
         best = (np.inf, 0.0, np.ones(len(mean_abs)))
         candidates = [(i / o.grid, False) for i in range(o.grid)]
         if o.duo:
@@ -202,7 +204,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
             s_full = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
             err = sum(weight * output_error(inputs.gram, w - weight_fake_quant(w * s_full[:, None], o.bits,
                                                                                o.group_size, o.symmetric) / s_full[:, None])
-                      for w, weight in scored)
+                      for w, weight, _ in scored)
             if err < best[0]:
                 best = (err, (r, duo), s)
         _, (r, duo), s = best
@@ -210,9 +212,9 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         s = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
         # per member ‖X·W‖² (the same after scaling: (X/s)·(s·W) = X·W, so _after_group reuses it) and RTN's error
         quant = lambda w: weight_fake_quant(w, o.bits, o.group_size, o.symmetric)  # noqa: E731
-        self._signal = {m.name: max(_error_by_columns(inputs.gram, w), 1e-30) for m, w in zip(members, weights)}
+        self._signal = {m.name: max(_error_by_columns(inputs.gram, w), 1e-30) for m, (w, _, _) in zip(members, scored)}
         self._pending = {m.name: _error_by_columns(inputs.gram, w, quant) / self._signal[m.name]
-                         for m, w in zip(members, weights)}
+                         for m, (w, _, _) in zip(members, scored)}
         return s, s_fold, {"awq_ratio": r, "awq_duo": duo}
 
     def _after_group(self, graph: Graph, ctx: PassContext, members: list, inputs: _Inputs, s: np.ndarray) -> None:
@@ -227,9 +229,14 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 stored = w if m.weight_axis == 1 else w.T
                 m.node.inputs[1] = graph.make_constant(f"{m.name}.weight_clipped", np.ascontiguousarray(stored), self.name)
             # ‖(X/s)·(s·W − Q(clipped))‖² = ‖X·(W − Q(clipped)/s)‖², on the unscaled Gram matrix
+            picked = self._columns[m.name]
+            if picked is not None:
+                w, ref = w[:, picked], ref[:, picked]
             unscaled = lambda cols, w=w, ref=ref: (ref[:, cols] - weight_fake_quant(w[:, cols], o.bits, o.group_size,  # noqa: E731
                                                                                     o.symmetric)) * inv
             err = _error_by_columns(inputs.gram, None, delta=unscaled, n=w.shape[1]) / self._signal[m.name]
+            if picked is not None:
+                ctx.record(m.name, weight_out_err_channels=len(picked))
             ctx.record(m.name, weight_out_err_rtn=self._pending.get(m.name), weight_out_err_awq=err,
                        awq_clipped=bool(o.clip and (o.clip_qk or m.role not in ("q", "k", "qkv"))))
 
@@ -275,20 +282,20 @@ def search_columns(k: int, option: int) -> int:
 
 
 def _column_sample(weights: list, limit: int) -> list:
-    """``[(weight, factor)]``: the members' ``[K, N]`` weights cut to about ``limit`` output channels in all,
-    drawn without replacement (seeded) from each member in proportion to its width, each member's error
+    """``[(weight, factor, columns)]``: the members' ``[K, N]`` weights cut to about ``limit`` output channels in
+    all, drawn without replacement (seeded) from each member in proportion to its width, each member's error
     scaled by ``N / drawn`` (unbiased: a channel's error depends on its own column only, as the quantizer's
-    groups run along K). All columns, factor 1, when ``limit`` is 0 or covers them."""
+    groups run along K). All columns, factor 1, columns None, when ``limit`` is 0 or covers them."""
     total = sum(w.shape[1] for w in weights)
     if limit <= 0 or total <= limit:
-        return [(w, 1.0) for w in weights]
+        return [(w, 1.0, None) for w in weights]
     rng = np.random.default_rng(0)
     out = []
     for w in weights:
         n = w.shape[1]
         take = min(n, max(1, round(limit * n / total)))
         cols = np.sort(rng.choice(n, take, replace=False))
-        out.append((np.ascontiguousarray(w[:, cols]), n / take))
+        out.append((np.ascontiguousarray(w[:, cols]), n / take, cols))
     return out
 
 

@@ -87,9 +87,10 @@ def test_sampled_search_scores_estimate_the_whole_error():
     weights = [rng.standard_normal((k, n)).astype(np.float32) for n in (1024, 256, 256)]  # q, k, v
     mean_abs = np.abs(x).mean(axis=0)
     whole = _column_sample(weights, 0)
-    assert all(f == 1.0 and w is orig for (w, f), orig in zip(whole, weights))
+    assert all(f == 1.0 and w is orig and c is None for (w, f, c), orig in zip(whole, weights))
     scored = _column_sample(weights, 256)
-    assert abs(sum(w.shape[1] for w, _ in scored) - 256) <= len(weights)  # proportional, rounded
+    assert abs(sum(w.shape[1] for w, _, _ in scored) - 256) <= len(weights)  # proportional, rounded
+    assert all(np.array_equal(w, orig[:, c]) for (w, _, c), orig in zip(scored, weights))
     assert _column_sample(weights, 256)[0][0].tobytes() == scored[0][0].tobytes()  # seeded
 
     def errors(pairs):
@@ -98,7 +99,7 @@ def test_sampled_search_scores_estimate_the_whole_error():
             s = np.power(mean_abs, r)
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
             out.append(sum(f * output_error(gram, w - weight_fake_quant(w * s[:, None], 4, 128, True) / s[:, None])
-                           for w, f in pairs))
+                           for w, f, _ in pairs))
         return np.array(out)
 
     from llmq.passes.awq import _error_by_columns, _ScaledGram
@@ -133,3 +134,15 @@ def test_wide_gram_streams_in_float32_to_the_same_matrix():
     assert acc.gram.dtype == np.float32 and acc.n == 384
     np.testing.assert_allclose(acc.gram, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
     assert np.allclose(acc.abs_max, np.abs(x).max(axis=0))
+
+
+def test_sampled_search_runs_through_the_pass(planted):
+    """Forced to sample (``search_columns``), the pass still folds exactly, records how many channels its
+    reported errors were taken on, and still beats RTN on the planted outliers."""
+    graph = load_graph(planted)
+    ctx = _ctx()
+    PassManager([ActivationAwareScalesPass(group_size=32, clip=False, search_columns=16)], verify=True).run(graph, ctx)
+    _assert_same(planted, graph)
+    rows = [v for v in ctx.layers.values() if "weight_out_err_awq" in v]
+    assert rows and all(0 < r["weight_out_err_channels"] <= 16 for r in rows)
+    assert np.mean([r["weight_out_err_awq"] for r in rows]) < np.mean([r["weight_out_err_rtn"] for r in rows])
