@@ -121,9 +121,10 @@ class BlockwiseRunner:
         return out
 
     # ---- running ----
-    def session(self, part: Part, extra: list = ()):
-        """A session running ``part`` of the graph as it stands now, with ``extra`` tensors exposed."""
-        outputs = list(dict.fromkeys(list(part.outputs) + list(extra)))
+    def session(self, part: Part, outputs: list):
+        """A session running ``part`` of the graph as it stands now, up to ``outputs`` only (the part's own
+        outputs when asked: a sample of the LM head's input does not run the LM head)."""
+        outputs = list(dict.fromkeys(outputs))
         options = self.options_factory() if self.options_factory else None
         return graph_arrays_session(self.graph, lambda model: part_model(model, part, outputs, self._graph_inputs),
                                     options), outputs
@@ -133,12 +134,14 @@ class BlockwiseRunner:
         tensor per batch. A requested tensor the part reads as an input is given as it was fed."""
         part = self.parts.parts[index]
         inputs = set(part.inputs)
-        session, outputs = self.session(part, [n for n in names if n not in inputs])
+        computed = [n for n in names if n not in inputs]
+        session, outputs = self.session(part, computed) if computed else (None, [])
         batches = range(len(self.batches)) if batches is None else batches
-        wanted = {i.name for i in session.get_inputs()}
+        wanted = {i.name for i in session.get_inputs()} if session is not None else set()
         for b in (self.progress(batches, part.name) if self.progress and len(batches) > 1 else batches):
             feeds = self._feeds(part, b)
-            values = dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in wanted})))
+            values = (dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in wanted})))
+                      if session is not None else {})
             for name in names:
                 each(name, feeds[name] if name in inputs else values[name])
 
