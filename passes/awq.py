@@ -211,10 +211,12 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         s_fold = s.astype(np.float32)
         s = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
         # per member ‖X·W‖² (the same after scaling: (X/s)·(s·W) = X·W, so _after_group reuses it) and RTN's error
-        quant = lambda w: weight_fake_quant(w, o.bits, o.group_size, o.symmetric)  # noqa: E731
-        self._signal = {m.name: max(_error_by_columns(inputs.gram, w), 1e-30) for m, (w, _, _) in zip(members, scored)}
-        self._pending = {m.name: _error_by_columns(inputs.gram, w, quant) / self._signal[m.name]
-                         for m, (w, _, _) in zip(members, scored)}
+        self._signal, self._pending = {}, {}
+        for m, (w, _, _) in zip(members, scored):
+            self._signal[m.name] = max(_error_by_columns(inputs.gram, w.shape[1], lambda c, w=w: w[:, c]), 1e-30)
+            rtn = _error_by_columns(inputs.gram, w.shape[1], lambda c, w=w: w[:, c] - weight_fake_quant(
+                w[:, c], o.bits, o.group_size, o.symmetric))
+            self._pending[m.name] = rtn / self._signal[m.name]
         return s, s_fold, {"awq_ratio": r, "awq_duo": duo}
 
     def _after_group(self, graph: Graph, ctx: PassContext, members: list, inputs: _Inputs, s: np.ndarray) -> None:
@@ -234,7 +236,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 w, ref = w[:, picked], ref[:, picked]
             unscaled = lambda cols, w=w, ref=ref: (ref[:, cols] - weight_fake_quant(w[:, cols], o.bits, o.group_size,  # noqa: E731
                                                                                     o.symmetric)) * inv
-            err = _error_by_columns(inputs.gram, None, delta=unscaled, n=w.shape[1]) / self._signal[m.name]
+            err = _error_by_columns(inputs.gram, w.shape[1], unscaled) / self._signal[m.name]
             if picked is not None:
                 ctx.record(m.name, weight_out_err_channels=len(picked))
             ctx.record(m.name, weight_out_err_rtn=self._pending.get(m.name), weight_out_err_awq=err,
@@ -253,21 +255,11 @@ class _ScaledGram:
         return self.gram[rows, cols] / np.outer(self.s[rows], self.s[cols])
 
 
-def _error_by_columns(gram: np.ndarray, w: np.ndarray | None, quant=None, delta=None, n: int = 0,
-                      chunk: int = 2048) -> float:
-    """``‖X·Δ‖²`` (see :func:`output_error`) over a weight's output channels a chunk at a time, so the
-    temporaries are ``K × chunk``, not ``K × N``: ``Δ = W`` (``quant`` None), ``W − quant(W)``, or
-    ``delta(columns)``. Exact by chunks: each channel's quantization uses its own column only."""
-    n = n or w.shape[1]
-    total = 0.0
-    for start in range(0, n, chunk):
-        cols = slice(start, start + chunk)
-        if delta is not None:
-            d = delta(cols)
-        else:
-            d = w[:, cols] if quant is None else w[:, cols] - quant(w[:, cols])
-        total += float(output_error(gram, d))
-    return total
+def _error_by_columns(gram: np.ndarray, n: int, delta, chunk: int = 2048) -> float:
+    """``‖X·Δ‖²`` (see :func:`output_error`) over ``n`` output channels a chunk at a time, ``delta(columns)``
+    giving ``Δ``'s ``K × chunk`` slice, so no ``K × N`` temporary is made. Exact by chunks: each channel's
+    quantization uses its own column only."""
+    return sum(float(output_error(gram, delta(slice(start, start + chunk)))) for start in range(0, n, chunk))
 
 
 SEARCH_BUDGET = 2 ** 31  # K²·N multiply-adds per candidate: SmolLM2-135M's largest group is 1.4·10⁹

@@ -107,7 +107,8 @@ def test_sampled_search_scores_estimate_the_whole_error():
     quant = lambda w: weight_fake_quant(w, 4, 128, True)  # noqa: E731
     w = weights[0]
     whole_error = float(output_error(gram, w - quant(w)))
-    assert np.isclose(_error_by_columns(gram, w, quant, chunk=100), whole_error, rtol=1e-9)  # chunks: exact
+    by_chunks = _error_by_columns(gram, w.shape[1], lambda c: w[:, c] - quant(w[:, c]), chunk=100)
+    assert np.isclose(by_chunks, whole_error, rtol=1e-9)  # chunks: exact
     s = np.linspace(0.5, 2.0, k).astype(np.float32)
     assert np.array_equal(_ScaledGram(gram, s)[10:20, 10:20], (gram / np.outer(s, s))[10:20, 10:20])
 

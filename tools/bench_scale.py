@@ -75,7 +75,7 @@ def main() -> None:
             rows.append({"model": tag, "step": "export", "seconds": round(secs, 1), "peak_rss_mb": round(rss),
                          "bytes": size})
             print(rows[-1])
-        calib = os.path.join(args.work, tag, "calib-ids.npz")
+        calib = os.path.join(args.work, tag, f"calib-ids-{args.calib_samples}x{args.calib_seq_len}.npz")
         if not os.path.isfile(calib):
             # a random checkpoint has no tokenizer: seeded random token ids calibrate it as well as any text
             ids = np.random.default_rng(0).integers(0, shape["vocab"], (args.calib_samples, args.calib_seq_len))
