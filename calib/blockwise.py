@@ -18,17 +18,21 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+from onnx import external_data_helper as edh
+from onnx import numpy_helper
 
 from ..ir.feeds import input_specs, prompt_feeds
-from ..ir.graph import Graph
+from ..ir.graph import SUB_BYTE_DTYPES, Graph
 from ..ir.partition import Part, Partition
 from ..ir.storage import graph_arrays_session
 from .observers import TensorStats
 
-__all__ = ["BlockwiseRunner", "PartSweep", "part_model"]
+__all__ = ["BlockwiseRunner", "PartSweep", "WideMatMul", "part_model", "slice_columns", "wide_matmul"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,135 @@ def part_model(model: onnx.ModelProto, part: Part, outputs: list, graph_inputs: 
     sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
     sub.ir_version = model.ir_version
     return sub
+
+
+SLICE_BYTES = 256 << 20  # a MatMul whose weight is wider than this in float32 (an LM head) runs in column slices
+
+
+@dataclass(frozen=True)
+class WideMatMul:
+    """A MatMul making ``output`` from a constant weight of ``columns`` output columns, too wide for one
+    session (:func:`wide_matmul`): run in ``slices`` slices of its columns. The weight is a constant or made
+    from constants through 2-D ``Transpose`` and ``DequantizeLinear`` nodes (``chain``); ``axes``: the axis
+    of each constant that holds the columns (a constant not named there is not sliced)."""
+
+    output: str
+    columns: int
+    slices: int
+    weight: str  # the MatMul's weight input
+    chain: tuple  # the computed tensors from ``weight`` back (``weight`` first unless it is a constant)
+    axes: tuple  # ((constant name, axis), ...)
+
+
+def _weight_chain(tensor, axis: int, chain: list, axes: dict) -> tuple | None:
+    """``(rows, columns)`` of the weight behind ``tensor`` (its columns on ``axis``), filling ``chain`` and
+    ``axes`` (see :class:`WideMatMul`); None if it is not made of constants in a way a slice can follow."""
+    if isinstance(tensor, gs.Constant):
+        if len(tensor.shape or ()) != 2 or np.dtype(tensor.dtype) in SUB_BYTE_DTYPES:
+            return None
+        axes[tensor.name] = axis
+        return tensor.shape[1 - axis], tensor.shape[axis]
+    node = Graph.producer(tensor)
+    if node is None or len(node.outputs) != 1:
+        return None
+    chain.append(tensor.name)
+    if node.op == "Transpose" and list(node.attrs.get("perm", [1, 0])) == [1, 0]:
+        return _weight_chain(node.inputs[0], 1 - axis, chain, axes)
+    if node.op != "DequantizeLinear" or not all(isinstance(i, gs.Constant) for i in node.inputs[1:]):
+        return None
+    scale = node.inputs[1]
+    along = node.attrs.get("axis", 1) % 2
+    if len(scale.shape or ()) == 2:  # blocked: a slice along the blocked axis would cut blocks
+        if along == axis:
+            return None
+        for q in node.inputs[1:]:
+            axes[q.name] = axis
+    elif len(scale.shape or ()) == 1 and scale.shape[0] > 1 and along == axis:  # per output channel
+        for q in node.inputs[1:]:
+            axes[q.name] = 0
+    return _weight_chain(node.inputs[0], axis, chain, axes)
+
+
+def wide_matmul(graph: Graph, outputs: list) -> WideMatMul | None:
+    """The first of ``outputs`` made by a MatMul whose constant weight ``[K, N]`` (inline, transposed or
+    dequantized from constants other than 4-bit ones) takes more than :data:`SLICE_BYTES` as float32, else
+    None. ONNX Runtime's CPU runs a float16 MatMul on a float32 copy of its weight: for Llama-3-8B's LM head
+    (4096 × 128256) a 2 GB copy, in slices of 256 MB each."""
+    tensors = graph.tensors()
+    for name in outputs:
+        t = tensors.get(name)
+        node = Graph.producer(t) if t is not None else None
+        if node is None or node.op != "MatMul" or len(node.inputs) != 2:
+            continue
+        chain, axes = [], {}
+        shape = _weight_chain(node.inputs[1], 1, chain, axes)
+        if shape is None or 4 * shape[0] * shape[1] <= SLICE_BYTES:
+            continue
+        return WideMatMul(name, int(shape[1]), -(-4 * shape[0] * shape[1] // SLICE_BYTES), node.inputs[1].name,
+                          tuple(chain), tuple(axes.items()))
+    return None
+
+
+def slice_columns(model: onnx.ModelProto, wide: WideMatMul, lo: int, hi: int, views: dict) -> onnx.ModelProto:
+    """``model`` with the MatMul making ``wide.output`` computing columns ``lo:hi`` only: the nodes of its
+    weight's chain copied, reading the slices of its constants (stubbed ones through ``views``, see
+    :func:`~llmq.ir.storage.graph_arrays_session`; inline ones sliced here). The output keeps its name."""
+    tag = f".cols{lo}_{hi}"
+    inits = {i.name: i for i in model.graph.initializer}
+    axes = dict(wide.axes)
+
+    def sliced(name: str) -> str:
+        if name not in axes:
+            return name
+        init, axis = inits[name], axes[name]
+        index = (slice(None),) * axis + (slice(lo, hi),)
+        if edh.uses_external_data(init):
+            new = onnx.TensorProto()
+            new.CopyFrom(init)
+            new.name = name + tag
+            new.dims[axis] = hi - lo
+            views[new.name] = (name, lambda a: np.ascontiguousarray(a[index]))
+        else:
+            new = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init)[index]), name + tag)
+        model.graph.initializer.append(new)
+        return new.name
+
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    matmul = producer[wide.output]
+    at = nodes.index(matmul)
+    for tensor in reversed(wide.chain):
+        old = producer[tensor]
+        new = onnx.NodeProto()
+        new.CopyFrom(old)
+        new.name = old.name + tag
+        new.input[:] = [sliced(i) if i in inits else (i + tag if i in wide.chain else i) for i in old.input]
+        new.output[:] = [tensor + tag]
+        model.graph.node.insert(at, new)
+        at += 1
+    weight = wide.weight
+    matmul.input[1] = sliced(weight) if weight in inits else weight + tag
+    outputs = {o.name for o in model.graph.output}
+    while True:  # drop what only the unsliced weight used
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        alive = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(alive) == len(model.graph.node):
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(alive)
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
+def _slice_session(graph: Graph, part: Part, outputs: list, graph_inputs: dict, wide: WideMatMul, lo: int, hi: int,
+                   options_factory=None):
+    """A session running ``part`` up to ``outputs``, ``wide.output`` in columns ``lo:hi`` only."""
+    views: dict = {}
+    options = options_factory() if options_factory else None
+    return graph_arrays_session(graph, lambda m: slice_columns(part_model(m, part, outputs, graph_inputs), wide, lo, hi,
+                                                               views), options, views=views)
 
 
 def _subgraph_reads(g: onnx.GraphProto) -> set:
@@ -131,12 +264,16 @@ class BlockwiseRunner:
 
     def run(self, index: int, names: list, each, batches=None) -> None:
         """Run part ``index`` on every batch (or those in ``batches``); ``each(name, array)`` per requested
-        tensor per batch. A requested tensor the part reads as an input is given as it was fed."""
+        tensor per batch. A requested tensor the part reads as an input is given as it was fed. A tensor made
+        by a wide MatMul (:func:`wide_matmul`: the LM head) is computed a slice of its columns at a time."""
         part = self.parts.parts[index]
         inputs = set(part.inputs)
         computed = [n for n in names if n not in inputs]
-        session, outputs = self.session(part, computed) if computed else (None, [])
         batches = range(len(self.batches)) if batches is None else batches
+        wide = wide_matmul(self.graph, computed)
+        if wide is not None:
+            return self._run_sliced(part, names, computed, wide, each, batches)
+        session, outputs = self.session(part, computed) if computed else (None, [])
         wanted = {i.name for i in session.get_inputs()} if session is not None else set()
         for b in (self.progress(batches, part.name) if self.progress and len(batches) > 1 else batches):
             feeds = self._feeds(part, b)
@@ -144,6 +281,41 @@ class BlockwiseRunner:
                       if session is not None else {})
             for name in names:
                 each(name, feeds[name] if name in inputs else values[name])
+
+    def _run_sliced(self, part: Part, names: list, computed: list, wide: WideMatMul, each, batches) -> None:
+        """:meth:`run` of a part making a :class:`WideMatMul`'s output: one session per slice of the MatMul's columns,
+        each run on every batch, the slices saved on disk and joined per batch; the part's other requested
+        tensors come from the first slice's session. Memory holds one slice's weight (and ONNX Runtime's float32
+        copy of it) and one batch's whole output."""
+        output, columns, count = wide.output, wide.columns, wide.slices
+        bounds = [columns * k // count for k in range(count + 1)]
+        scratch = tempfile.mkdtemp(prefix="slices-", dir=self.workdir)
+        try:
+            slices = list(range(count))
+            for s in (self.progress(slices, f"{part.name} ({count} column slices)") if self.progress else slices):
+                lo, hi = bounds[s], bounds[s + 1]
+                wanted = computed if s == 0 else [output]
+                session = _slice_session(self.graph, part, wanted, self._graph_inputs, wide, lo, hi,
+                                         self.options_factory)
+                reads = {i.name for i in session.get_inputs()}
+                for b in batches:
+                    feeds = self._feeds(part, b)
+                    for k, value in enumerate(session.run(wanted, {k: v for k, v in feeds.items() if k in reads})):
+                        np.save(os.path.join(scratch, f"{s}.{b}.{k}.npy"), value)
+                del session
+            for b in batches:
+                feeds = self._feeds(part, b) if set(names) & set(part.inputs) else {}
+                for name in names:
+                    if name in part.inputs:
+                        each(name, feeds[name])
+                    elif name == output:
+                        k = computed.index(name)
+                        each(name, np.concatenate([np.load(os.path.join(scratch, f"{s}.{b}.{0 if s else k}.npy"))
+                                                   for s in range(count)], axis=-1))
+                    else:
+                        each(name, np.load(os.path.join(scratch, f"0.{b}.{computed.index(name)}.npy")))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def outputs(self, index: int, batch: int = 0) -> dict:
         """``{name: array}`` of part ``index``'s outputs on batch ``batch`` (an exactness probe of the part)."""
@@ -209,11 +381,15 @@ class PartSweep:
     def __iter__(self):
         for index, part in enumerate(self.parts.parts):
             outputs = list(part.outputs)
-            options = self.options_factory() if self.options_factory else None
-            session = graph_arrays_session(self.graph, lambda m, part=part: part_model(m, part, outputs, self._graph_inputs),
-                                           options)
-            run = _PartRun(session, outputs, self.feeds)
-            del session
+            wide = wide_matmul(self.graph, outputs)
+            if wide is not None:  # the LM head over SLICE_BYTES: a session per slice of its columns, per run
+                run = _SlicedPartRun(self, part, outputs, wide)
+            else:
+                options = self.options_factory() if self.options_factory else None
+                session = graph_arrays_session(self.graph, lambda m, part=part: part_model(m, part, outputs, self._graph_inputs),
+                                               options)
+                run = _PartRun(session, outputs, self.feeds)
+                del session
             yield index, part, run
             run.session = None  # closed here, before the next part's session opens, whatever the caller holds
             del run
@@ -236,3 +412,31 @@ class _PartRun:
             raise RuntimeError("the sweep has moved past this part")
         feeds = {**self.feeds, **state, **(extra or {})}
         return dict(zip(self.outputs, self.session.run(self.outputs, {k: v for k, v in feeds.items() if k in self.wanted})))
+
+
+class _SlicedPartRun:
+    """:class:`_PartRun` of a part making a :class:`WideMatMul`'s output: each run opens the session of one
+    slice of its columns at a time and joins the slices (memory: one slice's weights, not the whole head)."""
+
+    def __init__(self, sweep: PartSweep, part: Part, outputs: list, wide: WideMatMul):
+        self.sweep, self.part, self.outputs, self.wide = sweep, part, outputs, wide
+        self.session = True  # set to None when the sweep moves on
+
+    def __call__(self, state: dict, extra: dict | None = None) -> dict:
+        if self.session is None:
+            raise RuntimeError("the sweep has moved past this part")
+        sweep, wide = self.sweep, self.wide
+        feeds = {**sweep.feeds, **state, **(extra or {})}
+        bounds = [wide.columns * k // wide.slices for k in range(wide.slices + 1)]
+        out, pieces = {}, []
+        for s in range(wide.slices):
+            wanted = self.outputs if s == 0 else [wide.output]
+            session = _slice_session(sweep.graph, self.part, wanted, sweep._graph_inputs, wide, bounds[s],
+                                     bounds[s + 1], sweep.options_factory)
+            reads = {i.name for i in session.get_inputs()}
+            values = dict(zip(wanted, session.run(wanted, {k: v for k, v in feeds.items() if k in reads})))
+            del session
+            pieces.append(values.pop(wide.output))
+            out.update(values)
+        out[wide.output] = np.concatenate(pieces, axis=-1)
+        return {name: out[name] for name in self.outputs}

@@ -328,11 +328,12 @@ def graph_session(graph, extra_outputs=(), options=None, prepack: bool = False):
             t.dtype = None
 
 
-def graph_arrays_session(graph, cut, options=None, prepack: bool = False):
+def graph_arrays_session(graph, cut, options=None, prepack: bool = False, views: dict | None = None):
     """A session over ``cut(weightless model)`` (e.g. one part of the graph, or the graph with outputs
     added); only the arrays of the initializers the cut model keeps are handed over. ``prepack``: let ONNX
     Runtime repack the weights for its MatMul kernels (a copy of them: worth it only for a session run many
-    times, such as the sensitivity probe's)."""
+    times, such as the sensitivity probe's). ``views``: ``{name: (source, fn)}`` for stubbed initializers the
+    cut adds (it may fill the dict as it cuts): their array is ``fn(array of source)``, e.g. a slice."""
     import onnxruntime as ort
 
     from .precision import upcast_bfloat16
@@ -343,8 +344,14 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False):
     fill_packed(model, packed)
     kept = {i.name for i in model.graph.initializer}
     pairs = [(n, a) for n, a in zip(names, arrays) if n in kept]
+    _READ[0] += sum(a.nbytes for _, a in pairs if isinstance(a, np.memmap))
+    if views:
+        source = dict(zip(names, arrays))
+        for n, (src, fn) in views.items():
+            if n in kept and src in source:
+                pairs.append((n, fn(source[src])))
+                _READ[0] += pairs[-1][1].nbytes if isinstance(source[src], np.memmap) else 0
     names, arrays = [n for n, _ in pairs], [a for _, a in pairs]
-    _READ[0] += sum(a.nbytes for a in arrays if isinstance(a, np.memmap))
     if upcast:
         upcast_bfloat16(model)
     if options is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 from family_models import build_family, export_family
 
@@ -76,6 +77,85 @@ def test_blockwise_statistics_match_the_whole_graph(models, name, tmp_path):
             [t for t, last in parts.saved().items() if last >= index and t in runner._saved])
     assert seen == set(names)
     assert runner.bytes_written > 0
+
+
+HEAD_RECIPE = """name: head-{granularity}
+opset: 21
+verify: {{max_kl: 1.0, max_rel_error: 1.0}}
+passes:
+  - quantize-weights: {{bits: 8, granularity: {granularity}, group_size: 16, roles: [q, k, v, o, gate, up, down, lm_head]}}
+"""
+
+
+@pytest.mark.parametrize("granularity", [None, "per-channel", "per-group"])
+def test_a_wide_head_runs_in_column_slices_with_the_same_outputs(models, granularity, tmp_path, calib_text,
+                                                                 monkeypatch):
+    """The LM head over a threshold runs a slice of its columns at a time (Llama-3-8B's would need a 2 GB
+    float32 copy): the same logits as one session, on the float head and on a quantized one (its
+    dequantization's per-channel or per-group scales sliced with the weight)."""
+    import llmq.calib.blockwise as blockwise
+
+    path = models["llama"]
+    if granularity is not None:
+        recipe = tmp_path / "head.yaml"
+        recipe.write_text(HEAD_RECIPE.format(granularity=granularity))
+        path = _compile(path, str(recipe), tmp_path / "c", calib_text).paths["model"]
+    graph = load_graph(path)
+    parts = partition(graph, discover(graph))
+    head = len(parts.parts) - 1
+    batches = _batches(2)
+
+    def head_outputs(workdir):
+        runner = BlockwiseRunner(graph, parts, batches, workdir=str(tmp_path / workdir))
+        os.makedirs(runner.workdir)
+        for i in range(head):
+            runner.advance(i)
+        got: list = []
+        names = list(parts.parts[head].inputs[:1]) + ["logits"]
+        runner.run(head, names, lambda n, v: got.append((n, v)))
+        assert os.listdir(runner.workdir) and not any(f.startswith("slices-") for f in os.listdir(runner.workdir))
+        return got
+
+    assert blockwise.wide_matmul(graph, ["logits"]) is None
+    whole = head_outputs("whole")
+    monkeypatch.setattr(blockwise, "SLICE_BYTES", 1)
+    size = blockwise.wide_matmul(graph, ["logits"]).slices  # 4 bytes a weight element
+    monkeypatch.setattr(blockwise, "SLICE_BYTES", size // 3 + 1)
+    wide = blockwise.wide_matmul(graph, ["logits"])
+    assert wide.slices == 3 and wide.columns == whole[-1][1].shape[-1]
+    assert len(wide.axes) == (3 if granularity else 1)  # the weight, and a dequantization's scale and zero point
+    sliced = head_outputs("sliced")
+    assert [name for name, _ in sliced] == [name for name, _ in whole]  # the same order, batch by batch
+    for (name, a), (_, b) in zip(whole, sliced):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_a_sweep_runs_a_wide_head_in_column_slices(models, monkeypatch):
+    """The sensitivity budget's sweep (one sample carried through the parts in memory) also runs a wide LM
+    head a slice at a time, with the same logits."""
+    import llmq.calib.blockwise as blockwise
+
+    graph = load_graph(models["llama"])
+    parts = partition(graph, discover(graph))
+
+    def logits():
+        sweep = blockwise.PartSweep(graph, parts, _batches(1)[0], list(graph.gs.inputs))
+        state: dict = {}
+        for index, _, run in sweep:
+            out = run(state)
+            state = sweep.carry(index, state, out)
+        return out["logits"]
+
+    whole = logits()
+    monkeypatch.setattr(blockwise, "SLICE_BYTES", 1)
+    monkeypatch.setattr(blockwise, "SLICE_BYTES", blockwise.wide_matmul(graph, ["logits"]).slices // 4 + 1)
+    assert blockwise.wide_matmul(graph, ["logits"]).slices == 4
+    opened, session = [], blockwise._slice_session
+    monkeypatch.setattr(blockwise, "_slice_session", lambda *a, **k: opened.append(a[5:7]) or session(*a, **k))
+    np.testing.assert_allclose(logits(), whole, rtol=1e-5, atol=1e-5)
+    n = whole.shape[-1]
+    assert opened == [(n * k // 4, n * (k + 1) // 4) for k in range(4)]
 
 
 # ---------------------------------------------------------------- the block-by-block compile
