@@ -16,6 +16,7 @@ import tempfile
 import onnx
 
 from ..ir.precision import cpu_session
+from ..ir.storage import session_threads
 
 __all__ = ["make_session", "session_options", "fused_ops", "check_with_onnxruntime"]
 
@@ -35,6 +36,7 @@ def _options(accuracy_level: int, optimized_path: str | None = None, threads: in
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
+    threads = threads or session_threads()
     if threads:
         opts.intra_op_num_threads = threads
     if not arena:  # activations freed after each run instead of kept for the next (a one-off check)

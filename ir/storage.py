@@ -27,7 +27,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import external_data_helper as edh
 from onnx import numpy_helper
 
-__all__ = ["ExternalValues", "bytes_read", "INLINE_LIMIT", "attach_external", "detach", "release_memory", "spill", "spill_inline", "constant_nbytes", "fill_packed", "graph_arrays_session", "graph_session", "peek", "session_inputs",
+__all__ = ["ExternalValues", "bytes_read", "INLINE_LIMIT", "attach_external", "detach", "release_memory", "spill", "spill_inline", "constant_nbytes", "fill_packed", "graph_arrays_session", "graph_session", "peek", "session_inputs", "session_threads",
            "weights_as_inputs", "write_model"]
 
 logger = logging.getLogger(__name__)
@@ -300,6 +300,23 @@ def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+THREADS_ENV = "LLMQ_THREADS"
+
+
+def session_threads() -> int | None:
+    """The intra-op threads of every ONNX Runtime session llmq opens: ``$LLMQ_THREADS`` when set (a build
+    machine shared with other jobs; each test worker of ``make test``), else ONNX Runtime's own choice (a
+    thread per physical core, spinning while idle)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        from .errors import LlmqError
+
+        raise LlmqError(f"{THREADS_ENV}={value!r} is not a thread count", "set it to a positive integer or unset it")
+    return int(value)
+
+
 def graph_session(graph, extra_outputs=(), options=None, prepack: bool = False):
     """An ONNX Runtime CPU session over an llmq :class:`~llmq.ir.graph.Graph` as it stands, with
     ``extra_outputs`` (tensor names) exposed as outputs. No serialized copy of the weights is made: they are
@@ -358,6 +375,8 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False, views:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if session_threads():
+            options.intra_op_num_threads = session_threads()
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked weights would be copies
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:  # pytest-xdist: share the cores between the workers' BLAS and torch threads (set before numpy loads)
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+if _WORKERS > 1:  # pytest-xdist: share the cores between the workers' BLAS, torch and ONNX Runtime threads
+    # (set before numpy loads; without LLMQ_THREADS each worker's sessions would spin a thread per core)
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "LLMQ_THREADS"):
         os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import numpy as np  # noqa: E402

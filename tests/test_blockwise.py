@@ -293,3 +293,40 @@ def test_post_ln_and_parallel_layouts_compile_whole(tmp_path, tiny_tokenizer):
     assert "post-LN" in reasons["opt-postln"]
     assert "chain" in reasons["falcon"]
     assert reasons["opt"] is None
+
+
+def test_a_part_keeps_what_a_subgraph_reads_from_outside():
+    """A part cut back from its outputs keeps the nodes whose outputs only an If branch reads (from the outer
+    scope), and the tensors a nested branch reads: the cut part computes what the whole graph does."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llmq.calib.blockwise import _subgraph_reads, part_model
+    from llmq.ir.partition import Part
+
+    one = numpy_helper.from_array(np.ones(4, np.float32), "one")
+    inner = helper.make_graph([helper.make_node("Add", ["neg", "one"], ["deep"])], "inner", [],
+                              [helper.make_tensor_value_info("deep", TensorProto.FLOAT, [4])])
+    then_branch = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["t"], then_branch=inner, else_branch=inner)], "then", [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4])])
+    else_branch = helper.make_graph([helper.make_node("Sub", ["neg", "one"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, [4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["relu"]), helper.make_node("Neg", ["x"], ["neg"]),
+         helper.make_node("If", ["cond"], ["branch"], then_branch=then_branch, else_branch=else_branch),
+         helper.make_node("Mul", ["relu", "branch"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4])], [one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert _subgraph_reads(then_branch) == {"cond", "neg", "one"} and _subgraph_reads(else_branch) == {"neg", "one"}
+    cut = part_model(model, Part("head", ("x", "cond"), ("z",), ()), ["z"], {"x": [4], "cond": []})
+    assert sorted(n.op_type for n in cut.graph.node) == ["If", "Mul", "Neg", "Relu"]
+    assert [i.name for i in cut.graph.initializer] == ["one"]
+    x = np.array([-2.0, -0.5, 0.5, 2.0], np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        got = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_array_equal(got, want)

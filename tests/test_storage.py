@@ -140,3 +140,20 @@ def test_inline_input_kept_beside_its_moved_weights_for_verification(tiny_llama_
     gc.collect()
     assert not os.path.exists(folder)
     assert load_graph(external_llama).origin.reference is None  # its weights are the user's external data
+
+
+def test_llmq_threads_sets_every_sessions_threads(tiny_llama_onnx, tmp_path, monkeypatch, capsys):
+    """``LLMQ_THREADS`` bounds the intra-op threads of the sessions llmq opens (over a graph, over a file); a
+    value that is not a count is one clear line and exit code 2, before any output is written."""
+    from llmq.backends.onnxruntime import make_session
+    from llmq.cli import compile_main
+
+    graph = load_graph(tiny_llama_onnx)
+    monkeypatch.setenv("LLMQ_THREADS", "1")
+    assert storage.graph_session(graph).get_session_options().intra_op_num_threads == 1
+    assert make_session(tiny_llama_onnx).get_session_options().intra_op_num_threads == 1
+    monkeypatch.setenv("LLMQ_THREADS", "two")
+    code = compile_main([tiny_llama_onnx, "--recipe", "w8a16", "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "LLMQ_THREADS='two' is not a thread count" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out" / "model.onnx")
