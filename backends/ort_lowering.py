@@ -23,11 +23,15 @@ import onnx_graphsurgeon as gs
 
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
+from ..ir.storage import peek, spill
 
 __all__ = ["LowerToIntegerMatMulPass", "LowerBlockInt4ToMatMulNBitsPass", "MergeMatMulNBitsPass", "DropBranchPadPass",
            "pack_matmulnbits", "unpack_matmulnbits"]
 
 logger = logging.getLogger(__name__)
+
+
+SPILL_EVERY = 256 << 20  # bytes of packed weights made before they move to the compile's scratch file
 
 
 def _per_tensor_int8_qdq(tensor: gs.Tensor):
@@ -52,11 +56,12 @@ def _int8_weight(tensor: gs.Tensor):
     if dq is None or dq.op != "DequantizeLinear" or dq.attrs.get("block_size", 0):
         return None
     w, scale = dq.inputs[0], dq.inputs[1]
-    if not (isinstance(w, gs.Constant) and isinstance(scale, gs.Constant)) or w.values.dtype != np.int8 or w.values.ndim != 2:
+    # types and shapes only, and a peek at the zero point: the weight's values stay where they are (on disk)
+    if not (isinstance(w, gs.Constant) and isinstance(scale, gs.Constant)) or np.dtype(w.dtype) != np.int8 or len(w.shape) != 2:
         return None
-    if len(dq.inputs) > 2 and np.any(np.asarray(dq.inputs[2].values) != 0):
+    if len(dq.inputs) > 2 and np.any(np.asarray(peek(dq.inputs[2])) != 0):
         return None
-    if scale.values.size > 1 and dq.attrs.get("axis", 1) % 2 != 1:
+    if int(np.prod(scale.shape)) > 1 and dq.attrs.get("axis", 1) % 2 != 1:
         return None
     return w, scale
 
@@ -160,7 +165,7 @@ class LowerBlockInt4ToMatMulNBitsPass(Pass):
                 raise ValueError("accuracy_level is 0-4")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        lowered = 0
+        lowered = made = spilled = 0
         for node in list(graph.gs.nodes):
             if node.op != "MatMul" or len(node.inputs) != 2:
                 continue
@@ -171,21 +176,21 @@ class LowerBlockInt4ToMatMulNBitsPass(Pass):
             zp = dq.inputs[2] if len(dq.inputs) > 2 else None
             if not all(isinstance(t, gs.Constant) for t in (w, scale) + ((zp,) if zp is not None else ())):
                 continue
-            kind = np.asarray(w.values).dtype.name
+            kind = np.dtype(w.dtype).name  # read from the constant's type: its values stay where they are
             block = int(dq.attrs["block_size"])
-            if kind not in ("int4", "uint4") or dq.attrs.get("axis", 0) % 2 != 0 or np.asarray(w.values).ndim != 2:
+            if kind not in ("int4", "uint4") or dq.attrs.get("axis", 0) % 2 != 0 or len(w.shape) != 2:
                 continue
             if block < 16 or block & (block - 1):
                 ctx.decline(self.name, node.name, f"block {block} is below 16 or not a power of two")
                 continue
             signed = kind == "int4"
-            q = np.asarray(w.values)
-            zpv = None if zp is None else np.asarray(zp.values)
+            zpv = None if zp is None else peek(zp)
             if signed and zpv is not None and np.any(zpv.astype(np.int8) != 0):
                 continue
-            k, n = q.shape
-            packed, zp_packed = pack_matmulnbits(q, zpv, block, signed)
-            s = np.ascontiguousarray(np.asarray(scale.values, np.float32).T.reshape(-1))  # [N · K/B]
+            k, n = w.shape
+            packed, zp_packed = pack_matmulnbits(peek(w), zpv, block, signed)  # peek: not kept in the graph
+            s = np.ascontiguousarray(np.asarray(peek(scale), np.float32).T.reshape(-1))  # [N · K/B]
+            made += packed.nbytes + s.nbytes
             inputs = [node.inputs[0], graph.make_constant(f"{node.name}_nbits_b", packed, self.name),
                       graph.make_constant(f"{node.name}_nbits_scales", s, self.name)]
             if zp_packed is not None:
@@ -193,9 +198,13 @@ class LowerBlockInt4ToMatMulNBitsPass(Pass):
             _replace_with_contrib_op(graph, node, "MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": block,
                                                                     "accuracy_level": self.options.accuracy_level}, self.name)
             lowered += 1
+            if ctx.spill_to and made >= SPILL_EVERY:  # memory holds this many bytes of new weights, not the model's
+                spilled += spill(graph.gs, ctx.spill_to)
+                made = 0
         if lowered:
             graph.gs.cleanup()  # the replaced MatMuls are left without outputs; a later discover() must not see them
-        return PassResult(lowered > 0, {"lowered": lowered, "accuracy_level": self.options.accuracy_level})
+        return PassResult(lowered > 0, {"lowered": lowered, "accuracy_level": self.options.accuracy_level,
+                                        **({"spilled_bytes": spilled} if spilled else {})})
 
 
 class MergeMatMulNBitsPass(Pass):
@@ -220,14 +229,15 @@ class MergeMatMulNBitsPass(Pass):
             key = (node.inputs[0].name, a["K"], a.get("bits", 4), a["block_size"], a.get("accuracy_level", 0),
                    len(node.inputs))
             siblings.setdefault(key, []).append(node)
-        merged = groups = 0
+        merged = groups = made = spilled = 0
         for (_, k, bits, block, level, _), nodes in siblings.items():
             if len(nodes) < 2:
                 continue
             widths = [int(n.attrs["N"]) for n in nodes]
             first = nodes[0]
-            cat = [np.concatenate([np.asarray(n.inputs[i].values) for n in nodes], axis=0)
+            cat = [np.concatenate([np.asarray(peek(n.inputs[i])) for n in nodes], axis=0)  # peek: not kept in the graph
                    for i in range(1, len(first.inputs))]
+            made += sum(v.nbytes for v in cat)
             inputs = [first.inputs[0]] + [graph.make_constant(f"{first.name}_merged_{i}", v, self.name)
                                           for i, v in enumerate(cat)]
             out = graph.make_node("MatMulNBits", inputs, f"{first.name}_merged_out", self.name,
@@ -244,10 +254,14 @@ class MergeMatMulNBitsPass(Pass):
             graph.tag(split.name, self.name)
             merged += len(nodes)
             groups += 1
+            del cat, inputs
+            if ctx.spill_to and made >= SPILL_EVERY:  # as the lowering: a slice of the new weights in memory
+                spilled += spill(graph.gs, ctx.spill_to)
+                made = 0
         if groups:
             graph.gs.cleanup()
             graph.touch()
-        return PassResult(groups > 0, {"merged": merged, "into": groups})
+        return PassResult(groups > 0, {"merged": merged, "into": groups, **({"spilled_bytes": spilled} if spilled else {})})
 
 
 class DropBranchPadPass(Pass):

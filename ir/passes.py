@@ -129,6 +129,9 @@ class PassContext:
     scope: Scope | None = None  # block by block: passes see (and change) this part's linears only
     partition: object = None  # block by block, for a by_parts pass's run: the graph's Partition
     prepared: dict = field(default_factory=dict)  # pass name -> what its prepare_block gathered, part by part
+    # a scratch file where a pass that makes many large constants (a backend's repacking) may move them as it
+    # goes (ir.storage.spill), so memory holds a slice of the model's new weights, not all of them
+    spill_to: str | None = None
     _structure: Structure | None = None
     _stats: dict = field(default_factory=dict)
     _sample: dict = field(default_factory=dict)

@@ -156,6 +156,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
     violations = check_tensorrt_rules(graph)
     t = time.perf_counter()
     logger.info("phase lowering")
+    ctx.spill_to = os.path.join(scratch, "llmq-lowered.data") if plan.parts is not None else None
     lowering = PassManager(backend.lowering_passes(opts), verify=opts.verify,
                            dump_dir=os.path.join(opts.dump_dir, "backend") if opts.dump_dir else None).run(graph, ctx)
     times["lowering_s"] = time.perf_counter() - t

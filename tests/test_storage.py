@@ -82,6 +82,30 @@ def test_external_output_is_the_same_model(recipe, external_llama, tiny_llama_on
             assert int(info["offset"]) % storage.ALIGNMENT == 0
 
 
+@pytest.mark.parametrize("recipe", ["w4a16-lr", "w8a8"])
+def test_lowering_that_spills_as_it_goes_writes_the_same_model(recipe, tiny_llama_onnx, tmp_path, calib_text,
+                                                                tiny_tokenizer, monkeypatch):
+    """The onnxruntime backend's repacking (MatMulNBits, merged q/k/v and gate/up, MatMulIntegerToFloat) in a
+    block compile moves its new weights to the scratch file as it goes (here after every one): the same
+    files, byte for byte, as keeping them in memory."""
+    import llmq.backends.ort_lowering as lowering
+
+    kw = dict(calib=calib_text, tokenizer=tiny_tokenizer, calib_samples=2, calib_seq_len=64, quiet=True,
+              backend="onnxruntime")
+    kept = llmq_compile(tiny_llama_onnx, recipe, str(tmp_path / "kept"), **kw)
+    monkeypatch.setattr(lowering, "SPILL_EVERY", 1)
+    spilled = llmq_compile(tiny_llama_onnx, recipe, str(tmp_path / "spilled"), **kw)
+    stats = {r["pass"]: r["stats"] for r in spilled.report["backend"]["lowering"]}
+    if recipe == "w4a16-lr":
+        assert stats["lower-int4-matmulnbits"]["spilled_bytes"] > 0 and stats["merge-matmulnbits"]["spilled_bytes"] > 0
+    else:
+        assert stats["lower-int8-matmul"]["lowered"] > 0
+    for name in sorted(os.listdir(kept.output_dir)):
+        if name.endswith((".onnx", ".data")):
+            with open(os.path.join(kept.output_dir, name), "rb") as a, open(os.path.join(spilled.output_dir, name), "rb") as b:
+                assert a.read() == b.read(), name
+
+
 def test_write_model_leaves_the_graph_unless_adopting(tiny_llama_onnx, tmp_path):
     graph = load_graph(tiny_llama_onnx)  # an inline file: its weights are read lazily all the same
     assert _lazy(graph)[0] >= 10
