@@ -31,8 +31,10 @@ class Backend:
     def lowering_passes(self, options) -> list:
         return []
 
-    def build(self, model_path: str, folder: str, options) -> dict:
-        """Build or check the written model; returns facts for the report."""
+    def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
+        """Build or check the written model; returns facts for the report. ``pieces``: the model as parts
+        (``[(name, open(session options) -> ONNX Runtime session)]``), given for a model too large to check
+        in one piece; a backend whose build needs the whole model ignores them."""
         return {}
 
     def accuracy_level(self, options) -> int:
@@ -61,10 +63,10 @@ class OnnxRuntimeBackend(Backend):
                   MergeMatMulNBitsPass(), DropBranchPadPass()]
         return passes + ([FuseAttentionPass()] if options.fuse_attention else [])
 
-    def build(self, model_path: str, folder: str, options) -> dict:
+    def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
         from .onnxruntime import check_with_onnxruntime
 
-        return check_with_onnxruntime(model_path, options.accuracy_level)
+        return check_with_onnxruntime(model_path, options.accuracy_level, pieces)
 
     def accuracy_level(self, options) -> int:
         return options.accuracy_level
@@ -75,7 +77,7 @@ class TensorRTBackend(Backend):
     name: ClassVar[str] = "tensorrt"
     description: ClassVar[str] = "TensorRT engine built from the portable Q/DQ graph (needs tensorrt installed)"
 
-    def build(self, model_path: str, folder: str, options) -> dict:
+    def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
         from .tensorrt import build_engine
 
         return build_engine(model_path, os.path.join(folder, "model.engine"))

@@ -32,7 +32,7 @@ from ..ir.partition import Part, Partition
 from ..ir.storage import graph_arrays_session
 from .observers import TensorStats
 
-__all__ = ["BlockwiseRunner", "PartSweep", "WideMatMul", "part_model", "slice_columns", "wide_matmul"]
+__all__ = ["BlockwiseRunner", "PartSweep", "WideMatMul", "part_model", "part_openers", "slice_columns", "wide_matmul"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 def part_model(model: onnx.ModelProto, part: Part, outputs: list, graph_inputs: dict) -> onnx.ModelProto:
     """The model of ``part`` cut from ``model`` (a weightless export of the whole graph): the nodes on the way
     back from ``outputs`` to the part's inputs (so nodes a pass added since the partition are in), the
-    initializers they read, its inputs typed from the whole model's value infos, and ``outputs``."""
+    initializers they read, its inputs typed from the whole model's value infos (and its inner tensors, so
+    that ONNX Runtime fuses as in the whole model: a head dimension a Reshape in the part takes from a shape
+    computed elsewhere is static there), and ``outputs``."""
     stop = set(part.inputs or graph_inputs)
     producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     inner = {sub_input for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
@@ -71,8 +73,12 @@ def part_model(model: onnx.ModelProto, part: Part, outputs: list, graph_inputs: 
         if info is None or not info.type.tensor_type.elem_type:
             raise ValueError(f"part {part.name}: the type of its input {name} is unknown (shape inference)")
         inputs.append(info)
+    made = {o for n in nodes for o in n.output} - set(outputs)
+    shapes = [v for v in model.graph.value_info if v.name in made]  # what ONNX Runtime would know in the whole
+    # model: a shape computed from a shape the part only reads is unknown to inference within the part
     graph = onnx.helper.make_graph(nodes, part.name.replace(".", "_"), inputs,
-                                   [onnx.helper.make_empty_tensor_value_info(o) for o in outputs], inits)
+                                   [onnx.helper.make_empty_tensor_value_info(o) for o in outputs], inits,
+                                   value_info=shapes)
     sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
     sub.ir_version = model.ir_version
     return sub
@@ -100,7 +106,7 @@ def _weight_chain(tensor, axis: int, chain: list, axes: dict) -> tuple | None:
     """``(rows, columns)`` of the weight behind ``tensor`` (its columns on ``axis``), filling ``chain`` and
     ``axes`` (see :class:`WideMatMul`); None if it is not made of constants in a way a slice can follow."""
     if isinstance(tensor, gs.Constant):
-        if len(tensor.shape or ()) != 2 or np.dtype(tensor.dtype) in SUB_BYTE_DTYPES:
+        if len(tensor.shape or ()) != 2 or tensor.dtype in SUB_BYTE_DTYPES:  # (a bfloat16 dtype is an ONNX enum)
             return None
         axes[tensor.name] = axis
         return tensor.shape[1 - axis], tensor.shape[axis]
@@ -207,6 +213,29 @@ def _slice_session(graph: Graph, part: Part, outputs: list, graph_inputs: dict, 
                                                                views), options, views=views)
 
 
+def part_openers(graph: Graph, parts: Partition) -> list:
+    """``[(part name, open)]``: ``open(options)`` makes a session running that part of ``graph`` whole (every
+    output it makes), for a check that wants every node of the model in some session without one session
+    holding all of it (the onnxruntime backend's build check: what ONNX Runtime fuses, summed over parts). A
+    part making a :func:`wide_matmul` output opens the first of its column slices: the same nodes as the whole
+    part, a slice of the weight."""
+    graph_inputs = {name: shape for name, shape, _ in input_specs(graph.gs.inputs)}
+    openers = []
+    for part in parts.parts:
+        made = list(part.outputs)
+        if not made:
+            continue
+        wide = wide_matmul(graph, made)
+        if wide is not None:
+            hi = wide.columns // wide.slices
+            openers.append((part.name, lambda options, part=part, made=made, wide=wide, hi=hi: _slice_session(
+                graph, part, made, graph_inputs, wide, 0, hi, lambda: options)))
+        else:
+            openers.append((part.name, lambda options, part=part, made=made: graph_arrays_session(
+                graph, lambda m: part_model(m, part, made, graph_inputs), options)))
+    return openers
+
+
 def _subgraph_reads(g: onnx.GraphProto) -> set:
     """The outer-scope tensors a subgraph (an If/Loop body) reads."""
     made = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
@@ -300,7 +329,8 @@ class BlockwiseRunner:
                 reads = {i.name for i in session.get_inputs()}
                 for b in batches:
                     feeds = self._feeds(part, b)
-                    for k, value in enumerate(session.run(wanted, {k: v for k, v in feeds.items() if k in reads})):
+                    values = session.run(wanted, {name: v for name, v in feeds.items() if name in reads})
+                    for k, value in enumerate(values):
                         np.save(os.path.join(scratch, f"{s}.{b}.{k}.npy"), value)
                 del session
             for b in batches:

@@ -49,6 +49,15 @@ class Partition:
         """``{node name: part name}``."""
         return {n: p.name for p in self.parts for n in p.nodes}
 
+    def within(self, tensors) -> "Partition | None":
+        """The same cuts in another version of the graph (the compiled model, whose nodes were renamed and
+        fused), which has ``tensors``: each part keeps the inputs and outputs the other graph still has. None
+        when a block's residual output is gone there (its cut no longer exists)."""
+        if any(p.outputs and p.outputs[0] not in tensors for p in self.parts if p.name != "head"):
+            return None
+        return Partition(tuple(Part(p.name, tuple(t for t in p.inputs if t in tensors),
+                                    tuple(t for t in p.outputs if t in tensors), ()) for p in self.parts))
+
     def saved(self) -> dict:
         """``{tensor: index of the last part that reads it}`` for every tensor a part passes to a later one."""
         made = {t: i for i, p in enumerate(self.parts) for t in p.outputs}

@@ -6,9 +6,10 @@ should never be in memory at once. So:
 * **Reading.** A constant stored in an external-data file becomes :class:`ExternalValues`: its shape and type
   are known at once, its bytes are read only when a pass asks for ``Constant.values`` (and dropped with the
   constant when the pass replaces it). Nothing reads all the weights at load.
-* **Running.** :func:`session_inputs` turns a graph into a weightless model plus the large constants as arrays;
-  ONNX Runtime takes them through ``SessionOptions.add_external_initializers`` (no serialized copy; arrays of
-  constants still on disk are memory-mapped, read-only).
+* **Running.** :func:`session_inputs` turns a graph into a weightless model plus the large constants as arrays
+  (memory-mapped, read-only, where still on disk). A session maps the constants of one file folder itself
+  (:func:`_map_from_files`: nothing read until used); it takes the rest through
+  ``SessionOptions.add_external_initializers``, no serialized copy, though ONNX Runtime copies each array.
 * **Writing.** :func:`write_model` streams every large constant, one at a time, into ``<model>.data`` beside the
   output (64 KiB-aligned when ≥ 1 MiB, as ``onnx`` aligns, so ONNX Runtime can map them) and writes a small
   proto; a model whose weights total under :data:`INLINE_LIMIT` is written as one file instead. The same graph
@@ -368,15 +369,16 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False, views:
             if n in kept and src in source:
                 pairs.append((n, fn(source[src])))
                 _READ[0] += pairs[-1][1].nbytes if isinstance(source[src], np.memmap) else 0
-    names, arrays = [n for n, _ in pairs], [a for _, a in pairs]
-    if upcast:
-        upcast_bfloat16(model)
     if options is None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if session_threads():
             options.intra_op_num_threads = session_threads()
+    pairs = _map_from_files(model, pairs, options, len(pairs) - len(views or ()))
+    names, arrays = [n for n, _ in pairs], [a for _, a in pairs]
+    if upcast:
+        upcast_bfloat16(model)
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked weights would be copies
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
@@ -385,6 +387,40 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False, views:
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.llmq_keep = (values, arrays)  # the session reads these buffers: they live as long as it does
     return session
+
+
+def _map_from_files(model: onnx.ModelProto, pairs: list, options, direct: int) -> list:
+    """Let ONNX Runtime map the weights of ``pairs`` that are memory maps of a file itself: ``model``'s stubs
+    of those in the folder holding most of their bytes are pointed at their file (ONNX Runtime takes one
+    folder for a model given as bytes: ``session.model_external_initializers_file_folder_path``), and the
+    remaining ``pairs`` are returned, for ``add_external_initializers``, which copies them (ONNX Runtime 1.32
+    copies every array it is handed: the float16 embedding of Llama-3-8B, 1 GB, twice in memory where a
+    mapped file reads only the rows a Gather touches). Only the first ``direct`` pairs are candidates (views
+    such as column slices are not plain file ranges)."""
+    files = {}
+    for n, a in pairs[:direct]:
+        if isinstance(a, np.memmap) and isinstance(getattr(a, "filename", None), str) and a.flags.c_contiguous:
+            files[n] = (os.path.dirname(a.filename), os.path.basename(a.filename), int(a.offset), int(a.nbytes))
+    if not files:
+        return pairs
+    by_folder: dict = {}
+    for folder, _, _, nbytes in files.values():
+        by_folder[folder] = by_folder.get(folder, 0) + nbytes
+    folder = max(sorted(by_folder), key=by_folder.get)
+    mapped = {n: f for n, f in files.items() if f[0] == folder}
+    dtypes = {n: a.dtype for n, a in pairs[:direct]}
+    for init in model.graph.initializer:
+        f = mapped.get(init.name)
+        if f is not None and init.data_type == onnx.helper.np_dtype_to_tensor_dtype(dtypes[init.name]):
+            del init.external_data[:]
+            for key, value in (("location", f[1]), ("offset", str(f[2])), ("length", str(f[3]))):
+                init.external_data.add(key=key, value=value)
+        else:
+            mapped.pop(init.name, None)
+    if not mapped:
+        return pairs
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    return [(n, a) for n, a in pairs if n not in mapped]
 
 
 def _varint(value: int) -> bytes:

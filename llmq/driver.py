@@ -27,6 +27,7 @@ from . import __version__
 from .backends.qdq import check_tensorrt_rules
 from .backends.registry import BACKENDS, backend_named
 from .blocks import BlockPlan, plan_blocks, run_blocks
+from .calib.blockwise import part_openers
 from .calib.collect import collect_stats, run_with_outputs
 from .calib.data import load_calibration, load_holdout
 from .frontends.onnx_loader import load_graph
@@ -169,13 +170,13 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         origin = graph.origin  # the input's weights, moved out of its file at load: verification runs on them
         del graph
         release_memory()
+        by_parts = plan.parts if plan.parts is not None and input_bytes > VERIFY_BY_PARTS_OVER else None
         backend_info = {"name": backend.name, "tensorrt_rule_violations": violations, "lowering": lowering,
-                        **backend.build(model_path, tmp, opts)}
+                        **_build(backend, model_path, tmp, opts, by_parts, recipe.opset)}
         _write_side_files(tmp, rows, recipe, calib)
         times["write_s"] = time.perf_counter() - t
         t = time.perf_counter()
         logger.info("phase verify")
-        by_parts = plan.parts if plan.parts is not None and input_bytes > VERIFY_BY_PARTS_OVER else None
         verification = _verify_output(model, model_path, recipe, opts, calib, vocab_size, blocks,
                                       backend.accuracy_level(opts), ctx.progress, by_parts,
                                       getattr(origin, "reference", None))
@@ -395,6 +396,20 @@ def _report(model, recipe, backend_info, verification, pipeline, structure_summa
 # whole-model check is faster (two sessions, not two per part). Tests lower it.
 VERIFY_BY_PARTS_OVER = 1 << 30
 PROBE_TOKENS = 256  # tokens of the first calibration window an exact pass is checked on
+
+
+def _build(backend, model_path: str, folder: str, opts, parts, opset: int) -> dict:
+    """The backend's build step; for a model verified by parts (``parts``: the input's partition) it gets the
+    written model as parts too, cut where the input was (whole if the cuts are gone)."""
+    if parts is None:
+        return backend.build(model_path, folder, opts)
+    written = load_graph(model_path, opset)
+    own = parts.within(written.tensors())
+    try:
+        return backend.build(model_path, folder, opts, part_openers(written, own) if own is not None else None)
+    finally:
+        del written
+        release_memory()
 
 
 def _run_outputs(graph, batch: np.ndarray) -> dict:

@@ -166,18 +166,15 @@ def verify_by_parts(input_path: str, output_path: str, windows: np.ndarray, voca
     from .backends.onnxruntime import session_options
     from .calib.blockwise import BlockwiseRunner
     from .frontends.onnx_loader import load_graph
-    from .ir.partition import Part, Partition
 
     wanted = set(blocks.values())
     with tempfile.TemporaryDirectory(prefix="llmq-verify-") as scratch:
         saved: dict = {}
         for role, path, level in (("ref", input_path, 0), ("out", output_path, accuracy_level)):
             graph = load_graph(path, opset)
-            tensors = graph.tensors()
-            if any(p.outputs and p.outputs[0] not in tensors for p in parts.parts if p.name != "head"):
+            own = parts.within(graph.tensors())
+            if own is None:
                 return None
-            own = Partition(tuple(Part(p.name, tuple(t for t in p.inputs if t in tensors),
-                                       tuple(t for t in p.outputs if t in tensors), ()) for p in parts.parts))
             outputs = compared_outputs([t.name for t in graph.gs.outputs])
             runner = BlockwiseRunner(graph, own, [w[None] for w in windows], os.path.join(scratch, role),
                                      options_factory=lambda level=level: session_options(level))

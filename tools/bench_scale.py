@@ -5,6 +5,7 @@ the checkpoint is written tensor by tensor by ``tools/make_random_model.py`` (no
 
     python tools/bench_scale.py --shape tinyllama --recipes w8a16 w4a16 w8a8
     python tools/bench_scale.py --shape llama3-8b --layers 4 8 --recipes w4a16 w8a8
+    python tools/bench_scale.py --shape llama3-8b --layers 4 --recipes w4a16@onnxruntime
 
 Shapes: ``tinyllama`` (hidden 2048, ffn 5632, 32/4 heads, vocab 32000, 22 layers) and ``llama3-8b`` (hidden
 4096, ffn 14336, 32/8 heads, vocab 128256, 32 layers), float16. The random weights are meant for memory and
@@ -50,7 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
     ap.add_argument("--layers", type=int, nargs="*", help="layer counts to build (default: the shape's)")
-    ap.add_argument("--recipes", nargs="*", default=["w8a16", "w4a16", "w8a8"])
+    ap.add_argument("--recipes", nargs="*", default=["w8a16", "w4a16", "w8a8"],
+                    help="recipes to compile, each optionally @backend (default qdq): w4a16@onnxruntime")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--work", default="artifacts/scale")
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -80,13 +82,15 @@ def main() -> None:
             # a random checkpoint has no tokenizer: seeded random token ids calibrate it as well as any text
             ids = np.random.default_rng(0).integers(0, shape["vocab"], (args.calib_samples, args.calib_seq_len))
             np.savez(calib, input_ids=ids.astype(np.int64))
-        for recipe in args.recipes:
-            out = os.path.join(args.work, tag, f"out-{recipe}")
+        for entry in args.recipes:
+            recipe, _, backend = entry.partition("@")
+            out = os.path.join(args.work, tag, f"out-{recipe}" + (f"-{backend}" if backend else ""))
             secs, rss, stdout = run(["llmq-compile", onnx_path, "--recipe", recipe, "-o", out, "--overwrite", "-q",
+                                     "--backend", backend or "qdq",
                                      "--allow-loss", "--calib-data", calib, "--calib-samples", str(args.calib_samples),
                                      "--calib-seq-len", str(args.calib_seq_len), "--json"])
             report = json.loads(stdout)
-            rows.append({"model": tag, "step": recipe, "seconds": round(secs, 1), "peak_rss_mb": round(rss),
+            rows.append({"model": tag, "step": entry, "seconds": round(secs, 1), "peak_rss_mb": round(rss),
                          "report_peak_rss_mb": report["peak_rss_mb"], "times": report["times"],
                          "bytes": sum(report["files"].values()),
                          "compile_mode": report["compile_mode"]["mode"], "sweeps": report["compile_mode"].get("sweeps"),

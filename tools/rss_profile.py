@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--backend", default="qdq")
     ap.add_argument("--calib", help="calibration data (.txt/.jsonl, or an .npz of input_ids for a model without a tokenizer)")
+    ap.add_argument("--calib-samples", type=int, default=None)
+    ap.add_argument("--calib-seq-len", type=int, default=None)
     args = ap.parse_args()
     phase = {"name": "load", "peaks": {}}
 
@@ -50,7 +52,9 @@ def main() -> None:
 
     started = time.perf_counter()
     result = llmq_compile(args.model, args.recipe, args.output, backend=args.backend, quiet=True, overwrite=True,
-                          calib=args.calib, allow_loss=True)
+                          calib=args.calib, allow_loss=True,
+                          **{k: v for k, v in (("calib_samples", args.calib_samples),
+                                               ("calib_seq_len", args.calib_seq_len)) if v is not None})
     stop.set()
     thread.join()
     print(f"total {time.perf_counter() - started:.1f} s, peak RSS {result.report['peak_rss_mb']:.0f} MB")
