@@ -5,12 +5,15 @@ only when every DequantizeLinear feeds a single node; its common-subexpression e
 per-consumer DQs of a tensor read by several linears (q/k/v, gate/up), so those stay unfused float MatMuls
 (measured on SmolLM2-135M: 60 of 210 linears fused). This pass writes the fused form explicitly:
 
-    Y = MatMulIntegerToFloat(Q(X, s_a, 128 as uint8), W_q, s_a, s_w, 128, 0)
+    Y = MatMulIntegerToFloat(Q(X, s_a, 128 as uint8), W_q + 128 as uint8, s_a, s_w, 128, 128)
 
 which is exact: ``clip(round(X/s_a), −128, 127) + 128 = clip(round(X/s_a) + 128, 0, 255)`` and the kernel
 subtracts the zero points before its int32 accumulation. The uint8 activation is what ONNX Runtime's CPU
-kernels prefer (its own S8→U8 rewrite does the same). One uint8 Quantize is shared by all linears that read
-the same tensor with the same scale.
+kernels prefer (its own S8→U8 rewrite does the same). The weights are stored + 128 as uint8 too: ONNX Runtime's
+u8 × s8 kernel sums pairs of products in 16 bits with saturation on x86 CPUs without VNNI (AVX2, AVX-512
+without VNNI) — measured on this machine's AVX2, 17 % relative error on a 576 × 256 layer with full-range
+weights — while u8 × u8 is exact on every CPU (as fast here; a VNNI CPU runs u8 × s8 faster, correct there
+only). One uint8 Quantize is shared by all linears that read the same tensor with the same scale.
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir.graph import Graph
+from ..ir.graph import Graph, dtype_name
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.storage import peek, spill
 
-__all__ = ["LowerToIntegerMatMulPass", "LowerBlockInt4ToMatMulNBitsPass", "MergeMatMulNBitsPass", "DropBranchPadPass",
-           "pack_matmulnbits", "unpack_matmulnbits"]
+__all__ = ["LowerToIntegerMatMulPass", "LowerBlockInt4ToMatMulNBitsPass", "LowerProgressiveW4A8Pass", "MergeMatMulNBitsPass", "DropBranchPadPass",
+           "pack_matmulnbits", "unpack_matmulnbits", "unsigned_int8"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def _int8_weight(tensor: gs.Tensor):
         return None
     w, scale = dq.inputs[0], dq.inputs[1]
     # types and shapes only, and a peek at the zero point: the weight's values stay where they are (on disk)
-    if not (isinstance(w, gs.Constant) and isinstance(scale, gs.Constant)) or np.dtype(w.dtype) != np.int8 or len(w.shape) != 2:
+    if not (isinstance(w, gs.Constant) and isinstance(scale, gs.Constant)) or dtype_name(w) != "int8" or len(w.shape) != 2:
         return None
     if len(dq.inputs) > 2 and np.any(np.asarray(peek(dq.inputs[2])) != 0):
         return None
@@ -96,7 +100,7 @@ class LowerToIntegerMatMulPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         shared: dict = {}
-        lowered = 0
+        lowered = made = spilled = 0
         for node in list(graph.gs.nodes):
             if node.op != "MatMul" or len(node.inputs) != 2:
                 continue
@@ -105,18 +109,30 @@ class LowerToIntegerMatMulPass(Pass):
                 continue
             x, a_scale = act
             w, w_scale = weight
+            w = graph.make_constant(f"{w.name}_u8", unsigned_int8(peek(w)), self.name)  # peek: not kept in the graph
+            made += int(np.prod(w.shape))
             key = (x.name, float(a_scale.values.reshape(-1)[0]))
             if key not in shared:
                 zp = graph.make_constant("a_zero_point_u8", np.asarray(128, np.uint8), self.name)
                 q = graph.make_node("QuantizeLinear", [x, a_scale, zp], f"{x.name}_u8", self.name, out_dtype=np.uint8)
                 shared[key] = (q, zp)
             q, zp = shared[key]
-            b_zp = graph.make_constant("b_zero_point", np.zeros(w_scale.values.shape, np.int8), self.name)
+            b_zp = graph.make_constant("b_zero_point", np.full(w_scale.values.shape, 128, np.uint8), self.name)
             _replace_with_contrib_op(graph, node, "MatMulIntegerToFloat", [q, w, a_scale, w_scale, zp, b_zp], {}, self.name)
             lowered += 1
+            if ctx.spill_to and made >= SPILL_EVERY:
+                spilled += spill(graph.gs, ctx.spill_to)
+                made = 0
         if lowered:
             graph.gs.cleanup()  # the replaced MatMuls are left without outputs; a later discover() must not see them
-        return PassResult(lowered > 0, {"lowered": lowered})
+        return PassResult(lowered > 0, {"lowered": lowered, "weights": "uint8 (int8 + 128)",
+                                        **({"spilled_bytes": spilled} if spilled else {})})
+
+
+def unsigned_int8(w: np.ndarray) -> np.ndarray:
+    """INT8 codes stored + 128 as uint8 (against zero point 128): the same values, in the u8 × u8 form ONNX Runtime
+    computes exactly on every CPU."""
+    return (np.asarray(w).astype(np.int16) + 128).astype(np.uint8)
 
 
 def pack_matmulnbits(q: np.ndarray, zero_point: np.ndarray | None, block: int, signed: bool) -> tuple:
@@ -176,7 +192,7 @@ class LowerBlockInt4ToMatMulNBitsPass(Pass):
             zp = dq.inputs[2] if len(dq.inputs) > 2 else None
             if not all(isinstance(t, gs.Constant) for t in (w, scale) + ((zp,) if zp is not None else ())):
                 continue
-            kind = np.dtype(w.dtype).name  # read from the constant's type: its values stay where they are
+            kind = dtype_name(w)  # read from the constant's type: its values stay where they are
             block = int(dq.attrs["block_size"])
             if kind not in ("int4", "uint4") or dq.attrs.get("axis", 0) % 2 != 0 or len(w.shape) != 2:
                 continue
@@ -320,3 +336,124 @@ def _end_padding(pad: gs.Node) -> int:
             return 0
         return int(p[1]) if p[0] == 0 else 0
     return 0
+
+
+def _per_token_qdq(tensor: gs.Tensor):
+    """(x, per-token scale tensor) if ``tensor`` is ``DQ(Q(x, s, block_size=K), s)`` with a scale computed at
+    run time (the per-token INT8 activations of ``quantize-activations granularity: per-token``), else None."""
+    dq = Graph.producer(tensor)
+    if dq is None or dq.op != "DequantizeLinear" or not dq.attrs.get("block_size"):
+        return None
+    q = Graph.producer(dq.inputs[0])
+    if q is None or q.op != "QuantizeLinear" or isinstance(q.inputs[1], gs.Constant) or dq.inputs[1] is not q.inputs[1]:
+        return None
+    if len(q.inputs) > 2 and q.inputs[2].name or q.attrs.get("output_dtype") != onnx.TensorProto.INT8:
+        return None
+    return q.inputs[0], q.inputs[1]
+
+
+def _progressive_weight(tensor: gs.Tensor):
+    """(codes uint4 [K, N], group scales [K/B, N], zero points uint4 [K/B, N], channel scales [N], B) if
+    ``tensor`` is ``Mul(DQ(uint4 [K, N], s2, z, axis 0, block_size B), s1)`` — a progressive (QoQ) weight in
+    MatMul's layout — else None."""
+    mul = Graph.producer(tensor)
+    if mul is None or mul.op != "Mul" or not isinstance(mul.inputs[1], gs.Constant):
+        return None
+    dq = Graph.producer(mul.inputs[0])
+    if dq is None or dq.op != "DequantizeLinear" or not dq.attrs.get("block_size") or dq.attrs.get("axis", 0) % 2 != 0:
+        return None
+    if len(dq.inputs) < 3 or not all(isinstance(t, gs.Constant) for t in dq.inputs):
+        return None
+    w, s2, z = dq.inputs
+    if dtype_name(w) != "uint4" or len(w.shape) != 2 or int(np.prod(mul.inputs[1].shape)) != w.shape[1]:
+        return None
+    return w, s2, z, mul.inputs[1], int(dq.attrs["block_size"])
+
+
+class LowerProgressiveW4A8Pass(Pass):
+    """Lower ``MatMul(per-token INT8 Q/DQ(x), Mul(DQ(uint4, s2, z), s1))`` — the ``w4a8`` recipe's linears —
+    to ONNX Runtime kernels. Two kernels:
+
+    * ``int8`` (exact): the INT8 weight ``(q − z)·s2`` and ``MatMulInteger`` of the per-token activation codes
+      with int32 accumulation, then ``· s_token · s1``: the Q/DQ graph's arithmetic, in integers. Both operands
+      are stored + 128 as uint8 with zero point 128 (u8 × u8: exact on CPUs without VNNI, where ONNX Runtime's
+      u8 × s8 kernel saturates). Weights take 8 bits (the widening done ahead of time, as QServe's kernel does
+      in registers).
+    * ``nbits``: ONNX Runtime's own W4A8, ``MatMulNBits`` (4-bit codes, zero points, scales ``s2·s1``) with
+      ``accuracy_level`` 4: the kernel quantizes the activations to INT8 itself, per block of ``block_size``
+      input channels of each token (finer than the recipe's one scale per token, so it is not the Q/DQ
+      graph's rounding: its perplexity is measured, not assumed). Weights stay 4-bit.
+
+    Declines: anything not of that form (such linears stay as Q/DQ, which ONNX Runtime runs as written)."""
+
+    name = "lower-w4a8"
+    phase = "lower"
+    changes_activations = False
+
+    @dataclass(frozen=True)
+    class Options:
+        kernel: str = "nbits"  # nbits (MatMulNBits, accuracy level 4; 4-bit weights) | int8 (MatMulInteger, exact)
+
+        def __post_init__(self):
+            if self.kernel not in ("nbits", "int8"):
+                raise ValueError("kernel is nbits or int8")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        lowered = made = spilled = 0
+        shared: dict = {}
+        for node in list(graph.gs.nodes):
+            if node.op != "MatMul" or len(node.inputs) != 2:
+                continue
+            act, weight = _per_token_qdq(node.inputs[0]), _progressive_weight(node.inputs[1])
+            if act is None or weight is None:
+                continue
+            (x, s_token), (w, s2, z, s1, block) = act, weight
+            q, s2v, zv, s1v = peek(w), np.asarray(peek(s2), np.float32), peek(z), np.asarray(peek(s1), np.float32).reshape(-1)
+            k, n = w.shape
+            if self.options.kernel == "nbits":
+                if block < 16 or block & (block - 1):
+                    ctx.decline(self.name, node.name, f"block {block} is below 16 or not a power of two")
+                    continue
+                packed, zp = pack_matmulnbits(q, zv, block, signed=False)
+                scales = np.ascontiguousarray((s2v * s1v[None, :]).T.reshape(-1))  # [N · K/B], computed in float32
+                inputs = [x, graph.make_constant(f"{node.name}_nbits_b", packed, self.name),
+                          graph.make_constant(f"{node.name}_nbits_scales", scales, self.name),
+                          graph.make_constant(f"{node.name}_nbits_zero_points", zp, self.name)]
+                _replace_with_contrib_op(graph, node, "MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": block,
+                                                                        "accuracy_level": 4}, self.name)
+                made += packed.nbytes + scales.nbytes
+            else:
+                # the INT8 weight + 128 as uint8 against zero point 128: u8 × u8, which ONNX Runtime computes exactly
+                # on every CPU (its u8 × s8 kernel saturates without VNNI; see backends.onnxruntime), same speed here
+                w8 = unsigned_int8((q.astype(np.int16) - np.repeat(zv.astype(np.int16), block, axis=0))
+                                   * np.repeat(s2v.astype(np.int16), block, axis=0))
+                if x.name not in shared:
+                    shared[x.name] = self._token_codes(graph, Graph.producer(node.inputs[0]).inputs[0])
+                zp = graph.make_constant("zero_point_u8", np.asarray(128, np.uint8), self.name)
+                acc = graph.make_node("MatMulInteger", [shared[x.name], graph.make_constant(f"{node.name}_int8_u8", w8, self.name),
+                                                        zp, zp], f"{node.name}_acc", self.name, out_dtype=np.int32)
+                acc_f = graph.make_node("Cast", [acc], f"{node.name}_acc_f", self.name, {"to": graph.float_onnx_type},
+                                        out_dtype=np.float32)
+                scaled = graph.make_node("Mul", [acc_f, s_token], f"{node.name}_acc_token", self.name, out_dtype=np.float32)
+                out = node.outputs[0]
+                node.outputs.clear()
+                last = Graph.producer(graph.make_node("Mul", [scaled, s1], f"{node.name}_out", self.name, out_dtype=np.float32))
+                last.outputs[0] = out
+                made += w8.nbytes
+            lowered += 1
+            if ctx.spill_to and made >= SPILL_EVERY:
+                spilled += spill(graph.gs, ctx.spill_to)
+                made = 0
+        if lowered:
+            graph.gs.cleanup()
+        return PassResult(lowered > 0, {"lowered": lowered, "kernel": self.options.kernel,
+                                        **({"spilled_bytes": spilled} if spilled else {})})
+
+    def _token_codes(self, graph: Graph, codes: gs.Tensor) -> gs.Variable:
+        """The Q/DQ graph's own int8 per-token codes + 128, as uint8 (integer ops: the same codes, no second
+        rounding of ``x / s_t`` that could fall differently on a tie)."""
+        p = self.name
+        wide = graph.make_node("Cast", [codes], f"{codes.name}_i32", p, {"to": onnx.TensorProto.INT32}, out_dtype=np.int32)
+        shifted = graph.make_node("Add", [wide, graph.make_constant("u8_shift", np.asarray(128, np.int32), p)],
+                                  f"{codes.name}_shift", p, out_dtype=np.int32)
+        return graph.make_node("Cast", [shifted], f"{codes.name}_u8", p, {"to": onnx.TensorProto.UINT8}, out_dtype=np.uint8)

@@ -47,6 +47,11 @@ class QDQBackend(Backend):
     name: ClassVar[str] = "qdq"
     description: ClassVar[str] = "portable Q/DQ ONNX (what TensorRT builds from; ONNX Runtime runs it as is)"
 
+    def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
+        from .tensorrt import write_trtexec
+
+        return write_trtexec(model_path, folder)
+
 
 @dataclass(frozen=True)
 class OnnxRuntimeBackend(Backend):
@@ -56,11 +61,12 @@ class OnnxRuntimeBackend(Backend):
 
     def lowering_passes(self, options) -> list:
         from .ort_attention import FuseAttentionPass
-        from .ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerToIntegerMatMulPass,
-                                   MergeMatMulNBitsPass)
+        from .ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerProgressiveW4A8Pass,
+                                   LowerToIntegerMatMulPass, MergeMatMulNBitsPass)
 
-        passes = [LowerToIntegerMatMulPass(), LowerBlockInt4ToMatMulNBitsPass(accuracy_level=options.accuracy_level),
-                  MergeMatMulNBitsPass(), DropBranchPadPass()]
+        passes = [LowerToIntegerMatMulPass(), LowerProgressiveW4A8Pass(kernel=options.w4a8_kernel),
+                  LowerBlockInt4ToMatMulNBitsPass(accuracy_level=options.accuracy_level), MergeMatMulNBitsPass(),
+                  DropBranchPadPass()]
         return passes + ([FuseAttentionPass()] if options.fuse_attention else [])
 
     def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
@@ -75,12 +81,19 @@ class OnnxRuntimeBackend(Backend):
 @dataclass(frozen=True)
 class TensorRTBackend(Backend):
     name: ClassVar[str] = "tensorrt"
-    description: ClassVar[str] = "TensorRT engine built from the portable Q/DQ graph (needs tensorrt installed)"
+    description: ClassVar[str] = ("TensorRT engine built from the portable Q/DQ graph, W4A8 linears as llmq's "
+                                  "W4A8Gemm plugin (needs tensorrt installed)")
+
+    def lowering_passes(self, options) -> list:
+        from .trt_plugin import LowerW4A8ToPluginPass
+
+        return [LowerW4A8ToPluginPass()]
 
     def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
-        from .tensorrt import build_engine
+        from .tensorrt import build_engine, write_trtexec
 
-        return build_engine(model_path, os.path.join(folder, "model.engine"))
+        facts = write_trtexec(model_path, folder)
+        return {**facts, **build_engine(model_path, os.path.join(folder, "model.engine"))}
 
 
 BACKENDS = {b.name: b for b in (QDQBackend(), OnnxRuntimeBackend(), TensorRTBackend())}

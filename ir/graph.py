@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from .storage import ExternalValues, attach_external
 
-__all__ = ["Graph", "ConstantView", "FLOAT_TYPES", "float_dtype_of", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH", "FUSED_INPUT", "RANGE_SPLIT", "SUB_BYTE_DTYPES"]
+__all__ = ["Graph", "ConstantView", "dtype_name", "FLOAT_TYPES", "float_dtype_of", "TRANSPARENT_OPS", "ROLE_KEY", "FLOAT_BRANCH", "FUSED_INPUT", "RANGE_SPLIT", "SUB_BYTE_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,17 @@ SUB_BYTE_DTYPES = {np.dtype(ml_dtypes.int4): np.int8, np.dtype(ml_dtypes.uint4):
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT16: np.dtype(np.float16),
                onnx.TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
 _PASS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def dtype_name(tensor: gs.Tensor) -> str | None:
+    """numpy name of a tensor's element type ('int8', 'uint4', 'float8_e4m3fn', …); onnx-graphsurgeon gives the
+    ONNX enum instead of a numpy type for the types it cannot map (float8, bfloat16)."""
+    dtype = tensor.dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    return np.dtype(dtype).name
 
 
 def float_dtype_of(model: onnx.ModelProto) -> np.dtype:
@@ -210,16 +221,23 @@ class Graph:
         return {n.name: n for n in self.gs.nodes}
 
     def constant_through(self, tensor: gs.Tensor, max_hops: int = 4) -> ConstantView | None:
-        """The constant behind ``tensor`` if it is a constant seen through TRANSPARENT_OPS."""
+        """The constant behind ``tensor`` if it is a constant seen through TRANSPARENT_OPS and dequantization:
+        ``DequantizeLinear``, and a ``Mul`` by a constant after one (the per-channel level of a progressive,
+        two-level quantized weight: ``DQ(codes, group scales, zero points) · channel scales``)."""
         chain = []
         for _ in range(max_hops + 1):
             if isinstance(tensor, gs.Constant):
+                if any(n.op == "Mul" for n in chain) and not any(n.op == "DequantizeLinear" for n in chain):
+                    return None  # a float product of constants is not a weight view
                 return ConstantView(tensor, tuple(reversed(chain)))
             node = self.producer(tensor)
-            if node is None or node.op not in TRANSPARENT_OPS | {"DequantizeLinear"}:
+            if node is None or node.op not in TRANSPARENT_OPS | {"DequantizeLinear", "Mul"}:
                 return None
             if node.op in ("Reshape", "DequantizeLinear") and not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
                 return None
+            if node.op == "Mul":
+                if len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant) or isinstance(node.inputs[0], gs.Constant):
+                    return None
             chain.append(node)
             tensor = node.inputs[0]
         return None
@@ -238,6 +256,8 @@ class Graph:
                 value = _dequantize(value, node)
             elif node.op == "Cast":
                 value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+            elif node.op == "Mul":
+                value = value * np.asarray(node.inputs[1].values, np.float32)
             elif node.op in ("Squeeze", "Unsqueeze", "Flatten"):
                 raise NotImplementedError(f"materialize through {node.op}")
         return value

@@ -373,6 +373,7 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False, views:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        options.add_session_config_entry("session.x64quantprecision", "1")  # exact INT8 GEMMs without VNNI (backends.onnxruntime)
         if session_threads():
             options.intra_op_num_threads = session_threads()
     pairs = _map_from_files(model, pairs, options, len(pairs) - len(views or ()))
@@ -381,12 +382,22 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False, views:
         upcast_bfloat16(model)
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked weights would be copies
-    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    values = [_ort_value(a) for a in arrays]
     if names:
         options.add_external_initializers(names, values)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.llmq_keep = (values, arrays)  # the session reads these buffers: they live as long as it does
     return session
+
+
+def _ort_value(array: np.ndarray):
+    """An ONNX Runtime value over ``array``'s buffer; the float8 types (ml_dtypes, which ONNX Runtime's numpy
+    bridge does not know) are handed over as their bytes with the ONNX element type named."""
+    import onnxruntime as ort
+
+    if array.dtype.kind == "V" and array.dtype.itemsize == 1:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8), onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def _map_from_files(model: onnx.ModelProto, pairs: list, options, direct: int) -> list:

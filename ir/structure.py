@@ -143,7 +143,7 @@ def _consumed_shape(graph: Graph, view: ConstantView):
                 except NotImplementedError:
                     return None
             shape = tuple(target)
-        elif node.op not in ("DequantizeLinear", "Cast"):
+        elif node.op not in ("DequantizeLinear", "Cast", "Mul"):  # Mul: a per-channel scale after a DQ
             return None  # Squeeze, Unsqueeze, Flatten: not a view materialize follows either
     return shape
 

@@ -29,6 +29,10 @@ def _run(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
     for noisy in ("transformers", "torch", "torch.onnx._internal.exporter._registration", "onnxscript", "httpx",
                   "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+    if not getattr(args, "debug", False):  # onnx-graphsurgeon prints its own [W] lines (a float8 type it keeps as is,
+        from onnx_graphsurgeon.logger import G_LOGGER  # a missing 'colored' module): not the user's concern
+
+        G_LOGGER.severity = G_LOGGER.ERROR
     from .ir.errors import LlmqError
 
     try:
@@ -133,6 +137,10 @@ def compile_main(argv=None) -> int:
     p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
                    help="onnxruntime backend: MatMulNBits compute for 4-bit linears (0: float activations, "
                         "4: int8 activations, faster and approximate)")
+    p.add_argument("--w4a8-kernel", default="nbits", choices=["nbits", "int8"],
+                   help="onnxruntime backend, w4a8 recipes: nbits (MatMulNBits with int8 activation compute: 4-bit "
+                        "weights, activations quantized per block of 128 channels) or int8 (MatMulInteger on the "
+                        "exact INT8 weights and per-token codes: the Q/DQ arithmetic, 8-bit weights)")
     p.add_argument("--max-loss", type=_loss, metavar="LOSS",
                    help="accuracy budget for the recipe's sensitivity pass: '2%%' (perplexity increase, as "
                         "ln 1.02) or a KL in nats/token; keeps the fewest activations float that meet it")
@@ -169,7 +177,8 @@ def compile_main(argv=None) -> int:
                                  calib_seq_len=args.calib_seq_len, exclude=tuple(args.exclude), backend=args.backend,
                                  overwrite=args.overwrite, dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet,
                                  max_loss=args.max_loss, accuracy_level=args.accuracy_level, asym=args.asym,
-                                 fuse_attention=not args.no_fuse_attention, allow_loss=args.allow_loss, blocks=not args.no_blocks)
+                                 fuse_attention=not args.no_fuse_attention, w4a8_kernel=args.w4a8_kernel,
+                                 allow_loss=args.allow_loss, blocks=not args.no_blocks)
         result = run_compile(args.model, args.recipe, args.output, options)
         if args.json:
             json.dump(result.report, sys.stdout, indent=1, default=str)

@@ -30,6 +30,7 @@ from .blocks import BlockPlan, plan_blocks, run_blocks
 from .calib.blockwise import part_openers
 from .calib.collect import collect_stats, run_with_outputs
 from .calib.data import load_calibration, load_holdout
+from .expand import expanded_copy
 from .frontends.onnx_loader import load_graph
 from .frontends.torch_export import calib_path_for, tokenizer_dir_for
 from .ir.errors import LlmqError
@@ -58,7 +59,8 @@ class CompileOptions:
     ``backend``: a name in :data:`BACKENDS`; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit
     linears (onnxruntime backend: 0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8)
     weights, on backends that take them; ``fuse_attention``: onnxruntime backend, write each attention block
-    as GroupQueryAttention (probed); ``allow_loss``: write the model even when the end-to-end check finds it
+    as GroupQueryAttention (probed); ``w4a8_kernel``: onnxruntime backend, how ``w4a8`` linears are lowered
+    (``nbits``: MatMulNBits at accuracy level 4; ``int8``: MatMulInteger, exact); ``allow_loss``: write the model even when the end-to-end check finds it
     outside the recipe's bound (with a loud warning) instead of failing; ``verify``: check the graph after
     every pass; ``dump_dir``: write the graph after every pass that changed it; ``sqnr``: per-layer SQNR in
     the report; ``blocks``: run the passes block by block where the recipe and the graph allow (see
@@ -79,6 +81,7 @@ class CompileOptions:
     accuracy_level: int = 0
     asym: bool = False
     fuse_attention: bool = True
+    w4a8_kernel: str = "nbits"
     allow_loss: bool = False
     blocks: bool = True
 
@@ -177,9 +180,15 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         times["write_s"] = time.perf_counter() - t
         t = time.perf_counter()
         logger.info("phase verify")
-        verification = _verify_output(model, model_path, recipe, opts, calib, vocab_size, blocks,
+        # plugin nodes (TensorRT only) are checked through their ONNX definition, decoded from their own inputs
+        checked, scratch_files = expanded_copy(model_path, tmp, recipe.opset)
+        verification = _verify_output(model, checked, recipe, opts, calib, vocab_size, blocks,
                                       backend.accuracy_level(opts), ctx.progress, by_parts,
                                       getattr(origin, "reference", None))
+        for f in scratch_files:
+            os.remove(f)
+        if scratch_files:
+            verification["plugins_checked_as"] = "their ONNX definition (llmq.expand), decoded from the nodes' inputs"
         del origin
         times["verify_s"] = time.perf_counter() - t
         times["total_s"] = time.perf_counter() - t0
@@ -379,6 +388,7 @@ def _report(model, recipe, backend_info, verification, pipeline, structure_summa
         "totals": {"linears": len(rows), "quantized_weights": quantized_w, "quantized_activations": quantized_a,
                    "int8_act_mac_fraction": round(int8_act_mac_fraction(rows), 4),
                    "int8_act_mac_fraction_decoder": round(int8_act_mac_fraction(rows, include_lm_head=False), 4),
+                   "fp8_act_mac_fraction": round(int8_act_mac_fraction(rows, act_format="fp8e4m3"), 4),
                    "range_split_extra_int8_mac_fraction": round(range_split_extra_mac_fraction(rows), 4),
                    "worst_sqnr_db": min(sqnr_values.values()) if sqnr_values else None},
         "times": {k: round(v, 2) for k, v in times.items()},

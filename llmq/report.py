@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 
 from .ir.graph import Graph
 from .ir.structure import Structure, weight_matrix
-from .passes.qdq_math import fake_quant, sqnr_db
+from .passes.qdq_math import FP8, fake_quant, fp8_quantize, sqnr_db
+from .passes.quantize_dynamic import per_token_fake_quant
 from .passes.split_range import residual_factor
 
 __all__ = ["layer_table", "layer_sqnr", "summary_text", "int8_act_mac_fraction", "range_split_extra_mac_fraction"]
@@ -28,9 +29,13 @@ def _act_fake_quant(node: gs.Node, x: np.ndarray) -> np.ndarray:
     q = Graph.producer(dq.inputs[0])
     if q is None or q.op != "QuantizeLinear":
         return x
+    if not isinstance(q.inputs[1], gs.Constant):  # a scale computed at run time: per token (the blocked form)
+        return per_token_fake_quant(x) if q.attrs.get("block_size") else x
     scale = np.asarray(q.inputs[1].values, dtype=np.float32)
-    zp = q.inputs[2].values if len(q.inputs) > 2 else np.int8(0)
-    bits = 8 if np.asarray(zp).dtype in (np.int8, np.uint8) else 16
+    zp = np.asarray(q.inputs[2].values if len(q.inputs) > 2 else np.int8(0))
+    if zp.dtype == FP8:
+        return fp8_quantize(x, scale).astype(np.float32) * scale
+    bits = 8 if zp.dtype in (np.int8, np.uint8) else 16
     return fake_quant(x, scale, None, bits, narrow=False)
 
 
@@ -67,11 +72,12 @@ def layer_sqnr(before: Structure, after: Graph, sample: dict) -> dict:
     return out
 
 
-def int8_act_mac_fraction(rows: list, include_lm_head: bool = True) -> float:
-    """Share of linear MACs (float side branches of split layers included) with INT8 activations."""
+def int8_act_mac_fraction(rows: list, include_lm_head: bool = True, act_format: str = "int8") -> float:
+    """Share of linear MACs (float side branches of split layers included) with INT8 activations (static or per
+    token; ``act_format="fp8e4m3"``: with FP8 activations)."""
     rows = [r for r in rows if include_lm_head or r["role"] != "lm_head"]
     total = sum(r["macs_per_token"] + r.get("split_float_macs_per_token", 0) for r in rows)
-    q = sum(r["macs_per_token"] for r in rows if r.get("act_bits"))
+    q = sum(r["macs_per_token"] for r in rows if r.get("act_bits") and r.get("act_format", "int8") == act_format)
     return q / total if total else 0.0
 
 
@@ -177,9 +183,12 @@ def summary_text(report: dict, worst: int = 10) -> str:
     blocks = sorted(v.get("blocks") or [], key=lambda b: -b["rel_error"])[:3]
     if blocks:
         lines.append("blocks with the largest output error: " + ", ".join(f"{b['block']} {b['rel_error']:.3g}" for b in blocks))
+    fp8 = t.get("fp8_act_mac_fraction", 0.0)
+    acts = (f"with FP8 activations ({100 * fp8:.1f} % of linear MACs)" if fp8 and not t["int8_act_mac_fraction"] else
+            f"with INT8 activations ({100 * t['int8_act_mac_fraction']:.1f} % of linear MACs, "
+            f"{100 * t['int8_act_mac_fraction_decoder']:.1f} % without the LM head)")
     lines += [f"recipe {report['recipe']['name']}: {t['quantized_weights']}/{t['linears']} linears with quantized weights, "
-             f"{t['quantized_activations']} with INT8 activations ({100 * t['int8_act_mac_fraction']:.1f} % of linear MACs, "
-             f"{100 * t['int8_act_mac_fraction_decoder']:.1f} % without the LM head)"]
+              f"{t['quantized_activations']} {acts}"]
     ranged = [r for r in report["layers"] if "range_split_ratio" in r]
     if ranged:
         ratios = sorted(r["range_split_ratio"] for r in ranged)
@@ -203,7 +212,8 @@ def summary_text(report: dict, worst: int = 10) -> str:
         a = kv[0]
         bits = a.get("kv_k_bits", a.get("kv_v_bits"))
         gran = a.get("kv_k_granularity", a.get("kv_v_granularity"))
-        lines.append(f"KV cache: INT{bits} {gran} Q/DQ on the keys/values of {len(kv)} attention blocks")
+        kind = "FP8 E4M3" if a.get("kv_k_format", a.get("kv_v_format")) == "fp8e4m3" else f"INT{bits}"
+        lines.append(f"KV cache: {kind} {gran} Q/DQ on the keys/values of {len(kv)} attention blocks")
     ranked = [r for r in report["layers"] if "sqnr_db" in r and math.isfinite(r["sqnr_db"])]
     ranked.sort(key=lambda r: r["sqnr_db"])
     if ranked:

@@ -6,6 +6,7 @@ from .low_rank import QuantizeWeightsLowRankPass
 from .quantize_activations import QuantizeActivationsPass
 from .quantize_dynamic import QuantizeActivationsPerTokenPass
 from .quantize_kv_cache import QuantizeKVCachePass
+from .quantize_progressive import QuantizeWeightsProgressivePass
 from .quantize_weights import QuantizeWeightsPass
 from .reorder_channels import ReorderChannelsPass
 from .sensitivity import AnalyzeSensitivityPass
@@ -14,6 +15,6 @@ from .smooth_quant import FoldSmoothQuantScalesPass
 from .split_outliers import SplitOutlierChannelsPass
 from .split_range import SplitRangePass
 
-REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, SplitRangePass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass, QuantizeWeightsLowRankPass, GPTQPass)}
+REGISTRY = {p.name: p for p in (FoldSmoothQuantScalesPass, ActivationAwareScalesPass, FoldSmoothAttentionScalesPass, SplitOutlierChannelsPass, SplitRangePass, ReorderChannelsPass, AnalyzeSensitivityPass, QuantizeActivationsPass, QuantizeActivationsPerTokenPass, QuantizeKVCachePass, QuantizeWeightsPass, QuantizeWeightsLowRankPass, QuantizeWeightsProgressivePass, GPTQPass)}
 
-__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "GPTQPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsLowRankPass", "QuantizeWeightsPass", "ReorderChannelsPass", "SplitOutlierChannelsPass", "SplitRangePass"]
+__all__ = ["REGISTRY", "ActivationAwareScalesPass", "AnalyzeSensitivityPass", "FoldSmoothAttentionScalesPass", "FoldSmoothQuantScalesPass", "GPTQPass", "QuantizeActivationsPass", "QuantizeActivationsPerTokenPass", "QuantizeKVCachePass", "QuantizeWeightsLowRankPass", "QuantizeWeightsPass", "QuantizeWeightsProgressivePass", "ReorderChannelsPass", "SplitOutlierChannelsPass", "SplitRangePass"]

@@ -42,8 +42,8 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.passes import PassContext
-from .qdq_math import (block_size_for, fake_quant_blocks, output_error, symmetric_weight_scale,
-                       weight_code_range)
+from .qdq_math import (block_size_for, fake_quant_blocks, fake_quant_progressive, output_error,
+                       symmetric_weight_scale, weight_code_range)
 from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
 __all__ = ["ActivationAwareScalesPass", "clip_search", "stream_inputs", "weight_fake_quant"]
@@ -159,6 +159,9 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         # the scale search scores each candidate on a seeded sample of the group's output channels when the
         # whole group costs more than SEARCH_BUDGET per candidate (0: always every channel; see search_columns)
         search_columns: int = -1
+        # the weight quantizer the scales are searched for: rtn (quantize-weights' per-group INT4) or progressive
+        # (QoQ's INT8-per-channel → UINT4-per-group, quantize-weights-progressive; no clip search: QoQ's g128 clips nothing)
+        quantizer: str = "rtn"
 
         def __post_init__(self):
             object.__setattr__(self, "groups", tuple(self.groups))
@@ -170,9 +173,20 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 raise ValueError("groups are qkv, gate_up, o, down")
             if self.search_columns < -1:
                 raise ValueError("search_columns: -1 (by cost), 0 (all) or a count")
+            if self.quantizer not in ("rtn", "progressive"):
+                raise ValueError(f"quantizer must be rtn or progressive, not {self.quantizer!r}")
+            if self.quantizer == "progressive" and (self.clip or self.bits != 4):
+                raise ValueError("the progressive quantizer is 4-bit and has no clip search (set clip: false)")
 
     def _needs_samples(self) -> bool:
         return True
+
+    def _fake_quant(self, w_kn: np.ndarray) -> np.ndarray:
+        """The weight quantizer that follows this pass, quantize-dequantize of ``[K, N]``."""
+        o = self.options
+        if o.quantizer == "progressive":
+            return fake_quant_progressive(w_kn, o.group_size)
+        return weight_fake_quant(w_kn, o.bits, o.group_size, o.symmetric)
 
     def _samples(self, graph: Graph, ctx: PassContext, names: list) -> dict:
         return stream_inputs(graph, ctx, names)
@@ -202,8 +216,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
                 s = np.maximum(s / (np.power(w_mean, 1 - r) + 1e-4), 1e-4)
             s = s / np.sqrt(s.max() * s.min())
             s_full = (_untie(s, *tie) if tie is not None else s).astype(np.float32)
-            err = sum(weight * output_error(inputs.gram, w - weight_fake_quant(w * s_full[:, None], o.bits,
-                                                                               o.group_size, o.symmetric) / s_full[:, None])
+            err = sum(weight * output_error(inputs.gram, w - self._fake_quant(w * s_full[:, None]) / s_full[:, None])
                       for w, weight, _ in scored)
             if err < best[0]:
                 best = (err, (r, duo), s)
@@ -214,8 +227,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
         self._signal, self._pending = {}, {}
         for m, (w, _, _) in zip(members, scored):
             self._signal[m.name] = max(_error_by_columns(inputs.gram, w.shape[1], lambda c, w=w: w[:, c]), 1e-30)
-            rtn = _error_by_columns(inputs.gram, w.shape[1], lambda c, w=w: w[:, c] - weight_fake_quant(
-                w[:, c], o.bits, o.group_size, o.symmetric))
+            rtn = _error_by_columns(inputs.gram, w.shape[1], lambda c, w=w: w[:, c] - self._fake_quant(w[:, c]))
             self._pending[m.name] = rtn / self._signal[m.name]
         return s, s_fold, {"awq_ratio": r, "awq_duo": duo}
 
@@ -234,8 +246,7 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
             picked = self._columns[m.name]
             if picked is not None:
                 w, ref = w[:, picked], ref[:, picked]
-            unscaled = lambda cols, w=w, ref=ref: (ref[:, cols] - weight_fake_quant(w[:, cols], o.bits, o.group_size,  # noqa: E731
-                                                                                    o.symmetric)) * inv
+            unscaled = lambda cols, w=w, ref=ref: (ref[:, cols] - self._fake_quant(w[:, cols])) * inv  # noqa: E731
             err = _error_by_columns(inputs.gram, w.shape[1], unscaled) / self._signal[m.name]
             if picked is not None:
                 ctx.record(m.name, weight_out_err_channels=len(picked))

@@ -22,13 +22,17 @@ import onnx_graphsurgeon as gs
 
 from ..ir.graph import Graph
 
-__all__ = ["representable_scale", "qmax", "output_error", "relative_output_error", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair",
+__all__ = ["PROTECTIVE_RANGE", "ProgressiveWeight", "progressive_quantize", "fake_quant_progressive", "progressive_level2",
+           "add_progressive_dequantize", "FP8", "FP8_MAX", "fp8_quantize", "quantize_weight_fp8", "representable_scale", "qmax", "output_error", "relative_output_error", "weight_code_range", "symmetric_weight_scale", "weight_scales", "quantize", "fake_quant", "sqnr_db", "add_dequantize", "add_qdq_pair", "add_per_token_qdq",
            "relative_error", "block_size_for", "QuantizedWeight", "quantize_weight", "fake_quant_blocks", "GRANULARITIES"]
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
 _STORAGE = {(8, True): np.int8, (8, False): np.uint8, (4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4}
 
 TINY = np.float32(1e-12)
+
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)  # ONNX FLOAT8E4M3FN: the FP8 TensorRT runs (no E5M2)
+FP8_MAX = 448.0  # its largest finite value
 
 
 def representable_scale(scale, dtype) -> np.ndarray:
@@ -88,6 +92,13 @@ def quantize(x: np.ndarray, scale: np.ndarray, axis: int | None, bits: int, narr
     lo = -qmax(bits) if narrow else -qmax(bits) - 1
     q = np.rint(x.astype(np.float32) / _broadcast(scale, x.ndim, axis))
     return np.clip(q, lo, qmax(bits)).astype(np.int8 if bits <= 8 else np.int32)
+
+
+def fp8_quantize(x: np.ndarray, scale, axis: int | None = None) -> np.ndarray:
+    """``x / scale`` saturated to ±448 and rounded to the nearest FLOAT8E4M3FN value (ties to even): what ONNX
+    ``QuantizeLinear`` with a float8e4m3fn zero point and ``saturate=1`` (its default) computes."""
+    scale = np.asarray(scale, np.float32)
+    return np.clip(x.astype(np.float32) / _broadcast(scale, x.ndim, axis), -FP8_MAX, FP8_MAX).astype(FP8)
 
 
 def fake_quant(x: np.ndarray, scale, axis: int | None, bits: int, narrow: bool = True) -> np.ndarray:
@@ -220,6 +231,23 @@ def quantize_weight(w: np.ndarray, out_axis: int, bits: int = 8, granularity: st
     return QuantizedWeight(q.astype(carrier).astype(dtype), scale, zp.astype(carrier).astype(dtype), axis, block)
 
 
+def quantize_weight_fp8(w: np.ndarray, out_axis: int, granularity: str = "per-channel",
+                        scale_dtype=np.float32) -> QuantizedWeight:
+    """FP8 E4M3 weight, ``s = max|w| / 448`` per output channel (or per tensor), the codes ``fp8(w / s)``; zero
+    point FP8 0 (ONNX requires a float8 zero point to be 0). The scale is first rounded up to ``scale_dtype``
+    (:func:`representable_scale`) so ``q · s`` is what the graph computes."""
+    if granularity not in ("per-tensor", "per-channel"):
+        raise ValueError("FP8 weights are per-tensor or per-channel")
+    w = w.astype(np.float32)
+    a = np.abs(w)
+    amax = np.asarray(a.max(), np.float32) if granularity == "per-tensor" else a.max(axis=1 - out_axis)
+    amax = np.where(amax > 0, amax, np.float32(1.0)).astype(np.float32)
+    scale = representable_scale(amax / np.float32(FP8_MAX), scale_dtype)
+    axis = None if granularity == "per-tensor" else out_axis
+    q = fp8_quantize(w, scale, axis)
+    return QuantizedWeight(q, scale, np.zeros(scale.shape, FP8), axis, 0)
+
+
 def fake_quant_blocks(w_kn: np.ndarray, bits: int, block: int, symmetric: bool = True) -> np.ndarray:
     """Quantize-dequantize ``[K, N]`` in blocks of ``block`` input channels per output channel, in float only
     (the same numbers as :func:`quantize_weight` per-group, without building the integer codes): for searches."""
@@ -264,3 +292,135 @@ def add_qdq_pair(graph: Graph, x: gs.Tensor, scale: float, pass_name: str, base:
     q = graph.make_node("QuantizeLinear", [x, s, z], f"{base}_q", pass_name, out_dtype=zp.dtype.type, out_shape=x.shape)
     return [graph.make_node("DequantizeLinear", [q, s, z], f"{base}_dq", pass_name, out_dtype=np.float32,
                             out_shape=x.shape) for _ in range(consumers)]
+
+
+def add_per_token_qdq(graph: Graph, x: gs.Tensor, width: int, pass_name: str, base: str, consumers: int = 1) -> list:
+    """Per-token dynamic symmetric INT8 Q/DQ of ``x`` (last axis ``width`` channels): ``s_t = max|x_t| / 127``
+    (floored so it stays a normal number of the model's float type) computed in the graph, then
+    ``QuantizeLinear(x, s_t, axis=-1, block_size=width, output_dtype=INT8)`` and ``consumers``
+    DequantizeLinear nodes of the same form (opset 21 blocked quantization, one block per row). Returns the
+    DQ outputs."""
+    import onnx
+
+    absx = graph.make_node("Abs", [x], f"{base}_abs", pass_name, out_dtype=np.float32)
+    axes = graph.make_constant(f"{base}_axes", np.asarray([-1], np.int64), pass_name)
+    amax = graph.make_node("ReduceMax", [absx, axes], f"{base}_amax", pass_name, {"keepdims": 1}, out_dtype=np.float32)
+    tiny = float(np.finfo(np.float16).tiny) if graph.float_dtype == np.float16 else 1e-30
+    floor = graph.make_constant(f"{base}_amax_floor", np.asarray(max(1e-8, 127 * tiny), np.float32), pass_name)
+    amax = graph.make_node("Max", [amax, floor], f"{base}_amax_pos", pass_name, out_dtype=np.float32)
+    s = graph.make_node("Div", [amax, graph.make_constant(f"{base}_qmax", np.asarray(127, np.float32), pass_name)],
+                        f"{base}_scale", pass_name, out_dtype=np.float32)
+    attrs = {"axis": -1, "block_size": int(width)}
+    q = graph.make_node("QuantizeLinear", [x, s], f"{base}_q", pass_name, {**attrs, "output_dtype": onnx.TensorProto.INT8},
+                        out_dtype=np.int8, out_shape=x.shape)
+    return [graph.make_node("DequantizeLinear", [q, s], f"{base}_dq", pass_name, attrs, out_dtype=np.float32,
+                            out_shape=x.shape) for _ in range(consumers)]
+
+
+PROTECTIVE_RANGE = 119  # QoQ's level-1 bound: after the uint4 level every (q − z)·s2 stays inside ±127 (tested)
+
+
+@dataclass
+class ProgressiveWeight:
+    """A weight quantized in two levels (QServe's QoQ progressive group quantization), laid out ``[K, N]``:
+
+    * level 1, per output channel: ``s1 = max|W[:, n]| / 119`` (float, stored in the model's type), ``v = W / s1``
+      clipped to ``±119`` (kept in float: not rounded, as the reference);
+    * level 2, per group of ``block`` input channels, over the group's range widened to contain 0 (see
+      :func:`progressive_level2`): ``s2 = round((hi − lo) / 15)`` (an integer in 1…16),
+      ``z = clip(round(−lo / s2), 0, 15)``, ``q = clip(round(v / s2 + z), 0, 15)`` (UINT4).
+
+    ``(q − z)·s2`` is an exact INT8 weight inside ``±127`` (the protective range guarantees it), so the GEMM runs
+    INT8 × INT8 with the per-channel ``s1`` and the per-token activation scale in its epilogue."""
+    q: np.ndarray  # uint4 [K, N]
+    group_scale: np.ndarray  # uint8 [K/B, N], values 1…16
+    zero_point: np.ndarray  # uint4 [K/B, N]
+    channel_scale: np.ndarray  # float32 [N]
+    block_size: int
+
+    def int8(self) -> np.ndarray:
+        """The level-1 integer weight ``(q − z)·s2`` [K, N] (int8, exact)."""
+        b = self.block_size
+        w8 = (self.q.astype(np.int16) - np.repeat(self.zero_point.astype(np.int16), b, axis=0)) \
+            * np.repeat(self.group_scale.astype(np.int16), b, axis=0)
+        return w8.astype(np.int8)
+
+    def dequantize(self) -> np.ndarray:
+        return self.int8().astype(np.float32) * self.channel_scale[None, :]
+
+
+def progressive_quantize(w_kn: np.ndarray, group: int = 128, scale_dtype=np.float32,
+                         protective: int = PROTECTIVE_RANGE) -> ProgressiveWeight:
+    """QoQ progressive group quantization of a ``[K, N]`` weight (see :class:`ProgressiveWeight`); the block is
+    ``group`` reduced to the largest power of two dividing K. ``s1`` is rounded up to ``scale_dtype`` first
+    (:func:`representable_scale`), so ``|W / s1| ≤ 119`` still holds with the scale the graph stores."""
+    w = w_kn.astype(np.float32)
+    k, n = w.shape
+    b = block_size_for(k, group)
+    amax = np.abs(w).max(axis=0)
+    s1 = representable_scale(np.where(amax > 0, amax, np.float32(1.0)) / np.float32(protective), scale_dtype)
+    v = np.clip(w / s1[None, :], -protective, protective)
+    q, s2, z = progressive_level2(v, b)
+    return ProgressiveWeight(q.astype(ml_dtypes.uint4), s2, z.astype(ml_dtypes.uint4), s1, b)
+
+
+def progressive_level2(v: np.ndarray, block: int) -> tuple:
+    """QoQ's second level on level-1 values ``v [K, N]`` (floats within the protective range): per group of
+    ``block`` rows, over the group's range widened to contain 0 (``lo = min(min v, 0)``, ``hi = max(max v, 0)``),
+    ``s2 = round((hi − lo) / 15)`` (0 → 1), ``z = clip(round(−lo / s2), 0, 15)``, ``q = clip(round(v / s2 + z),
+    0, 15)``, rounding half to even. Returns uint8 ``(q [K, N], s2, z [K/B, N])``.
+
+    The widening differs from the reference code (lmquant's zint4 takes the group's own min and max): a UINT4
+    zero point can only put 0 inside the grid, so a group lying on one side of 0 (a constant or all-positive
+    group) would otherwise clip to a fraction of its values; groups that straddle 0, nearly all, are unchanged.
+    Every code still dequantizes within ``s2 / 2`` of its value or inside ``[lo, hi]``, so with ``|v| ≤ 119`` and
+    ``s2 ≤ 16`` the INT8 weight stays inside ±127."""
+    k, n = v.shape
+    g = v.astype(np.float32).reshape(k // block, block, n)
+    vmin, vmax = np.minimum(g.min(axis=1), 0), np.maximum(g.max(axis=1), 0)
+    s2 = np.rint((vmax - vmin) / np.float32(15))
+    s2 = np.where(s2 == 0, np.float32(1.0), s2).astype(np.float32)
+    z = np.clip(np.rint(-vmin / s2), 0, 15)
+    q = np.clip(np.rint(g / s2[:, None, :] + z[:, None, :]), 0, 15).reshape(k, n)
+    return q.astype(np.uint8), s2.astype(np.uint8), z.astype(np.uint8)
+
+
+def fake_quant_progressive(w_kn: np.ndarray, group: int = 128, scale_dtype=np.float32,
+                           protective: int = PROTECTIVE_RANGE) -> np.ndarray:
+    """Quantize-dequantize ``[K, N]`` with :func:`progressive_quantize`, in float only (the same numbers as its
+    ``dequantize()``: the codes are whole numbers in float32, exactly): for searches."""
+    w = w_kn.astype(np.float32, copy=False)
+    k, n = w.shape
+    b = block_size_for(k, group)
+    amax = np.abs(w).max(axis=0)
+    s1 = representable_scale(np.where(amax > 0, amax, np.float32(1.0)) / np.float32(protective), scale_dtype)
+    v = np.clip(w / s1, -protective, protective).reshape(k // b, b, n)
+    lo = np.minimum(v.min(axis=1, keepdims=True), 0)
+    s2 = np.rint((np.maximum(v.max(axis=1, keepdims=True), 0) - lo) / np.float32(15))
+    s2[s2 == 0] = 1
+    z = np.clip(np.rint(-lo / s2), 0, 15)
+    v /= s2
+    v += z
+    np.rint(v, out=v)
+    np.clip(v, 0, 15, out=v)
+    v -= z
+    v *= s2
+    return v.reshape(k, n) * s1
+
+
+def add_progressive_dequantize(graph: Graph, pw: ProgressiveWeight, out_axis: int, pass_name: str, base: str) -> gs.Variable:
+    """The weight of :class:`ProgressiveWeight` ``pw`` in the op's layout (``out_axis`` 1: ``[K, N]``, 0: ``[N, K]``)
+    as standard ONNX: ``DequantizeLinear(q uint4, s2, z uint4, axis = the K axis, block_size)`` gives the integer
+    INT8 weight exactly (s2 stored as a float of the model's type: integers up to 16 are exact in all of them),
+    then ``Mul`` by the per-channel ``s1``. Returns the float weight."""
+    t = (lambda a: a) if out_axis == 1 else (lambda a: np.ascontiguousarray(a.T))  # noqa: E731
+    q = graph.make_constant(f"{base}_uint4", t(pw.q), pass_name)
+    scale = graph.make_constant(f"{base}_group_scale", t(pw.group_scale).astype(np.float32), pass_name)
+    zp = graph.make_constant(f"{base}_zero_point", t(pw.zero_point), pass_name)
+    k, n = pw.q.shape
+    shape = [k, n] if out_axis == 1 else [n, k]
+    w8 = graph.make_node("DequantizeLinear", [q, scale, zp], f"{base}_int8", pass_name,
+                         {"axis": 1 - out_axis, "block_size": int(pw.block_size)}, out_dtype=np.float32, out_shape=shape)
+    s1 = pw.channel_scale if out_axis == 1 else pw.channel_scale[:, None]
+    return graph.make_node("Mul", [w8, graph.make_constant(f"{base}_channel_scale", s1, pass_name)], f"{base}_dq",
+                           pass_name, out_dtype=np.float32, out_shape=shape)

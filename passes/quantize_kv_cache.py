@@ -8,8 +8,16 @@ carry identical values, so per-head scales stay shared by the query heads of a g
 
 Granularity: ``per-tensor`` (INT8, symmetric — TensorRT-deployable) or ``per-head`` (one scale per head on
 axis 1 of the ``[batch, heads, ·, ·]`` tensor; INT8 or INT4, for ONNX Runtime: TensorRT takes per-tensor
-activation scales only). Scales come from calibration statistics (the observer's range for per-tensor, the
+activation scales only), or ``format: fp8`` — FP8 E4M3 per tensor, ``s = amax / 448`` (TensorRT's FP8 KV
+cache). Scales come from calibration statistics (the observer's range for per-tensor, the
 per-head max for per-head). Run after ``smooth-attention``, which shrinks the keys' outlier channels first.
+
+``per-token-head`` (QServe's KV4: asymmetric, dynamic, one scale and zero per token and head, over the head's
+channels — the head-dim axis, ``−2`` of the keys as ``Q·Kᵀ`` reads them, ``−1`` of the values): computed in the
+graph as each token enters the cache, ``s = (max − min) / (2^b − 1)``, ``z = −min / s`` (a float zero, as
+QServe's kernel keeps it), ``x̂ = (clip(round(x / s + z), 0, 2^b − 1) − z) · s``. Written as plain arithmetic
+(ReduceMin/Max, Div, Round, Clip, Sub, Mul): ONNX's Q/DQ zero points are integers. ONNX Runtime only; needs no
+calibration.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import onnx_graphsurgeon as gs
 from ..calib.observers import OBSERVERS, amax
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
-from .qdq_math import qmax, representable_scale
+from .qdq_math import FP8, FP8_MAX, qmax, representable_scale
 
 __all__ = ["QuantizeKVCachePass"]
 
@@ -46,6 +54,7 @@ class QuantizeKVCachePass(Pass):
     @dataclass(frozen=True)
     class Options:
         bits: int = 8
+        format: str = "int"  # int | fp8 (E4M3, 8 bits, per tensor)
         granularity: str = "per-tensor"
         observer: str = "minmax"  # per-tensor only; per-head uses each head's max
         tensors: tuple = ("k", "v")
@@ -54,10 +63,16 @@ class QuantizeKVCachePass(Pass):
             object.__setattr__(self, "tensors", tuple(self.tensors))
             if self.bits not in (4, 8):
                 raise ValueError("KV-cache bits must be 8 or 4")
-            if self.granularity not in ("per-tensor", "per-head"):
-                raise ValueError("KV-cache granularity must be per-tensor or per-head")
-            if self.bits == 4 and self.granularity != "per-head":
-                raise ValueError("4-bit KV cache needs granularity: per-head")
+            if self.granularity not in ("per-tensor", "per-head", "per-token-head"):
+                raise ValueError("KV-cache granularity must be per-tensor, per-head or per-token-head")
+            if self.granularity == "per-token-head" and self.format != "int":
+                raise ValueError("a per-token-head KV cache is integer (asymmetric, dynamic)")
+            if self.format not in ("int", "fp8"):
+                raise ValueError(f"format must be int or fp8, not {self.format!r}")
+            if self.format == "fp8" and (self.bits != 8 or self.granularity != "per-tensor"):
+                raise ValueError("an FP8 KV cache is 8 bits, per tensor")
+            if self.bits == 4 and self.granularity == "per-tensor":
+                raise ValueError("4-bit KV cache needs granularity: per-head or per-token-head")
             if self.observer not in OBSERVERS:
                 raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}")
             if not self.tensors or set(self.tensors) - {"k", "v"}:
@@ -83,6 +98,12 @@ class QuantizeKVCachePass(Pass):
                 targets.append((where, which, mm))
         if not targets:
             return PassResult(False, {"quantized_tensors": 0})
+        if o.granularity == "per-token-head":
+            for where, which, mm in targets:
+                mm.inputs[1] = self._dynamic(graph, mm.inputs[1], -2 if which == "k" else -1, f"{where}.{which}_cache")
+                ctx.record(where, **{f"kv_{which}_bits": o.bits, f"kv_{which}_format": "int",
+                                     f"kv_{which}_granularity": "per-token-head dynamic asymmetric"})
+            return PassResult(True, {"quantized_tensors": len(targets), "bits": o.bits, "granularity": o.granularity})
         stats = ctx.activation_stats(graph, sorted({mm.inputs[1].name for _, _, mm in targets}))
         done = 0
         for where, which, mm in targets:
@@ -96,21 +117,47 @@ class QuantizeKVCachePass(Pass):
                 rng = float(st.head_absmax.max())
             else:
                 rng = amax(st, o.observer, qmax(o.bits))
-                scale = np.asarray(rng / qmax(o.bits), np.float32)
+                scale = np.asarray(rng / (FP8_MAX if o.format == "fp8" else qmax(o.bits)), np.float32)
             if rng <= 0.0:
                 ctx.decline(self.name, f"{where}.{which}", "calibrated range is zero")
                 continue
             mm.inputs[1] = self._qdq(graph, x, scale, f"{where}.{which}_cache")
-            ctx.record(where, **{f"kv_{which}_bits": o.bits, f"kv_{which}_granularity": o.granularity,
+            ctx.record(where, **{f"kv_{which}_bits": o.bits, f"kv_{which}_format": "fp8e4m3" if o.format == "fp8" else "int", f"kv_{which}_granularity": o.granularity,
                                  f"kv_{which}_amax": rng,
                                  f"kv_{which}_head_amax": [float(v) for v in np.atleast_1d(st.head_absmax)]
                                  if st.head_absmax is not None else None})
             done += 1
         return PassResult(done > 0, {"quantized_tensors": done, "bits": o.bits, "granularity": o.granularity})
 
+    def _dynamic(self, graph: Graph, x: gs.Tensor, axis: int, base: str) -> gs.Variable:
+        """Asymmetric fake quantization of ``x`` with a scale and a float zero per slice along ``axis``."""
+        p, levels = self.name, float(2 ** self.options.bits - 1)
+        axes = graph.make_constant(f"{base}_axes", np.asarray([axis], np.int64), p)
+        lo = graph.make_node("ReduceMin", [x, axes], f"{base}_min", p, {"keepdims": 1}, out_dtype=np.float32)
+        hi = graph.make_node("ReduceMax", [x, axes], f"{base}_max", p, {"keepdims": 1}, out_dtype=np.float32)
+        span = graph.make_node("Sub", [hi, lo], f"{base}_span", p, out_dtype=np.float32)
+        tiny = float(np.finfo(np.float16).tiny) if graph.float_dtype == np.float16 else 1e-30
+        span = graph.make_node("Max", [span, graph.make_constant(f"{base}_floor", np.asarray(levels * max(tiny, 1e-30), np.float32), p)],
+                               f"{base}_span_pos", p, out_dtype=np.float32)
+        s = graph.make_node("Div", [span, graph.make_constant(f"{base}_levels", np.asarray(levels, np.float32), p)],
+                            f"{base}_scale", p, out_dtype=np.float32)
+        z = graph.make_node("Neg", [graph.make_node("Div", [lo, s], f"{base}_min_steps", p, out_dtype=np.float32)],
+                            f"{base}_zero", p, out_dtype=np.float32)
+        shifted = graph.make_node("Add", [graph.make_node("Div", [x, s], f"{base}_steps", p, out_dtype=np.float32), z],
+                                  f"{base}_shifted", p, out_dtype=np.float32)
+        q = graph.make_node("Clip", [graph.make_node("Round", [shifted], f"{base}_round", p, out_dtype=np.float32),
+                                     graph.make_constant(f"{base}_qmin", np.asarray(0, np.float32), p),
+                                     graph.make_constant(f"{base}_qmax", np.asarray(levels, np.float32), p)],
+                            f"{base}_codes", p, out_dtype=np.float32)
+        return graph.make_node("Mul", [graph.make_node("Sub", [q, z], f"{base}_centred", p, out_dtype=np.float32), s],
+                               f"{base}_dq", p, out_dtype=np.float32, out_shape=x.shape)
+
     def _qdq(self, graph: Graph, x: gs.Tensor, scale: np.ndarray, base: str) -> gs.Variable:
         bits = self.options.bits
-        if bits == 4:  # the zero point's type names the quantized type
+        if self.options.format == "fp8":
+            zp = graph.make_constant(f"{base}_zero_point", np.zeros(scale.shape, FP8), self.name)
+            qtype = None  # FP8: left to shape inference, as INT4
+        elif bits == 4:  # the zero point's type names the quantized type
             zp = graph.make_constant(f"{base}_zero_point", np.zeros(scale.shape, ml_dtypes.int4), self.name)
             qtype = None  # INT4: left to shape inference (onnx-graphsurgeon has no 4-bit numpy type)
         else:

@@ -5,7 +5,8 @@ range ±127), stored along the weight's output-channel axis as the op consumes i
 ``[K, N]`` → ``axis=1``; Gemm ``transB=1`` B ``[N, K]`` → ``axis=0``. Also selectable in a recipe: 4 bits
 (INT4 / UINT4 initializers), per-tensor, per-group (``DequantizeLinear`` blocked along K with ``block_size``,
 scale ``[K/B, N]``; B reduced to the largest power of two dividing K, and the report says so) and
-asymmetric (zero point, unsigned — ONNX Runtime only: TensorRT takes symmetric weights). The new initializer
+asymmetric (zero point, unsigned — ONNX Runtime only: TensorRT takes symmetric weights), and ``format: fp8``:
+FP8 E4M3 codes with ``s = max|W| / 448`` per output channel or per tensor (TensorRT's FP8). The new initializer
 holds the weight in the layout the op consumes, so a Transpose/Reshape of the float constant disappears (a
 tied LM head keeps its float embedding for the Gather and gets its own quantized copy).
 """
@@ -20,7 +21,7 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import GRANULARITIES, QuantizedWeight, add_dequantize, quantize_weight, sqnr_db
+from .qdq_math import GRANULARITIES, QuantizedWeight, add_dequantize, quantize_weight, quantize_weight_fp8, sqnr_db
 from .select import selected_linears
 
 __all__ = ["QuantizeWeightsPass"]
@@ -45,6 +46,7 @@ class QuantizeWeightsPass(Pass):
     @dataclass(frozen=True)
     class Options:
         bits: int = 8
+        format: str = "int"  # int | fp8 (E4M3, 8 bits, symmetric, per-channel or per-tensor)
         granularity: str = "per-channel"  # per-tensor | per-channel | per-group
         group_size: int = 128  # per-group: input channels per block (reduced to divide K)
         symmetric: bool = True  # False: zero point, unsigned (ONNX Runtime only)
@@ -57,6 +59,10 @@ class QuantizeWeightsPass(Pass):
                 raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {self.granularity!r}")
             if self.group_size < 2:
                 raise ValueError("group_size must be ≥ 2")
+            if self.format not in ("int", "fp8"):
+                raise ValueError(f"format must be int or fp8, not {self.format!r}")
+            if self.format == "fp8" and (self.bits != 8 or not self.symmetric or self.granularity == "per-group"):
+                raise ValueError("fp8 weights are 8 bits, symmetric, per-channel or per-tensor")
             object.__setattr__(self, "roles", tuple(self.roles))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -70,6 +76,8 @@ class QuantizeWeightsPass(Pass):
         return PassResult(done > 0, self._stats(done, reduced, worst))
 
     def _format(self) -> str:
+        if self.options.format == "fp8":
+            return "fp8e4m3"
         return f"{'int' if self.options.symmetric else 'uint'}{self.options.bits}"
 
     def _stats(self, done: int, reduced: int, worst) -> dict:
@@ -84,7 +92,9 @@ class QuantizeWeightsPass(Pass):
         in dB, whether the block was reduced, the dequantized weight in the op's layout)."""
         o = self.options
         w = (weight_matrix(lin) if w is None else w).astype(np.float32)
-        if qw is None:
+        if qw is None and o.format == "fp8":
+            qw = quantize_weight_fp8(w, lin.weight_axis, o.granularity, graph.float_dtype)
+        elif qw is None:
             qw = quantize_weight(w, lin.weight_axis, o.bits, o.granularity, o.group_size, o.symmetric,
                                  graph.float_dtype)
         stored = qw if append is None else qw.concat(append)
@@ -93,7 +103,7 @@ class QuantizeWeightsPass(Pass):
                                             zero_point=stored.zero_point, block_size=stored.block_size)
         dq = qw.dequantize()
         wsqnr = sqnr_db(w, dq)
-        row = dict(weight_bits=o.bits, weight_granularity=o.granularity, weight_axis=qw.axis,
+        row = dict(weight_bits=o.bits, weight_format=self._format(), weight_granularity=o.granularity, weight_axis=qw.axis,
                    weight_symmetric=o.symmetric, weight_scale_min=float(qw.scale.min()),
                    weight_scale_max=float(qw.scale.max()), weight_sqnr_db=round(wsqnr, 2))
         reduced = bool(qw.block_size and qw.block_size != o.group_size)

@@ -1,4 +1,5 @@
-"""Sensitivity of the model's output to INT8 activations, one group at a time, and a budget.
+"""Sensitivity of the model's output to INT8 (or, ``format: fp8``, FP8 E4M3) activations, one group at a time,
+and a budget.
 
 For each activation tensor X that selected linears read (one group: q/k/v share one, gate/up another), the
 model is run on a calibration batch with only X fake-quantized (per-tensor INT8, the observer's range) and
@@ -49,7 +50,7 @@ from ..ir.feeds import input_specs, prompt_feeds
 from ..ir.graph import Graph
 from ..ir.storage import graph_session
 from ..ir.passes import Pass, PassContext, PassResult
-from .qdq_math import qmax, representable_scale
+from .qdq_math import FP8, FP8_MAX, qmax, representable_scale
 from .select import selected_linears
 
 __all__ = ["AnalyzeSensitivityPass", "mean_kl"]
@@ -98,6 +99,7 @@ class AnalyzeSensitivityPass(Pass):
     @dataclass(frozen=True)
     class Options:
         observer: str = "minmax"
+        format: str = "int"  # the activations' format the groups are scored in: int (INT8) | fp8 (E4M3)
         keep_float: int = 0
         max_kl: float | None = None
         tokens: int = 256  # tokens of the calibration batch the measurement runs on
@@ -112,6 +114,10 @@ class AnalyzeSensitivityPass(Pass):
             object.__setattr__(self, "roles", tuple(self.roles))
             if self.observer not in OBSERVERS:
                 raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}")
+            if self.format not in ("int", "fp8"):
+                raise ValueError(f"format must be int or fp8, not {self.format!r}")
+            if self.format == "fp8" and (self.observer not in ("minmax", "percentile") or self.action != "float"):
+                raise ValueError("fp8 groups are scored with the minmax or percentile range and kept float")
             if self.keep_float < 0 or (self.max_kl is not None and self.max_kl < 0):
                 raise ValueError("keep_float and max_kl must be ≥ 0")
             if self.tokens < 2:
@@ -131,7 +137,8 @@ class AnalyzeSensitivityPass(Pass):
         return groups
 
     def _scale(self, stats) -> float:
-        return amax(stats, self.options.observer, qmax(8)) / qmax(8)
+        top = FP8_MAX if self.options.format == "fp8" else qmax(8)
+        return amax(stats, self.options.observer, qmax(8)) / top
 
     def prepare_block(self, graph: Graph, ctx: PassContext) -> None:
         """Block by block: the INT8 scale of each group of the part, from the part's full calibration."""
@@ -355,8 +362,10 @@ class AnalyzeSensitivityPass(Pass):
             probe.gs.inputs.append(flag)
             s = gs.Constant(f"__llmq_sens_scale_{i}",
                             np.asarray(representable_scale(scales[name], probe.float_dtype), probe.float_dtype))
-            z = gs.Constant(f"__llmq_sens_zp_{i}", np.asarray(0, np.int8))
-            q = probe.make_node("QuantizeLinear", [x, s, z], f"__llmq_sens_q_{i}", self.name, out_dtype=np.int8)
+            fp8 = self.options.format == "fp8"
+            z = gs.Constant(f"__llmq_sens_zp_{i}", np.zeros((), FP8) if fp8 else np.asarray(0, np.int8))
+            q = probe.make_node("QuantizeLinear", [x, s, z], f"__llmq_sens_q_{i}", self.name,
+                                out_dtype=None if fp8 else np.int8)
             dq = probe.make_node("DequantizeLinear", [q, s, z], f"__llmq_sens_dq_{i}", self.name, out_dtype=np.float32)
             sw = probe.make_node("Where", [flag, dq, x], f"__llmq_sens_sw_{i}", self.name, out_dtype=np.float32)
             for c in consumers:

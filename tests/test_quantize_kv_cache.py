@@ -79,3 +79,43 @@ def test_already_quantized_is_declined(tiny_llama_onnx):
 def test_bad_options(options):
     with pytest.raises(UsageError, match="quantize-kv-cache"):
         QuantizeKVCachePass(**options)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_int4_per_token_head_matches_the_formula(family, request):
+    """QServe's KV4: per token and head, asymmetric, dynamic. ONNX Runtime's values entering attention equal the
+    formula applied to the float keys/values (reduced over the head's channels: axis −2 of Kᵀ, −1 of V), a token
+    whose range is huge does not coarsen its neighbours, and the model stays close to the float one."""
+    import onnxruntime as ort
+
+    path = request.getfixturevalue(f"tiny_{family}_onnx")
+    graph, ctx, record = _run(path, QuantizeKVCachePass(bits=4, granularity="per-token-head"))
+    assert record["stats"]["quantized_tensors"] == 4
+    nodes = graph.node_by_name()
+    block = ctx.structure(graph).attention[0]
+    pairs = []
+    for key, axis in (("scores", -2), ("context", -1)):
+        out = nodes[block[key]].inputs[1]
+        mul = Graph.producer(out)
+        assert mul.op == "Mul"
+        sub = Graph.producer(mul.inputs[0])
+        clip = Graph.producer(sub.inputs[0])
+        x = Graph.producer(Graph.producer(Graph.producer(clip.inputs[0]).inputs[0]).inputs[0]).inputs[0]  # Round ← Add ← Div(x, s)
+        pairs.append((x.name, out.name, axis))
+    model = graph.to_model()
+    for name in [n for p in pairs for n in p[:2]]:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {"input_ids": _ids()})))
+    for x_name, out_name, axis in pairs:
+        x = values[x_name].astype(np.float64)
+        lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
+        s = (hi - lo) / 15
+        z = -lo / s
+        want = (np.clip(np.rint(x / s + z), 0, 15) - z) * s
+        np.testing.assert_allclose(values[out_name], want, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+        assert np.all(np.abs(values[out_name] - x) <= s / 2 + 1e-5 * np.abs(x).max())  # within half a step
+    assert 0.0 < _rel_err(path, graph) < 0.2

@@ -8,6 +8,7 @@ through the same lowering), size, and whether the generated tokens match the exp
 A benchmark, not a test: it asserts nothing.
 
     python tools/bench_decode.py --recipes fp32 w4a16 w4a16-lr --accuracy-level 4 --repeats 7
+    python tools/bench_decode.py --recipes fp32 w4a16 w4a8 w4a8@int8   # QServe's W4A8: MatMulNBits / MatMulInteger
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="generations per model, in lockstep (medians reported)")
     ap.add_argument("--recipes", nargs="*", default=["fp32", "w4a16", "w4a16-lr"],
                     help="recipes compiled for the onnxruntime backend; 'fp32' is the export through the backend's "
-                         "lowering alone (attention fused), the float baseline on equal terms")
+                         "lowering alone (attention fused), the float baseline on equal terms; w4a8@int8 lowers "
+                         "the w4a8 linears with --w4a8-kernel int8")
     ap.add_argument("--no-fuse-attention", action="store_true", help="compile without the attention fusion")
     ap.add_argument("--accuracy-level", type=int, default=0)
     ap.add_argument("--calib-data", default=None)
@@ -49,8 +51,9 @@ def main() -> int:
     fp32 = os.path.join(args.artifacts, "smollm2-kv.onnx")
     export_real_model(fp32, "--kv-cache", self_calib=args.self_calib)
     models = [("export", fp32, None)]
-    for recipe in args.recipes:
-        label = os.path.splitext(os.path.basename(recipe))[0]  # a recipe name, or a recipe file's stem
+    for spec in args.recipes:
+        recipe, _, kernel = spec.partition("@")  # w4a8@int8: the w4a8 linears lowered with --w4a8-kernel int8
+        label = os.path.splitext(os.path.basename(recipe))[0] + (f"-{kernel}" if kernel else "")  # a recipe name, or a file's stem
         out = os.path.join(args.artifacts, f"smollm2-kv-{label}")
         if args.reuse and os.path.exists(os.path.join(out, "model.onnx")):
             models.append((label, os.path.join(out, "model.onnx"), (None, None)))
@@ -58,7 +61,8 @@ def main() -> int:
         print(f"compiling {recipe} on the KV-cache decoder ...", flush=True)
         secs, rss = compile_recipe(fp32, recipe, "onnxruntime", out, args.calib_data,
                                    "--accuracy-level", str(args.accuracy_level),
-                                   *(["--no-fuse-attention"] if args.no_fuse_attention else []))
+                                   *(["--no-fuse-attention"] if args.no_fuse_attention else []),
+                                   *(["--w4a8-kernel", kernel] if kernel else []))
         models.append((label, os.path.join(out, "model.onnx"), (secs, rss)))
 
     tok = load_tokenizer(tokenizer_dir_for(fp32))

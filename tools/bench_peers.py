@@ -6,12 +6,14 @@ Each peer runs on the opset-21 export first (what llmq-export writes) and, where
 export of the same model (``llmq-export --opset 18``), with its documented defaults for LLM INT8:
 
 * ORT ``quantize_static``: QDQ format, MinMax calibration, per-channel INT8 weights, default (UINT8) activations;
-* ModelOpt ``modelopt.onnx.quantization.quantize``: ``quantize_mode='int8'``, ``calibration_method='max'``;
+* ModelOpt ``modelopt.onnx.quantization.quantize``: ``quantize_mode='int8'``, ``calibration_method='max'``; its
+  ``fp8`` mode (``modelopt-fp8``, against llmq's ``fp8``) and INT4 AWQ (``modelopt-int4``, about an hour here);
 * ORT ``MatMulNBitsQuantizer`` (4-bit weight-only, block 128, asymmetric as it defaults): RTN, and its GPTQ on the
   same calibration windows — against ``w4a16@onnxruntime``. Perplexity is evaluated at ``--accuracy-level``
   (0: float activations, as llmq's W4A16; the reference figure +39.7 % was level 4).
 
     python tools/bench_peers.py --windows 40 --recipes w8a8@onnxruntime w8a8-kv8@onnxruntime
+    python tools/bench_peers.py --recipes fp8 w4a8-fp8 --peers modelopt-fp8
 """
 
 from __future__ import annotations
@@ -73,6 +75,26 @@ def modelopt_int8(model: str, out: str, windows) -> None:
              calibration_method="max", output_path=out)
 
 
+def modelopt_fp8(model: str, out: str, windows) -> None:
+    """ModelOpt's ONNX FP8 (E4M3 per-channel weights, per-tensor activations, max calibration), kept in float32
+    (``high_precision_dtype``: its default casts the rest of the model to float16) so it is compared at llmq's
+    precision. ModelOpt's ONNX path has no INT4-weight + FP8-activation mode (its W4A8 is PyTorch-only)."""
+    import numpy as np
+    from modelopt.onnx.quantization import quantize  # optional peer
+
+    quantize(model, quantize_mode="fp8", calibration_data={"input_ids": np.asarray(windows)},
+             calibration_method="max", high_precision_dtype="fp32", output_path=out)
+
+
+def modelopt_int4(model: str, out: str, windows) -> None:
+    """ModelOpt's ONNX INT4 weight-only AWQ (``awq_clip``, block 128); about an hour for SmolLM2 on this CPU."""
+    import numpy as np
+    from modelopt.onnx.quantization import quantize  # optional peer
+
+    quantize(model, quantize_mode="int4", calibration_data={"input_ids": np.asarray(windows)},
+             calibration_method="awq_clip", block_size=128, high_precision_dtype="fp32", output_path=out)
+
+
 def ort_matmulnbits(model: str, out: str, windows, algo: str) -> None:
     """ONNX Runtime's own 4-bit weight-only quantizer (``MatMulNBitsQuantizer``), block 128, asymmetric (its
     default): its default RTN, or its GPTQ (the Neural-Compressor path) on our calibration windows."""
@@ -111,7 +133,7 @@ def main() -> int:
     ap.add_argument("--recipes", nargs="*", default=["w8a8@onnxruntime"], help="llmq recipes (recipe@backend)")
     # (4-bit side by side: --recipes w4a16@onnxruntime w4a16-rtn@onnxruntime --peers ort-nbits-rtn ort-nbits-gptq)
     ap.add_argument("--peers", nargs="*", default=["ort-static", "modelopt"],
-                    choices=["ort-static", "modelopt", "ort-nbits-rtn", "ort-nbits-gptq"])
+                    choices=["ort-static", "modelopt", "modelopt-fp8", "modelopt-int4", "ort-nbits-rtn", "ort-nbits-gptq"])
     ap.add_argument("--accuracy-level", type=int, default=0, help="ONNX Runtime MatMulNBits accuracy level for evaluation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -134,6 +156,7 @@ def main() -> int:
                      "compile_peak_rss_mb": round(rss)})
 
     peers = {"ort-static": ("ORT quantize_static", ort_quantize_static), "modelopt": ("ModelOpt int8", modelopt_int8),
+             "modelopt-fp8": ("ModelOpt fp8", modelopt_fp8), "modelopt-int4": ("ModelOpt int4 awq_clip", modelopt_int4),
              "ort-nbits-rtn": ("ORT MatMulNBits RTN", lambda m, o, w: ort_matmulnbits(m, o, w, "rtn")),
              "ort-nbits-gptq": ("ORT MatMulNBits GPTQ", lambda m, o, w: ort_matmulnbits(m, o, w, "gptq"))}
     for key in args.peers:

@@ -77,6 +77,7 @@ def main() -> int:
     ap.add_argument("--calib-data", default=None,
                     help="calibration text (default: --self-calib windows the model samples itself at export)")
     ap.add_argument("--self-calib", type=int, default=16, help="calibration windows sampled at export (0: llmq's built-in text)")
+    ap.add_argument("--reuse", action="store_true", help="keep an already compiled model in --artifacts (no compile time reported)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -88,8 +89,16 @@ def main() -> int:
     for spec in args.recipes:
         recipe, _, backend = spec.partition("@")
         out = os.path.join(args.artifacts, f"smollm2-{recipe}" + (f"-{backend}" if backend else ""))
+        if args.reuse and os.path.exists(os.path.join(out, "report.json")):
+            models.append((spec, os.path.join(out, "model.onnx"), None, None, out))
+            continue
         print(f"compiling {spec} ...", flush=True)
-        secs, rss = compile_recipe(fp32, recipe, backend or "qdq", out, args.calib_data)
+        try:
+            secs, rss = compile_recipe(fp32, recipe, backend or "qdq", out, args.calib_data)
+        except SystemExit as exc:  # a refused compile is a result: report it, measure the rest
+            print(f"  {exc}", flush=True)
+            rows.append({"model": spec, "error": str(exc)})
+            continue
         models.append((spec, os.path.join(out, "model.onnx"), secs, rss, out))
 
     from llmq.evaluate import perplexity, read_eval_text, token_windows
@@ -121,6 +130,9 @@ def main() -> int:
     print(f"SmolLM2-135M, WikiText-2 test, {len(windows)} windows × {args.seq_len} tokens, ONNX Runtime CPU")
     print(f"{'model':<18} {'ppl':>9} {'Δ%':>8} {'prefill tok/s':>14} {'size MB':>9} {'compile s':>10} {'peak RSS MB':>12} {'INT8-act MACs':>14}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<18} {r['error'][:150]}")
+            continue
         frac = r.get("int8_act_mac_fraction")
         print(f"{r['model']:<18} {r['perplexity']:>9.3f} {r['delta_pct']:>+8.2f} {r['prefill_tokens_per_s']:>14.0f} "
               f"{r['size_mb']:>9.1f} {r['compile_s'] if r['compile_s'] is not None else '—':>10} "
