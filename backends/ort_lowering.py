@@ -30,7 +30,8 @@ from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.storage import peek, spill
 
 __all__ = ["LowerToIntegerMatMulPass", "LowerBlockInt4ToMatMulNBitsPass", "LowerProgressiveW4A8Pass", "MergeMatMulNBitsPass", "DropBranchPadPass",
-           "pack_matmulnbits", "unpack_matmulnbits", "unsigned_int8"]
+           "pack_matmulnbits", "unpack_matmulnbits", "unsigned_int8", "pack_nibbles", "unpack_nibbles",
+           "widen_progressive", "lower_each_matmul"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +71,62 @@ def _int8_weight(tensor: gs.Tensor):
     return w, scale
 
 
-def _replace_with_contrib_op(graph: Graph, node: gs.Node, op: str, inputs: list, attrs: dict, pass_name: str) -> None:
-    """Put a ``com.microsoft`` ``op`` in place of ``node`` (it takes over the node's output)."""
+def _replace_with_contrib_op(graph: Graph, node: gs.Node, op: str, inputs: list, attrs: dict, pass_name: str,
+                             domain: str = "com.microsoft") -> None:
+    """Put ``domain``'s ``op`` in place of ``node`` (it takes over the node's output)."""
     out = node.outputs[0]
     node.outputs.clear()
-    fused = gs.Node(op, name=graph.unique_name(f"{pass_name}/{node.name}"), domain="com.microsoft", attrs=attrs,
+    fused = gs.Node(op, name=graph.unique_name(f"{pass_name}/{node.name}"), domain=domain, attrs=attrs,
                     inputs=inputs, outputs=[out])
     graph.gs.nodes.append(fused)
     graph.tag(fused.name, pass_name)
-    graph.other_opsets.setdefault("com.microsoft", 1)
+    graph.other_opsets.setdefault(domain, 1)
     graph.touch()
+
+
+def lower_each_matmul(graph: Graph, ctx: PassContext, lower) -> dict:
+    """Call ``lower(node)`` on each two-input MatMul; it rewrites the node and returns the bytes of new weights it
+    made, or None to leave the node as it is. The new weights move to the compile's scratch file every
+    ``SPILL_EVERY`` bytes (memory holds a slice of them, not the model's), and the replaced MatMuls, left without
+    outputs, are removed (a later ``discover()`` must not see them). Returns the stats ``lowered`` and
+    ``spilled_bytes`` (when any)."""
+    lowered = made = spilled = 0
+    for node in list(graph.gs.nodes):
+        if node.op != "MatMul" or len(node.inputs) != 2:
+            continue
+        nbytes = lower(node)
+        if nbytes is None:
+            continue
+        lowered += 1
+        made += nbytes
+        if ctx.spill_to and made >= SPILL_EVERY:
+            spilled += spill(graph.gs, ctx.spill_to)
+            made = 0
+    if lowered:
+        graph.gs.cleanup()
+    return {"lowered": lowered, **({"spilled_bytes": spilled} if spilled else {})}
+
+
+def pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """uint8 values 0…15 ``[N, L]`` → ``[N, ⌈L/2⌉]`` bytes, the first of each pair in the low nibble (the layout
+    of MatMulNBits and of llmq's TensorRT plugin)."""
+    u = np.asarray(u, np.uint8)
+    if u.shape[1] % 2:
+        u = np.concatenate([u, np.zeros((u.shape[0], 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+
+
+def unpack_nibbles(b: np.ndarray, length: int) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: ``[N, ⌈L/2⌉]`` bytes (any 8-bit type) → uint8 ``[N, length]``."""
+    b = np.asarray(b).view(np.uint8)
+    return np.stack([b & 0x0F, b >> 4], axis=-1).reshape(b.shape[0], -1)[:, :length]
+
+
+def widen_progressive(q: np.ndarray, z: np.ndarray, s2: np.ndarray, block: int) -> np.ndarray:
+    """A progressive (QoQ) weight's level-1 integers ``(q − z)·s2`` ``[K, N]`` as int16 (inside ±127 by the
+    protective range), from codes ``[K, N]`` and group zero points / scales ``[K/B, N]``."""
+    return (np.asarray(q).astype(np.int16) - np.repeat(np.asarray(z).astype(np.int16), block, axis=0)) \
+        * np.repeat(np.asarray(s2).astype(np.int16), block, axis=0)
 
 
 class LowerToIntegerMatMulPass(Pass):
@@ -100,17 +147,14 @@ class LowerToIntegerMatMulPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         shared: dict = {}
-        lowered = made = spilled = 0
-        for node in list(graph.gs.nodes):
-            if node.op != "MatMul" or len(node.inputs) != 2:
-                continue
+
+        def lower(node: gs.Node):
             act, weight = _per_tensor_int8_qdq(node.inputs[0]), _int8_weight(node.inputs[1])
             if act is None or weight is None:
-                continue
+                return None
             x, a_scale = act
             w, w_scale = weight
             w = graph.make_constant(f"{w.name}_u8", unsigned_int8(peek(w)), self.name)  # peek: not kept in the graph
-            made += int(np.prod(w.shape))
             key = (x.name, float(a_scale.values.reshape(-1)[0]))
             if key not in shared:
                 zp = graph.make_constant("a_zero_point_u8", np.asarray(128, np.uint8), self.name)
@@ -119,14 +163,10 @@ class LowerToIntegerMatMulPass(Pass):
             q, zp = shared[key]
             b_zp = graph.make_constant("b_zero_point", np.full(w_scale.values.shape, 128, np.uint8), self.name)
             _replace_with_contrib_op(graph, node, "MatMulIntegerToFloat", [q, w, a_scale, w_scale, zp, b_zp], {}, self.name)
-            lowered += 1
-            if ctx.spill_to and made >= SPILL_EVERY:
-                spilled += spill(graph.gs, ctx.spill_to)
-                made = 0
-        if lowered:
-            graph.gs.cleanup()  # the replaced MatMuls are left without outputs; a later discover() must not see them
-        return PassResult(lowered > 0, {"lowered": lowered, "weights": "uint8 (int8 + 128)",
-                                        **({"spilled_bytes": spilled} if spilled else {})})
+            return int(np.prod(w.shape))
+
+        stats = lower_each_matmul(graph, ctx, lower)
+        return PassResult(stats["lowered"] > 0, {**stats, "weights": "uint8 (int8 + 128)"})
 
 
 def unsigned_int8(w: np.ndarray) -> np.ndarray:
@@ -140,26 +180,18 @@ def pack_matmulnbits(q: np.ndarray, zero_point: np.ndarray | None, block: int, s
     packed zero points (``[N · ceil(K/block / 2)]`` uint8; None for symmetric, whose default zero point 8
     is what ``q + 8`` is stored against). Two values per byte, the first in the low nibble."""
     k, n = q.shape
-    u = q.astype(np.int16) + (8 if signed else 0)  # to the unsigned storage range 0..15
-    blocks = u.T.reshape(n, k // block, block // 2, 2).astype(np.uint8)
-    packed = blocks[..., 0] | (blocks[..., 1] << 4)
+    u = (q.astype(np.int16) + (8 if signed else 0)).astype(np.uint8)  # to the unsigned storage range 0..15
+    packed = pack_nibbles(u.T).reshape(n, k // block, block // 2)
     zp = None
     if zero_point is not None and not signed:
-        z = zero_point.astype(np.uint8).T  # [N, K/block]
-        if z.shape[1] % 2:
-            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-        zp = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)
-    return np.ascontiguousarray(packed), zp
+        zp = pack_nibbles(zero_point.astype(np.uint8).T).reshape(-1)  # [N, K/block] a row each
+    return packed, zp
 
 
 def unpack_matmulnbits(packed: np.ndarray, zp: np.ndarray | None, k: int, n: int, block: int) -> tuple:
     """Inverse of :func:`pack_matmulnbits` to unsigned values ``[K, N]`` and zero points ``[K/block, N]``."""
-    lo, hi = packed & 0x0F, packed >> 4
-    u = np.stack([lo, hi], axis=-1).reshape(n, k).T
-    if zp is None:
-        z = np.full((k // block, n), 8, np.uint8)
-    else:
-        z = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :k // block].T
+    u = unpack_nibbles(packed.reshape(n, -1), k).T
+    z = np.full((k // block, n), 8, np.uint8) if zp is None else unpack_nibbles(zp.reshape(n, -1), k // block).T
     return u, z
 
 
@@ -181,46 +213,38 @@ class LowerBlockInt4ToMatMulNBitsPass(Pass):
                 raise ValueError("accuracy_level is 0-4")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        lowered = made = spilled = 0
-        for node in list(graph.gs.nodes):
-            if node.op != "MatMul" or len(node.inputs) != 2:
-                continue
+        def lower(node: gs.Node):
             dq = Graph.producer(node.inputs[1])
             if dq is None or dq.op != "DequantizeLinear" or not dq.attrs.get("block_size"):
-                continue
+                return None
             w, scale = dq.inputs[0], dq.inputs[1]
             zp = dq.inputs[2] if len(dq.inputs) > 2 else None
             if not all(isinstance(t, gs.Constant) for t in (w, scale) + ((zp,) if zp is not None else ())):
-                continue
+                return None
             kind = dtype_name(w)  # read from the constant's type: its values stay where they are
             block = int(dq.attrs["block_size"])
             if kind not in ("int4", "uint4") or dq.attrs.get("axis", 0) % 2 != 0 or len(w.shape) != 2:
-                continue
+                return None
             if block < 16 or block & (block - 1):
                 ctx.decline(self.name, node.name, f"block {block} is below 16 or not a power of two")
-                continue
+                return None
             signed = kind == "int4"
             zpv = None if zp is None else peek(zp)
             if signed and zpv is not None and np.any(zpv.astype(np.int8) != 0):
-                continue
+                return None
             k, n = w.shape
             packed, zp_packed = pack_matmulnbits(peek(w), zpv, block, signed)  # peek: not kept in the graph
             s = np.ascontiguousarray(np.asarray(peek(scale), np.float32).T.reshape(-1))  # [N · K/B]
-            made += packed.nbytes + s.nbytes
             inputs = [node.inputs[0], graph.make_constant(f"{node.name}_nbits_b", packed, self.name),
                       graph.make_constant(f"{node.name}_nbits_scales", s, self.name)]
             if zp_packed is not None:
                 inputs.append(graph.make_constant(f"{node.name}_nbits_zero_points", zp_packed, self.name))
             _replace_with_contrib_op(graph, node, "MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": block,
                                                                     "accuracy_level": self.options.accuracy_level}, self.name)
-            lowered += 1
-            if ctx.spill_to and made >= SPILL_EVERY:  # memory holds this many bytes of new weights, not the model's
-                spilled += spill(graph.gs, ctx.spill_to)
-                made = 0
-        if lowered:
-            graph.gs.cleanup()  # the replaced MatMuls are left without outputs; a later discover() must not see them
-        return PassResult(lowered > 0, {"lowered": lowered, "accuracy_level": self.options.accuracy_level,
-                                        **({"spilled_bytes": spilled} if spilled else {})})
+            return packed.nbytes + s.nbytes
+
+        stats = lower_each_matmul(graph, ctx, lower)
+        return PassResult(stats["lowered"] > 0, {**stats, "accuracy_level": self.options.accuracy_level})
 
 
 class MergeMatMulNBitsPass(Pass):
@@ -399,21 +423,19 @@ class LowerProgressiveW4A8Pass(Pass):
                 raise ValueError("kernel is nbits or int8")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        lowered = made = spilled = 0
         shared: dict = {}
-        for node in list(graph.gs.nodes):
-            if node.op != "MatMul" or len(node.inputs) != 2:
-                continue
+
+        def lower(node: gs.Node):
             act, weight = _per_token_qdq(node.inputs[0]), _progressive_weight(node.inputs[1])
             if act is None or weight is None:
-                continue
+                return None
             (x, s_token), (w, s2, z, s1, block) = act, weight
             q, s2v, zv, s1v = peek(w), np.asarray(peek(s2), np.float32), peek(z), np.asarray(peek(s1), np.float32).reshape(-1)
             k, n = w.shape
             if self.options.kernel == "nbits":
                 if block < 16 or block & (block - 1):
                     ctx.decline(self.name, node.name, f"block {block} is below 16 or not a power of two")
-                    continue
+                    return None
                 packed, zp = pack_matmulnbits(q, zv, block, signed=False)
                 scales = np.ascontiguousarray((s2v * s1v[None, :]).T.reshape(-1))  # [N · K/B], computed in float32
                 inputs = [x, graph.make_constant(f"{node.name}_nbits_b", packed, self.name),
@@ -421,33 +443,26 @@ class LowerProgressiveW4A8Pass(Pass):
                           graph.make_constant(f"{node.name}_nbits_zero_points", zp, self.name)]
                 _replace_with_contrib_op(graph, node, "MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": block,
                                                                         "accuracy_level": 4}, self.name)
-                made += packed.nbytes + scales.nbytes
-            else:
-                # the INT8 weight + 128 as uint8 against zero point 128: u8 × u8, which ONNX Runtime computes exactly
-                # on every CPU (its u8 × s8 kernel saturates without VNNI; see backends.onnxruntime), same speed here
-                w8 = unsigned_int8((q.astype(np.int16) - np.repeat(zv.astype(np.int16), block, axis=0))
-                                   * np.repeat(s2v.astype(np.int16), block, axis=0))
-                if x.name not in shared:
-                    shared[x.name] = self._token_codes(graph, Graph.producer(node.inputs[0]).inputs[0])
-                zp = graph.make_constant("zero_point_u8", np.asarray(128, np.uint8), self.name)
-                acc = graph.make_node("MatMulInteger", [shared[x.name], graph.make_constant(f"{node.name}_int8_u8", w8, self.name),
-                                                        zp, zp], f"{node.name}_acc", self.name, out_dtype=np.int32)
-                acc_f = graph.make_node("Cast", [acc], f"{node.name}_acc_f", self.name, {"to": graph.float_onnx_type},
-                                        out_dtype=np.float32)
-                scaled = graph.make_node("Mul", [acc_f, s_token], f"{node.name}_acc_token", self.name, out_dtype=np.float32)
-                out = node.outputs[0]
-                node.outputs.clear()
-                last = Graph.producer(graph.make_node("Mul", [scaled, s1], f"{node.name}_out", self.name, out_dtype=np.float32))
-                last.outputs[0] = out
-                made += w8.nbytes
-            lowered += 1
-            if ctx.spill_to and made >= SPILL_EVERY:
-                spilled += spill(graph.gs, ctx.spill_to)
-                made = 0
-        if lowered:
-            graph.gs.cleanup()
-        return PassResult(lowered > 0, {"lowered": lowered, "kernel": self.options.kernel,
-                                        **({"spilled_bytes": spilled} if spilled else {})})
+                return packed.nbytes + scales.nbytes
+            # the INT8 weight + 128 as uint8 against zero point 128: u8 × u8, which ONNX Runtime computes exactly
+            # on every CPU (its u8 × s8 kernel saturates without VNNI; see backends.onnxruntime), same speed here
+            w8 = unsigned_int8(widen_progressive(q, zv, s2v, block))
+            if x.name not in shared:
+                shared[x.name] = self._token_codes(graph, Graph.producer(node.inputs[0]).inputs[0])
+            zp = graph.make_constant("zero_point_u8", np.asarray(128, np.uint8), self.name)
+            acc = graph.make_node("MatMulInteger", [shared[x.name], graph.make_constant(f"{node.name}_int8_u8", w8, self.name),
+                                                    zp, zp], f"{node.name}_acc", self.name, out_dtype=np.int32)
+            acc_f = graph.make_node("Cast", [acc], f"{node.name}_acc_f", self.name, {"to": graph.float_onnx_type},
+                                    out_dtype=np.float32)
+            scaled = graph.make_node("Mul", [acc_f, s_token], f"{node.name}_acc_token", self.name, out_dtype=np.float32)
+            out = node.outputs[0]
+            node.outputs.clear()
+            last = Graph.producer(graph.make_node("Mul", [scaled, s1], f"{node.name}_out", self.name, out_dtype=np.float32))
+            last.outputs[0] = out
+            return w8.nbytes
+
+        stats = lower_each_matmul(graph, ctx, lower)
+        return PassResult(stats["lowered"] > 0, {**stats, "kernel": self.options.kernel})
 
     def _token_codes(self, graph: Graph, codes: gs.Tensor) -> gs.Variable:
         """The Q/DQ graph's own int8 per-token codes + 128, as uint8 (integer ops: the same codes, no second

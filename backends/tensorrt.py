@@ -75,10 +75,8 @@ def input_profiles(inputs: list, max_batch: int = MAX_BATCH, max_tokens: int = M
     return out
 
 
-def _onnx_inputs(model_path: str) -> list:
-    import onnx
-
-    model = onnx.load(model_path, load_external_data=False)
+def _onnx_inputs(model) -> list:
+    """(name, dims) of a ModelProto's graph inputs that are not initializers (a dim is an int, a name or None)."""
     inits = {i.name for i in model.graph.initializer}
     return [(i.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                       for d in i.type.tensor_type.shape.dim]) for i in model.graph.input if i.name not in inits]
@@ -103,9 +101,11 @@ def write_trtexec(model_path: str, folder: str) -> dict:
 
     from .trt_plugin import NAMESPACE, OP, has_plugins
 
-    profiles = input_profiles(_onnx_inputs(model_path))
+    header = onnx.load(model_path, load_external_data=False)  # read once: for a model written inline, all of it
+    profiles = input_profiles(_onnx_inputs(header))
     command = trtexec_command(os.path.basename(model_path), profiles)
-    plugins = has_plugins(onnx.load(model_path, load_external_data=False))
+    plugins = has_plugins(header)
+    del header
     with open(os.path.join(folder, "trtexec.txt"), "w", encoding="utf-8") as fh:
         fh.write("# builds the TensorRT engine of this folder's model.onnx (TensorRT 10.x, run from this folder)\n")
         if plugins:

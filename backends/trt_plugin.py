@@ -36,7 +36,9 @@ import onnx_graphsurgeon as gs
 
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
-from ..ir.storage import peek, spill
+from ..ir.storage import peek
+from .ort_lowering import (_per_token_qdq, _progressive_weight, _replace_with_contrib_op, lower_each_matmul, pack_nibbles,
+                           unpack_nibbles, widen_progressive)
 
 __all__ = ["OP", "DOMAIN", "pack", "unpack", "reference", "w4a8_gemm_torch", "LowerW4A8ToPluginPass",
            "has_plugins", "register", "plugin_available"]
@@ -44,42 +46,29 @@ __all__ = ["OP", "DOMAIN", "pack", "unpack", "reference", "w4a8_gemm_torch", "Lo
 logger = logging.getLogger(__name__)
 
 OP, DOMAIN, NAMESPACE, VERSION = "W4A8Gemm", "llmq", "llmq", "1"
-SPILL_EVERY = 256 << 20
-
-
-def _nibbles(u: np.ndarray) -> np.ndarray:
-    """uint8 values 0…15 ``[N, L]`` → ``[N, ⌈L/2⌉]`` bytes, the first of each pair in the low nibble."""
-    if u.shape[1] % 2:
-        u = np.concatenate([u, np.zeros((u.shape[0], 1), np.uint8)], axis=1)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
-
-
-def _unnibble(b: np.ndarray, length: int) -> np.ndarray:
-    b = b.view(np.uint8)
-    return np.stack([b & 0x0F, b >> 4], axis=-1).reshape(b.shape[0], -1)[:, :length]
 
 
 def pack(q: np.ndarray, s2: np.ndarray, z: np.ndarray) -> tuple:
     """Progressive weight parts in MatMul's layout (``q`` uint4 ``[K, N]``, ``s2`` uint8 / ``z`` uint4 ``[K/G, N]``)
     → the plugin's ``(codes, group_scales, zeros)`` as INT8 bytes."""
-    codes = _nibbles(np.ascontiguousarray(q.astype(np.uint8).T)).view(np.int8)
+    codes = pack_nibbles(q.astype(np.uint8).T).view(np.int8)
     scales = np.ascontiguousarray(s2.astype(np.uint8).T).view(np.int8)
-    zeros = _nibbles(np.ascontiguousarray(z.astype(np.uint8).T)).view(np.int8)
+    zeros = pack_nibbles(z.astype(np.uint8).T).view(np.int8)
     return codes, scales, zeros
 
 
 def unpack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, k: int, group: int) -> tuple:
     """Inverse of :func:`pack`: uint8 ``(q [K, N], s2 [K/G, N], z [K/G, N])``."""
-    q = _unnibble(codes, k).T
+    q = unpack_nibbles(codes, k).T
     s2 = np.ascontiguousarray(scales).view(np.uint8).T
-    z = _unnibble(zeros, k // group).T
+    z = unpack_nibbles(zeros, k // group).T
     return np.ascontiguousarray(q), np.ascontiguousarray(s2), np.ascontiguousarray(z)
 
 
 def _int8_weight(codes, scales, zeros, k: int, group: int) -> np.ndarray:
     """``(code − zero)·s2`` as int16 ``[K, N]``."""
     q, s2, z = unpack(codes, scales, zeros, k, group)
-    return (q.astype(np.int16) - np.repeat(z.astype(np.int16), group, axis=0)) * np.repeat(s2.astype(np.int16), group, axis=0)
+    return widen_progressive(q, z, s2, group)
 
 
 def reference(x: np.ndarray, codes, scales, zeros, s1: np.ndarray, group: int) -> np.ndarray:
@@ -137,37 +126,20 @@ class LowerW4A8ToPluginPass(Pass):
         pass
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from .ort_lowering import _per_token_qdq, _progressive_weight
-
-        lowered = made = spilled = 0
-        for node in list(graph.gs.nodes):
-            if node.op != "MatMul" or len(node.inputs) != 2:
-                continue
+        def lower(node: gs.Node):
             act, weight = _per_token_qdq(node.inputs[0]), _progressive_weight(node.inputs[1])
             if act is None or weight is None:
-                continue
+                return None
             (x, _), (w, s2, z, s1, block) = act, weight
             codes, scales, zeros = pack(peek(w), np.asarray(peek(s2), np.float32).astype(np.uint8), peek(z))
             inputs = [x] + [graph.make_constant(f"{node.name}_w4a8_{what}", v, self.name)
                             for what, v in (("codes", codes), ("group_scales", scales), ("zeros", zeros))] + [s1]
-            out = node.outputs[0]
-            node.outputs.clear()
-            plugin = gs.Node(OP, name=graph.unique_name(f"{self.name}/{node.name}"), domain=DOMAIN,
-                             attrs={"group_size": int(block), "plugin_namespace": NAMESPACE, "plugin_version": VERSION},
-                             inputs=inputs, outputs=[out])
-            graph.gs.nodes.append(plugin)
-            graph.tag(plugin.name, self.name)
-            graph.other_opsets.setdefault(DOMAIN, 1)
-            graph.touch()
-            lowered += 1
-            made += codes.nbytes + scales.nbytes + zeros.nbytes
-            if ctx.spill_to and made >= SPILL_EVERY:
-                spilled += spill(graph.gs, ctx.spill_to)
-                made = 0
-        if lowered:
-            graph.gs.cleanup()
-        return PassResult(lowered > 0, {"lowered": lowered, "plugin": f"{NAMESPACE}::{OP} v{VERSION}",
-                                        **({"spilled_bytes": spilled} if spilled else {})})
+            _replace_with_contrib_op(graph, node, OP, inputs, {"group_size": int(block), "plugin_namespace": NAMESPACE,
+                                                               "plugin_version": VERSION}, self.name, domain=DOMAIN)
+            return codes.nbytes + scales.nbytes + zeros.nbytes
+
+        stats = lower_each_matmul(graph, ctx, lower)
+        return PassResult(stats["lowered"] > 0, {**stats, "plugin": f"{NAMESPACE}::{OP} v{VERSION}"})
 
 
 def has_plugins(model: onnx.ModelProto) -> bool:

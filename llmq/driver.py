@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from . import __version__
 from .backends.qdq import check_tensorrt_rules
 from .backends.registry import BACKENDS, backend_named
+from .backends.trt_plugin import DOMAIN as PLUGIN_DOMAIN
 from .blocks import BlockPlan, plan_blocks, run_blocks
 from .calib.blockwise import part_openers
 from .calib.collect import collect_stats, run_with_outputs
@@ -170,6 +171,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         model_path = os.path.join(tmp, "model.onnx")
         logger.info("phase write")
         files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
+        plugins = any(n.domain == PLUGIN_DOMAIN for n in graph.gs.nodes)
         origin = graph.origin  # the input's weights, moved out of its file at load: verification runs on them
         del graph
         release_memory()
@@ -181,7 +183,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         t = time.perf_counter()
         logger.info("phase verify")
         # plugin nodes (TensorRT only) are checked through their ONNX definition, decoded from their own inputs
-        checked, scratch_files = expanded_copy(model_path, tmp, recipe.opset)
+        checked, scratch_files = expanded_copy(model_path, tmp, recipe.opset, plugins)
         verification = _verify_output(model, checked, recipe, opts, calib, vocab_size, blocks,
                                       backend.accuracy_level(opts), ctx.progress, by_parts,
                                       getattr(origin, "reference", None))

@@ -50,10 +50,13 @@ def expand_plugins(graph: Graph) -> int:
     return done
 
 
-def expanded_copy(model_path: str, folder: str, opset: int) -> tuple:
+def expanded_copy(model_path: str, folder: str, opset: int, plugins: bool | None = None) -> tuple:
     """``(path, files)``: ``model_path`` with its plugin nodes expanded, written in ``folder`` (the files to remove
-    after use); ``(model_path, [])`` if it has none."""
-    if not has_plugins(onnx.load(model_path, load_external_data=False)):
+    after use); ``(model_path, [])`` if it has none. ``plugins``: whether it has any, when the caller knows (else
+    the file's header is read to find out)."""
+    if plugins is None:
+        plugins = has_plugins(onnx.load(model_path, load_external_data=False))
+    if not plugins:
         return model_path, []
     graph = load_graph(model_path, opset)
     expand_plugins(graph)

@@ -294,6 +294,19 @@ def add_qdq_pair(graph: Graph, x: gs.Tensor, scale: float, pass_name: str, base:
                             out_shape=x.shape) for _ in range(consumers)]
 
 
+def add_token_scale(graph: Graph, x: gs.Tensor, pass_name: str, base: str) -> gs.Variable:
+    """The per-token symmetric INT8 scale ``s_t = max|x_t| / 127`` ``[..., 1]`` of ``x`` computed in the graph,
+    with ``max|x_t|`` floored so that ``s_t`` stays a normal number of the model's float type."""
+    absx = graph.make_node("Abs", [x], f"{base}_abs", pass_name, out_dtype=np.float32)
+    axes = graph.make_constant(f"{base}_axes", np.asarray([-1], np.int64), pass_name)
+    amax = graph.make_node("ReduceMax", [absx, axes], f"{base}_amax", pass_name, {"keepdims": 1}, out_dtype=np.float32)
+    tiny = float(np.finfo(np.float16).tiny) if graph.float_dtype == np.float16 else 1e-30
+    floor = graph.make_constant(f"{base}_amax_floor", np.asarray(max(1e-8, 127 * tiny), np.float32), pass_name)
+    amax = graph.make_node("Max", [amax, floor], f"{base}_amax_pos", pass_name, out_dtype=np.float32)
+    return graph.make_node("Div", [amax, graph.make_constant(f"{base}_qmax", np.asarray(127, np.float32), pass_name)],
+                           f"{base}_scale", pass_name, out_dtype=np.float32)
+
+
 def add_per_token_qdq(graph: Graph, x: gs.Tensor, width: int, pass_name: str, base: str, consumers: int = 1) -> list:
     """Per-token dynamic symmetric INT8 Q/DQ of ``x`` (last axis ``width`` channels): ``s_t = max|x_t| / 127``
     (floored so it stays a normal number of the model's float type) computed in the graph, then
@@ -302,14 +315,7 @@ def add_per_token_qdq(graph: Graph, x: gs.Tensor, width: int, pass_name: str, ba
     DQ outputs."""
     import onnx
 
-    absx = graph.make_node("Abs", [x], f"{base}_abs", pass_name, out_dtype=np.float32)
-    axes = graph.make_constant(f"{base}_axes", np.asarray([-1], np.int64), pass_name)
-    amax = graph.make_node("ReduceMax", [absx, axes], f"{base}_amax", pass_name, {"keepdims": 1}, out_dtype=np.float32)
-    tiny = float(np.finfo(np.float16).tiny) if graph.float_dtype == np.float16 else 1e-30
-    floor = graph.make_constant(f"{base}_amax_floor", np.asarray(max(1e-8, 127 * tiny), np.float32), pass_name)
-    amax = graph.make_node("Max", [amax, floor], f"{base}_amax_pos", pass_name, out_dtype=np.float32)
-    s = graph.make_node("Div", [amax, graph.make_constant(f"{base}_qmax", np.asarray(127, np.float32), pass_name)],
-                        f"{base}_scale", pass_name, out_dtype=np.float32)
+    s = add_token_scale(graph, x, pass_name, base)
     attrs = {"axis": -1, "block_size": int(width)}
     q = graph.make_node("QuantizeLinear", [x, s], f"{base}_q", pass_name, {**attrs, "output_dtype": onnx.TensorProto.INT8},
                         out_dtype=np.int8, out_shape=x.shape)

@@ -25,7 +25,7 @@ import onnx
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import quantize, representable_scale, sqnr_db, weight_scales
+from .qdq_math import add_token_scale, quantize, representable_scale, sqnr_db, weight_scales
 from .select import selected_linears
 
 __all__ = ["QuantizeActivationsPerTokenPass", "per_token_fake_quant"]
@@ -95,15 +95,7 @@ class QuantizeActivationsPerTokenPass(Pass):
     def _token_quantizer(self, graph: Graph, lin):
         """(int8 tensor, per-token scale [.., 1]) for the linear's input."""
         x, p = lin.act, self.name
-        absx = graph.make_node("Abs", [x], f"{lin.name}.in_abs", p, out_dtype=np.float32)
-        axes = graph.make_constant(f"{lin.name}.in_axes", np.asarray([-1], np.int64), p)
-        amax = graph.make_node("ReduceMax", [absx, axes], f"{lin.name}.in_amax", p, {"keepdims": 1}, out_dtype=np.float32)
-        # the smallest amax whose scale amax/127 is still a normal number of the model's float type
-        tiny = float(np.finfo(graph.float_dtype).tiny) if graph.float_dtype == np.float16 else 1e-38
-        floor = graph.make_constant(f"{lin.name}.in_floor", np.asarray(max(1e-8, 127 * tiny), np.float32), p)
-        amax = graph.make_node("Max", [amax, floor], f"{lin.name}.in_amax_pos", p, out_dtype=np.float32)
-        s = graph.make_node("Div", [amax, graph.make_constant(f"{lin.name}.in_qmax", np.asarray(127, np.float32), p)],
-                            f"{lin.name}.in_scale", p, out_dtype=np.float32)
+        s = add_token_scale(graph, x, p, f"{lin.name}.in")
         r = graph.make_node("Round", [graph.make_node("Div", [x, s], f"{lin.name}.in_div", p, out_dtype=np.float32)],
                             f"{lin.name}.in_round", p, out_dtype=np.float32)
         lo = graph.make_constant(f"{lin.name}.in_lo", np.asarray(1, np.float32), p)
