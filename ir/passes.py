@@ -132,6 +132,9 @@ class PassContext:
     # a scratch file where a pass that makes many large constants (a backend's repacking) may move them as it
     # goes (ir.storage.spill), so memory holds a slice of the model's new weights, not all of them
     spill_to: str | None = None
+    # input statistics a pass streams (AWQ's Gram sums), made ahead by whoever ran the calibration anyway (the
+    # block loop, in the run that advances a float-propagated block); taken once, cleared with the activations
+    prefetched_inputs: dict = field(default_factory=dict)
     _structure: Structure | None = None
     _stats: dict = field(default_factory=dict)
     _sample: dict = field(default_factory=dict)
@@ -159,6 +162,7 @@ class PassContext:
         if activations:
             self._stats.clear()
             self._sample.clear()
+            self.prefetched_inputs.clear()
 
     def checkpoint(self) -> tuple:
         """What :meth:`rollback` needs to forget every record made after this point."""

@@ -162,7 +162,7 @@ def _sweep(graph, plan: BlockPlan, pipeline: PassManager, ctx: PassContext, batc
             if runner is not None:
                 _runner_providers(ctx, runner, i)
                 if plan.propagate == "float":
-                    runner.advance(i)
+                    _advance_with_prefetch(runner, i, pipeline.passes, ctx, graph)
             scoped = ctx.structure(graph)
             linears = len(scoped.linears)
             if (linears or scoped.attention) and pipeline.passes:
@@ -199,6 +199,29 @@ def _sweep(graph, plan: BlockPlan, pipeline: PassManager, ctx: PassContext, batc
             plan.activation_bytes += runner.bytes_written
             runner.close()
     return merge_records(records)
+
+
+def _advance_with_prefetch(runner: BlockwiseRunner, index: int, passes: list, ctx: PassContext, graph) -> None:
+    """Advance part ``index`` (float propagation: before its passes) and, in the same run, stream the inputs the
+    first pass to read calibration wants streamed (AWQ's Gram sums, ``prefetch_inputs``) into
+    ``ctx.prefetched_inputs``: the part's forward runs once for both, not twice. Nothing is prefetched when
+    a pass before it changes activations (its numbers would be stale) or it streams nothing."""
+    names: list = []
+    for p in passes:
+        prefetch = getattr(p, "prefetch_inputs", None)
+        if prefetch is not None:
+            names = prefetch(ctx.structure(graph))
+            break
+        if p.changes_activations:
+            break
+    if not names:
+        runner.advance(index)
+        return
+    from .passes.awq import input_accumulator
+
+    each, finish = input_accumulator()
+    runner.advance(index, tuple(names), each)
+    ctx.prefetched_inputs.update(finish())
 
 
 def _runner_providers(ctx: PassContext, runner: BlockwiseRunner, index: int) -> None:

@@ -44,9 +44,9 @@ from ..ir.graph import Graph
 from ..ir.passes import PassContext
 from .qdq_math import (block_size_for, fake_quant_blocks, fake_quant_progressive, output_error,
                        symmetric_weight_scale, weight_code_range)
-from .smooth_quant import FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
+from .smooth_quant import GROUP_OF_ROLE, FoldSmoothQuantScalesPass, _oriented, _tie, _untie, _weight
 
-__all__ = ["ActivationAwareScalesPass", "clip_search", "stream_inputs", "weight_fake_quant"]
+__all__ = ["ActivationAwareScalesPass", "clip_search", "input_accumulator", "stream_inputs", "weight_fake_quant"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ def clip_search(gram: np.ndarray, w_kn: np.ndarray, bits: int, group: int, symme
     return out
 
 
+WIDE_CHUNK = 1024  # columns of a wide Gram matrix updated at a time
+
+
 class _Inputs:
     """What AWQ keeps of one group's input over all calibration tokens: the Gram matrix and mean |x|."""
 
@@ -101,16 +104,23 @@ class _Inputs:
         x = value.reshape(-1, value.shape[-1]).astype(np.float32)
         if self.gram.dtype == np.float64:
             self.gram += x.T @ x  # one batch in float32 (fast), the running sum in float64
-        else:  # wide: added 1024 columns at a time, with no K×K product beside the sum
-            for start in range(0, x.shape[1], 1024):
-                cols = slice(start, start + 1024)
-                self.gram[:, cols] += x.T @ x[:, cols]
+        else:  # wide: 1024 columns at a time, with no K×K product beside the sum; the blocks on and above the
+            # diagonal only (the matrix is symmetric: half the multiply-adds), the rest mirrored at finish()
+            for start in range(0, x.shape[1], WIDE_CHUNK):
+                end = start + WIDE_CHUNK
+                self.gram[:end, start:end] += x[:, :end].T @ x[:, start:end]
         self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
         self.abs_max = np.maximum(self.abs_max, np.abs(x).max(axis=0))
         self.n += len(x)
 
     def finish(self) -> "_Inputs":
         if self.gram.dtype == np.float32:
+            k = len(self.gram)
+            for start in range(0, k, WIDE_CHUNK):  # below the diagonal, from above it (exactly symmetric)
+                end = min(start + WIDE_CHUNK, k)
+                self.gram[start:end, :start] = self.gram[:start, start:end].T
+                block = self.gram[start:end, start:end]
+                block[...] = np.triu(block) + np.triu(block, 1).T
             self.gram /= max(self.n, 1)  # in place
         else:
             self.gram = (self.gram / max(self.n, 1)).astype(np.float32)  # float32 scores the candidates twice as fast
@@ -118,20 +128,33 @@ class _Inputs:
         return self
 
 
-def stream_inputs(graph: Graph, ctx: PassContext, names: list) -> dict:
-    """``{tensor: _Inputs}`` (Gram matrix, mean and max |x|) streamed over every calibration batch (one batch
-    if no stream is given)."""
+def input_accumulator() -> tuple:
+    """``(each, finish)``: ``each(name, array)`` adds a calibration batch of a tensor to its Gram sums,
+    ``finish()`` returns ``{tensor: _Inputs}``: what :func:`stream_inputs` collects, for a caller that runs the
+    calibration itself (the block loop, in the run that advances a float-propagated block)."""
     acc: dict = {}
 
     def each(name, value):
         acc.setdefault(name, _Inputs(value.shape[-1])).update(value)
 
-    if ctx.stream_provider is not None:
-        ctx.stream_provider(graph, names, each)
-    else:
-        for name, value in ctx.activation_sample(graph, names).items():
-            each(name, value)
-    return {name: inputs.finish() for name, inputs in acc.items()}
+    return each, lambda: {name: inputs.finish() for name, inputs in acc.items()}
+
+
+def stream_inputs(graph: Graph, ctx: PassContext, names: list) -> dict:
+    """``{tensor: _Inputs}`` (Gram matrix, mean and max |x|) streamed over every calibration batch (one batch
+    if no stream is given). Those the context holds already (``ctx.prefetched_inputs``, made in the run that
+    advanced the block) are taken from it, once; only the others are streamed."""
+    out = {name: ctx.prefetched_inputs.pop(name) for name in names if name in ctx.prefetched_inputs}
+    missing = [name for name in names if name not in out]
+    if missing:
+        each, finish = input_accumulator()
+        if ctx.stream_provider is not None:
+            ctx.stream_provider(graph, missing, each)
+        else:
+            for name, value in ctx.activation_sample(graph, missing).items():
+                each(name, value)
+        out.update(finish())
+    return out
 
 
 class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
@@ -180,6 +203,11 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
 
     def _needs_samples(self) -> bool:
         return True
+
+    def prefetch_inputs(self, structure) -> list:
+        """The tensors whose Gram sums this pass will stream (the inputs of the linears of its groups), so the
+        block loop can collect them in the run that advances the block (float propagation: the same weights)."""
+        return sorted({lin.act.name for lin in structure.linears if GROUP_OF_ROLE.get(lin.role) in self.options.groups})
 
     def _fake_quant(self, w_kn: np.ndarray) -> np.ndarray:
         """The weight quantizer that follows this pass, quantize-dequantize of ``[K, N]``."""

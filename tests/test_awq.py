@@ -119,8 +119,8 @@ def test_sampled_search_scores_estimate_the_whole_error():
 
 
 def test_wide_gram_streams_in_float32_to_the_same_matrix():
-    """Above 4096 channels the streamed Gram matrix sums in float32 (half the memory, finished in place): it is
-    the float64 sum's matrix to float32 precision."""
+    """Above 4096 channels the streamed Gram matrix sums in float32 (half the memory, finished in place) and
+    only its upper blocks (half the work): it is the float64 sum's matrix to float32 precision, symmetric."""
     from llmq.passes.awq import _Inputs
 
     rng = np.random.default_rng(4)
@@ -134,6 +134,7 @@ def test_wide_gram_streams_in_float32_to_the_same_matrix():
     exact = x.T @ x / len(x)
     assert acc.gram.dtype == np.float32 and acc.n == 384
     np.testing.assert_allclose(acc.gram, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+    assert np.array_equal(acc.gram, acc.gram.T)  # summed on and above the diagonal, mirrored below
     assert np.allclose(acc.abs_max, np.abs(x).max(axis=0))
 
 

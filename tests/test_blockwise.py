@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import onnx_graphsurgeon as gs
 import pytest
 from family_models import build_family, export_family
 
@@ -306,7 +305,6 @@ def test_post_ln_and_parallel_layouts_compile_whole(tmp_path, tiny_tokenizer):
 def test_a_part_keeps_what_a_subgraph_reads_from_outside():
     """A part cut back from its outputs keeps the nodes whose outputs only an If branch reads (from the outer
     scope), and the tensors a nested branch reads: the cut part computes what the whole graph does."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -338,3 +336,43 @@ def test_a_part_keeps_what_a_subgraph_reads_from_outside():
         want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         got = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_awq_gram_sums_come_from_the_run_that_advances_the_block(models, name, tmp_path, calib_text, monkeypatch):
+    """With float propagation a block's forward serves both its advance and AWQ's Gram sums: one run of each
+    decoder block fewer, the same Gram sums (to float32 rounding: ONNX Runtime may fuse a block differently when
+    it returns the block's outputs too; measured: the same bits on Llama, one byte of the model apart on GPT-2)
+    and the same compile."""
+    import llmq.calib.blockwise as blockwise
+    import llmq.passes.awq as awq
+
+    runs: list = []
+    grams: dict = {"once": {}, "twice": {}}
+    mode = ["once"]
+    run, stream = blockwise.BlockwiseRunner.run, awq.stream_inputs
+
+    def counted(self, index, names, each, batches=None):
+        runs.append(index)
+        return run(self, index, names, each, batches)
+
+    def captured(graph, ctx, names):
+        out = stream(graph, ctx, names)
+        grams[mode[0]].update({n: v.gram.copy() for n, v in out.items()})
+        return out
+
+    monkeypatch.setattr(blockwise.BlockwiseRunner, "run", counted)
+    monkeypatch.setattr(awq, "stream_inputs", captured)
+    once = _compile(models[name], "w4a16", tmp_path / "once", calib_text)
+    runs_once, runs[:] = list(runs), []
+    mode[0] = "twice"
+    monkeypatch.setattr(awq.ActivationAwareScalesPass, "prefetch_inputs", lambda self, structure: [])
+    twice = _compile(models[name], "w4a16", tmp_path / "twice", calib_text)
+    assert once.report["compile_mode"]["propagate"] == "float"
+    decoder = [i for i, b in enumerate(once.report["compile_mode"]["blocks"]) if b["linears"] and b["name"] != "head"]
+    assert decoder and all(runs.count(i) == runs_once.count(i) + 1 for i in decoder), (runs_once, runs)
+    assert set(grams["once"]) == set(grams["twice"]) and len(grams["once"]) >= 2 * len(decoder)
+    for tensor, g in grams["once"].items():
+        np.testing.assert_allclose(g, grams["twice"][tensor], rtol=1e-5, atol=1e-6 * np.abs(g).max())
+    kl = [r.report["verification"]["outputs"]["logits"]["kl"] for r in (once, twice)]
+    assert kl[0] == pytest.approx(kl[1], rel=0.05, abs=1e-7)
