@@ -41,7 +41,7 @@ from .ort_lowering import (_per_token_qdq, _progressive_weight, _replace_with_co
                            unpack_nibbles, widen_progressive)
 
 __all__ = ["OP", "DOMAIN", "pack", "unpack", "reference", "w4a8_gemm_torch", "LowerW4A8ToPluginPass",
-           "has_plugins", "register", "plugin_available"]
+           "has_plugins", "is_plugin", "register", "plugin_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,14 @@ class LowerW4A8ToPluginPass(Pass):
         return PassResult(stats["lowered"] > 0, {**stats, "plugin": f"{NAMESPACE}::{OP} v{VERSION}"})
 
 
+def is_plugin(op: str, domain: str) -> bool:
+    """Whether a node of this op type and domain is llmq's W4A8 plugin node (a proto's ``op_type`` or a
+    graph-surgeon node's ``op``)."""
+    return op == OP and domain == DOMAIN
+
+
 def has_plugins(model: onnx.ModelProto) -> bool:
-    return any(n.op_type == OP and n.domain == DOMAIN for n in model.graph.node)
+    return any(is_plugin(n.op_type, n.domain) for n in model.graph.node)
 
 
 def plugin_available() -> str | None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -18,8 +19,29 @@ from .backends.registry import BACKENDS
 __all__ = ["compile_main", "export_main", "eval_main"]
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a build system's timeout, ``kill``), raised where the work is, so that the way out removes the
+    staging and scratch folders as an error would: nothing half-written and nothing left beside the output."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def _run(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
     args = parser.parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application's worker): its own handling stands
+        previous = None
+    try:
+        return _guarded(prog, args, body)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _guarded(prog: str, args, body) -> int:
     if getattr(args, "quiet", False):  # silence third-party progress bars too (tqdm, HF)
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -45,6 +67,9 @@ def _run(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"{prog}: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        return 143
     except Exception as exc:  # an llmq bug or an unforeseen environment problem
         if args.debug:
             traceback.print_exc()

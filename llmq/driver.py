@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import shutil
+import socket
 import tempfile
 import time
 import weakref
@@ -26,7 +27,7 @@ import onnx_graphsurgeon as gs
 from . import __version__
 from .backends.qdq import check_tensorrt_rules
 from .backends.registry import BACKENDS, backend_named
-from .backends.trt_plugin import DOMAIN as PLUGIN_DOMAIN
+from .backends.trt_plugin import is_plugin
 from .blocks import BlockPlan, plan_blocks, run_blocks
 from .calib.blockwise import part_openers
 from .calib.collect import collect_stats, run_with_outputs
@@ -121,6 +122,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
     output = os.path.abspath(output)
     if os.path.exists(output) and not opts.overwrite:
         raise LlmqError(f"output folder {output} already exists", "pass --overwrite to replace it, or choose another -o")
+    _remove_stale(output)
 
     logger.info("phase load")
     graph, structure = _load(model, recipe)
@@ -144,7 +146,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
     del structure
     if plan.parts is not None:
         os.makedirs(os.path.dirname(output), exist_ok=True)  # the scratch file lives beside the output
-        scratch = tempfile.mkdtemp(prefix=".llmq-scratch-", dir=os.path.dirname(output))
+        scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_owner()}-", dir=os.path.dirname(output))
         weakref.finalize(graph, shutil.rmtree, scratch, True)  # the graph reads its finished blocks from there
         t = time.perf_counter()
         records, sqnr_values = run_blocks(graph, plan, pipeline, ctx, calib.batches, opts.sqnr and calib.batches is not None,
@@ -171,7 +173,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         model_path = os.path.join(tmp, "model.onnx")
         logger.info("phase write")
         files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
-        plugins = any(n.domain == PLUGIN_DOMAIN for n in graph.gs.nodes)
+        plugins = any(is_plugin(n.op, n.domain) for n in graph.gs.nodes)
         origin = graph.origin  # the input's weights, moved out of its file at load: verification runs on them
         del graph
         release_memory()
@@ -311,12 +313,56 @@ def _stamp(graph, recipe: Recipe, pipeline, backend, model: str, vocab_size) -> 
         graph.model_metadata["llmq.vocab_size"] = str(vocab_size)
 
 
+SCRATCH_PREFIX = ".llmq-scratch-"
+
+
+def _owner() -> str:
+    """``<host>.<pid>``, in the names of the staging and scratch folders a compile makes beside its output:
+    those of a run that was killed (SIGKILL, out of memory, a lost machine) can be found and removed."""
+    return f"{socket.gethostname().replace('-', '_')}.{os.getpid()}"
+
+
+def _remove_stale(output: str) -> None:
+    """Remove the staging and scratch folders beside ``output`` left by killed compiles on this host (their
+    process is gone): at 8B a staging folder holds gigabytes. Folders of live processes and of other hosts
+    are left alone."""
+    parent = os.path.dirname(output)
+    host = socket.gethostname().replace("-", "_")
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        for prefix in (f".{os.path.basename(output)}.tmp-", SCRATCH_PREFIX):
+            if not name.startswith(prefix):
+                continue
+            owner = name[len(prefix):].split("-", 1)[0]
+            owner_host, _, pid = owner.rpartition(".")
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            path = os.path.join(parent, name)
+            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+            shutil.rmtree(path, ignore_errors=True)
+            logger.warning("removed %s (%.1f MB) left by a compile that was killed (process %s is gone)",
+                           path, size / 1e6, pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _staging(output: str):
     """A temporary folder beside ``output``, removed if anything fails: nothing is ever half-written."""
     out_parent = os.path.dirname(output)
     os.makedirs(out_parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=out_parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-{_owner()}-", dir=out_parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)

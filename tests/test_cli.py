@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from llmq.cli import compile_main, eval_main, export_main
 
 
@@ -85,3 +87,54 @@ def test_asym_is_onnxruntime_only(tmp_path, capsys, tiny_llama_onnx, calib_text)
     assert all(r.get("weight_symmetric") is False for r in report["layers"] if r.get("weight_bits") == 4)
     nbits = [n for n in onnx.load(os.path.join(out, "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero points given
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path, capsys):
+    """A build system's timeout (SIGTERM) unwinds like an error: the staging folder beside the output is removed,
+    one line says so, the exit code is 143."""
+    import argparse
+    import signal
+    import threading
+
+    from llmq.cli import _run
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only")
+    from llmq.driver import _staging
+
+    seen = []
+
+    def body(args):
+        with _staging(str(tmp_path / "out")) as tmp:
+            seen.append(tmp)
+            open(os.path.join(tmp, "model.onnx.data"), "wb").write(b"\0" * 1024)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not interrupt")
+
+    parser = argparse.ArgumentParser(prog="llmq-compile")
+    parser.add_argument("--debug", action="store_true")
+    before = signal.getsignal(signal.SIGTERM)
+    assert _run("llmq-compile", parser, body, []) == 143
+    assert seen and not os.path.exists(seen[0]) and os.listdir(tmp_path) == []
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stale_folders_of_killed_compiles_are_removed(tmp_path):
+    """Staging and scratch folders of a compile whose process is gone (SIGKILL, out of memory) are removed at the
+    next compile beside them; those of a live process, of another host, or not llmq's own stay."""
+    import subprocess
+    import sys
+
+    from llmq.driver import _owner, _remove_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = _owner().rpartition(".")[0]
+    names = {f".out.tmp-{host}.{dead.pid}-abc": False, f".llmq-scratch-{host}.{dead.pid}-def": False,
+             f".out.tmp-{_owner()}-ghi": True, f".out.tmp-otherhost.{dead.pid}-jkl": True,
+             ".out.tmp-x1y2z3": True, f".other.tmp-{host}.{dead.pid}-mno": True}
+    for name in names:
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "model.onnx.data").write_bytes(b"\0" * 64)
+    _remove_stale(str(tmp_path / "out"))
+    assert {n: os.path.exists(tmp_path / n) for n in names} == names
