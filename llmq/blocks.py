@@ -202,24 +202,22 @@ def _sweep(graph, plan: BlockPlan, pipeline: PassManager, ctx: PassContext, batc
 
 
 def _advance_with_prefetch(runner: BlockwiseRunner, index: int, passes: list, ctx: PassContext, graph) -> None:
-    """Advance part ``index`` (float propagation: before its passes) and, in the same run, stream the inputs the
-    first pass to read calibration wants streamed (AWQ's Gram sums, ``prefetch_inputs``) into
+    """Advance part ``index`` (float propagation: before its passes) and, in the same run, collect what the
+    first pass to read calibration asks for (``prefetch_inputs``: AWQ's Gram sums) into
     ``ctx.prefetched_inputs``: the part's forward runs once for both, not twice. Nothing is prefetched when
-    a pass before it changes activations (its numbers would be stale) or it streams nothing."""
-    names: list = []
+    a pass before it changes activations (its numbers would be stale) or it asks for nothing."""
+    fetch = None
     for p in passes:
         prefetch = getattr(p, "prefetch_inputs", None)
         if prefetch is not None:
-            names = prefetch(ctx.structure(graph))
+            fetch = prefetch(ctx.structure(graph), ctx)
             break
         if p.changes_activations:
             break
-    if not names:
+    if fetch is None:
         runner.advance(index)
         return
-    from .passes.awq import input_accumulator
-
-    each, finish = input_accumulator()
+    names, each, finish = fetch
     runner.advance(index, tuple(names), each)
     ctx.prefetched_inputs.update(finish())
 
@@ -239,14 +237,16 @@ def _runner_providers(ctx: PassContext, runner: BlockwiseRunner, index: int) -> 
 
 
 def merge_records(per_part: list) -> list:
-    """One record per pass over all parts: seconds, counts and per-kind counts summed, ``modified`` or
-    ``rolled_back`` if any part was, SQNRs the worst (lowest) part's, other numbers the largest (errors: the
-    worst part's), and ``mean_``/``median_`` values averaged over the parts that report them."""
+    """One record per pass over all parts (a pass a recipe names twice, with different options: one each):
+    seconds, counts and per-kind counts summed, ``modified`` or ``rolled_back`` if any part was, SQNRs the
+    worst (lowest) part's, other numbers the largest (errors: the worst part's), and ``mean_``/``median_``
+    values averaged over the parts that report them."""
     merged: dict = {}
     for records in per_part:
         for r in records:
-            m = merged.setdefault(r["pass"], {"pass": r["pass"], "options": r["options"], "modified": False,
-                                              "seconds": 0.0, "stats": {}, "_means": {}})
+            key = (r["pass"], repr(r["options"]))
+            m = merged.setdefault(key, {"pass": r["pass"], "options": r["options"], "modified": False,
+                                       "seconds": 0.0, "stats": {}, "_means": {}})
             m["modified"] |= r["modified"]
             m["seconds"] = round(m["seconds"] + r["seconds"], 3)
             for key, value in r["stats"].items():
@@ -268,7 +268,7 @@ def merge_records(per_part: list) -> list:
                     m["stats"][key] = value
                 elif "sqnr" in key:
                     m["stats"][key] = min(old, value)
-                elif isinstance(value, int) and not key.endswith(("rank", "bits", "group_size")):
+                elif isinstance(value, int) and not key.endswith(("rank", "bits", "group_size", "keep_first")):
                     m["stats"][key] = old + value
                 else:
                     m["stats"][key] = max(old, value)

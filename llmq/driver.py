@@ -316,10 +316,15 @@ def _stamp(graph, recipe: Recipe, pipeline, backend, model: str, vocab_size) -> 
 SCRATCH_PREFIX = ".llmq-scratch-"
 
 
+def _host() -> str:
+    """This host's name as the staging and scratch folders carry it (no ``-``: it separates the name's parts)."""
+    return socket.gethostname().replace("-", "_")
+
+
 def _owner() -> str:
     """``<host>.<pid>``, in the names of the staging and scratch folders a compile makes beside its output:
     those of a run that was killed (SIGKILL, out of memory, a lost machine) can be found and removed."""
-    return f"{socket.gethostname().replace('-', '_')}.{os.getpid()}"
+    return f"{_host()}.{os.getpid()}"
 
 
 def _remove_stale(output: str) -> None:
@@ -327,7 +332,7 @@ def _remove_stale(output: str) -> None:
     process is gone): at 8B a staging folder holds gigabytes. Folders of live processes and of other hosts
     are left alone."""
     parent = os.path.dirname(output)
-    host = socket.gethostname().replace("-", "_")
+    host = _host()
     try:
         names = os.listdir(parent)
     except OSError:

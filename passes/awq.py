@@ -204,10 +204,18 @@ class ActivationAwareScalesPass(FoldSmoothQuantScalesPass):
     def _needs_samples(self) -> bool:
         return True
 
-    def prefetch_inputs(self, structure) -> list:
-        """The tensors whose Gram sums this pass will stream (the inputs of the linears of its groups), so the
-        block loop can collect them in the run that advances the block (float propagation: the same weights)."""
-        return sorted({lin.act.name for lin in structure.linears if GROUP_OF_ROLE.get(lin.role) in self.options.groups})
+    def prefetch_inputs(self, structure, ctx: PassContext) -> tuple | None:
+        """What the block loop can collect for this pass in the run that advances the block (float propagation:
+        the same weights, so the same numbers): ``(names, each, finish)``, the inputs of the linears of its groups
+        that are not quantized yet and that no ``--exclude`` names, the accumulator ``each(name, batch)`` and
+        ``finish()`` giving ``{name: _Inputs}`` for ``ctx.prefetched_inputs``; None if there are none."""
+        names = sorted({lin.act.name for lin in structure.linears
+                        if GROUP_OF_ROLE.get(lin.role) in self.options.groups and not lin.weight.quantized
+                        and not ctx.exclude(lin.name, lin.node.name)})
+        if not names:
+            return None
+        each, finish = input_accumulator()
+        return names, each, finish
 
     def _fake_quant(self, w_kn: np.ndarray) -> np.ndarray:
         """The weight quantizer that follows this pass, quantize-dequantize of ``[K, N]``."""

@@ -19,6 +19,17 @@ QServe's kernel keeps it), ``x̂ = (clip(round(x / s + z), 0, 2^b − 1) − z) 
 (ReduceMin/Max, Div, Round, Clip, Sub, Mul): ONNX's Q/DQ zero points are integers. ONNX Runtime only; needs no
 calibration. ``group_size`` splits a head's channels into groups with a scale and zero each (a Reshape around the
 same arithmetic): 5 bits a value at 32 channels with a 16-bit scale and zero, against 4.5 for a 64-wide head.
+
+``per-channel`` (KVQuant's per-channel keys, here after RoPE): static and asymmetric, one calibrated scale and
+zero per head and channel (the min and max over every calibration token), the same arithmetic with constant
+scales: 4 bits a value, nothing stored per token. Keys have outlier *channels*, which a per-token scale spreads
+over the token's other channels; a per-channel range isolates them. ``keep_first`` (per-token-head and
+per-channel): the first ``N`` tokens of the cache stay float (IntactKV, KVQuant's attention-sink-aware
+quantization): the attention sink's keys lie far outside every other token's range, and a calibrated range
+that took them in would coarsen the rest (they are left out of the calibration statistics too). ``N`` float
+tokens a head cost ``N · 16`` bits, nothing per further token. It counts positions in the cache as attention
+reads it: for a decoder whose cache starts at position 0 (not a sliding window that has moved on), the first
+tokens of the text.
 """
 
 from __future__ import annotations
@@ -60,15 +71,16 @@ class QuantizeKVCachePass(Pass):
         observer: str = "minmax"  # per-tensor only; per-head uses each head's max
         tensors: tuple = ("k", "v")
         group_size: int = 0  # per-token-head only: a scale and zero per this many channels of a head (0: the head)
+        keep_first: int = 0  # per-token-head, per-channel: the first N tokens of the cache stay float (attention sinks)
 
         def __post_init__(self):
             object.__setattr__(self, "tensors", tuple(self.tensors))
             if self.bits not in (4, 8):
                 raise ValueError("KV-cache bits must be 8 or 4")
-            if self.granularity not in ("per-tensor", "per-head", "per-token-head"):
-                raise ValueError("KV-cache granularity must be per-tensor, per-head or per-token-head")
-            if self.granularity == "per-token-head" and self.format != "int":
-                raise ValueError("a per-token-head KV cache is integer (asymmetric, dynamic)")
+            if self.granularity not in ("per-tensor", "per-head", "per-token-head", "per-channel"):
+                raise ValueError("KV-cache granularity must be per-tensor, per-head, per-token-head or per-channel")
+            if self.granularity in ("per-token-head", "per-channel") and self.format != "int":
+                raise ValueError(f"a {self.granularity} KV cache is integer (asymmetric)")
             if self.format not in ("int", "fp8"):
                 raise ValueError(f"format must be int or fp8, not {self.format!r}")
             if self.format == "fp8" and (self.bits != 8 or self.granularity != "per-tensor"):
@@ -79,6 +91,8 @@ class QuantizeKVCachePass(Pass):
                 raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}")
             if self.group_size and (self.granularity != "per-token-head" or self.group_size < 2):
                 raise ValueError("group_size (≥ 2 channels) is for granularity: per-token-head")
+            if self.keep_first < 0 or (self.keep_first and self.granularity not in ("per-token-head", "per-channel")):
+                raise ValueError("keep_first (≥ 0 tokens) is for granularity: per-token-head or per-channel")
             if not self.tensors or set(self.tensors) - {"k", "v"}:
                 raise ValueError("tensors must be a subset of [k, v]")
 
@@ -102,24 +116,8 @@ class QuantizeKVCachePass(Pass):
                 targets.append((where, which, mm))
         if not targets:
             return PassResult(False, {"quantized_tensors": 0})
-        if o.granularity == "per-token-head":
-            done = 0
-            for where, which, mm in targets:
-                axis = -2 if which == "k" else -1
-                width = mm.inputs[1].shape[axis] if mm.inputs[1].shape is not None else None
-                group = o.group_size or width
-                if o.group_size and not (isinstance(width, int) and width % group == 0):
-                    ctx.decline(self.name, f"{where}.{which}", f"group_size {group} does not divide the head's "
-                                f"{width if isinstance(width, int) else 'unknown number of'} channels")
-                    continue
-                mm.inputs[1] = self._dynamic(graph, mm.inputs[1], axis, f"{where}.{which}_cache", o.group_size and width)
-                granularity = "per-token-head dynamic asymmetric" + (f", groups of {group} channels" if o.group_size else "")
-                ctx.record(where, **{f"kv_{which}_bits": o.bits, f"kv_{which}_format": "int",
-                                     f"kv_{which}_granularity": granularity,
-                                     f"kv_{which}_bits_per_value": o.bits + 2 * 16 / group if isinstance(group, int) else None})
-                done += 1
-            return PassResult(done > 0, {"quantized_tensors": done, "bits": o.bits, "granularity": o.granularity,
-                                         "group_size": o.group_size or "head"})
+        if o.granularity in ("per-token-head", "per-channel"):
+            return self._arithmetic(graph, ctx, targets)
         stats = ctx.activation_stats(graph, sorted({mm.inputs[1].name for _, _, mm in targets}))
         done = 0
         for where, which, mm in targets:
@@ -145,6 +143,119 @@ class QuantizeKVCachePass(Pass):
             done += 1
         return PassResult(done > 0, {"quantized_tensors": done, "bits": o.bits, "granularity": o.granularity})
 
+    def _arithmetic(self, graph: Graph, ctx: PassContext, targets: list) -> PassResult:
+        """per-token-head (dynamic) and per-channel (static, calibrated): asymmetric with a float zero, written
+        as arithmetic; ``keep_first`` tokens passed through float."""
+        o = self.options
+        ranges = self._channel_ranges(graph, ctx, targets) if o.granularity == "per-channel" else {}
+        done = 0
+        for where, which, mm in targets:
+            x = mm.inputs[1]
+            channel_axis, token_axis = (-2, -1) if which == "k" else (-1, -2)  # Kᵀ is [b, h, d, T]; V [b, h, T, d]
+            base = f"{where}.{which}_cache"
+            if o.granularity == "per-channel":
+                if x.name not in ranges:
+                    ctx.decline(self.name, f"{where}.{which}", "per-channel needs a [batch, heads, ., .] tensor with "
+                                f"more than keep_first={o.keep_first} tokens in calibration")
+                    continue
+                lo, hi = ranges[x.name]
+                out = self._static(graph, x, lo, hi, base)
+                granularity, bits_per_value = "per-channel static asymmetric (calibrated min/max)", float(o.bits)
+                extra = {f"kv_{which}_channel_amax": float(np.maximum(np.abs(lo), np.abs(hi)).max())}
+            else:
+                width = x.shape[channel_axis] if x.shape is not None else None
+                group = o.group_size or width
+                if o.group_size and not (isinstance(width, int) and width % group == 0):
+                    ctx.decline(self.name, f"{where}.{which}", f"group_size {group} does not divide the head's "
+                                f"{width if isinstance(width, int) else 'unknown number of'} channels")
+                    continue
+                out = self._dynamic(graph, x, channel_axis, base, o.group_size and width)
+                granularity = "per-token-head dynamic asymmetric" + (f", groups of {group} channels" if o.group_size else "")
+                bits_per_value = o.bits + 2 * 16 / group if isinstance(group, int) else None
+                extra = {}
+            if o.keep_first:
+                out = self._keep_first(graph, x, out, token_axis, base)
+                granularity += f", first {o.keep_first} token(s) float"
+            mm.inputs[1] = out
+            ctx.record(where, **{f"kv_{which}_bits": o.bits, f"kv_{which}_format": "int",
+                                 f"kv_{which}_granularity": granularity,
+                                 f"kv_{which}_bits_per_value": bits_per_value,
+                                 f"kv_{which}_float_tokens": o.keep_first}, **extra)
+            done += 1
+        stats = {"quantized_tensors": done, "bits": o.bits, "granularity": o.granularity, "keep_first": o.keep_first}
+        if o.granularity == "per-token-head":
+            stats["group_size"] = o.group_size or "head"
+        return PassResult(done > 0, stats)
+
+    def _channel_ranges(self, graph: Graph, ctx: PassContext, targets: list) -> dict:
+        """``{tensor: (min, max)}`` per head and channel (reduced over the batch and token axes, kept as size-1
+        axes so they broadcast), over every calibration batch (streamed when the context can), leaving out the
+        first ``keep_first`` tokens. Tensors of fewer than 3 axes, or with no token past those, are left out."""
+        token_axis = {mm.inputs[1].name: (-1 if which == "k" else -2) for _, which, mm in targets}
+        acc: dict = {}
+        keep = self.options.keep_first
+
+        def each(name, value):
+            if value.ndim < 3:
+                return
+            axis = value.ndim + token_axis[name]
+            value = np.take(value, np.arange(keep, value.shape[axis]), axis=axis)
+            if value.shape[axis] == 0:
+                return
+            lo = value.min(axis=(0, axis), keepdims=True).astype(np.float64)
+            hi = value.max(axis=(0, axis), keepdims=True).astype(np.float64)
+            if name in acc:
+                lo, hi = np.minimum(acc[name][0], lo), np.maximum(acc[name][1], hi)
+            acc[name] = (lo, hi)
+
+        names = sorted(token_axis)
+        if ctx.stream_provider is not None:
+            ctx.stream_provider(graph, names, each)
+        else:
+            for name, value in ctx.activation_sample(graph, names).items():
+                each(name, value[None])  # one batch, its batch axis dropped: put it back
+        return acc
+
+    def _static(self, graph: Graph, x: gs.Tensor, lo: np.ndarray, hi: np.ndarray, base: str) -> gs.Variable:
+        """``x̂ = (clip(round(x / s + z), 0, 2^b − 1) − z) · s`` with a constant ``s`` and float ``z`` per channel
+        (shapes that broadcast against ``x``), from the calibrated ``[lo, hi]``."""
+        p, levels = self.name, float(2 ** self.options.bits - 1)
+        tiny = float(np.finfo(np.float16).tiny) if graph.float_dtype == np.float16 else 1e-30
+        s_values = representable_scale((np.maximum(hi - lo, levels * tiny) / levels).astype(np.float32), graph.float_dtype)
+        s = graph.make_constant(f"{base}_scale", s_values, p)
+        z = graph.make_constant(f"{base}_zero", (-lo / s_values.astype(np.float64)).astype(np.float32), p)
+        return self._codes_and_back(graph, x, s, z, base, f"{base}_dq", x.shape)
+
+    def _codes_and_back(self, graph: Graph, x, s, z, base: str, out: str, out_shape) -> gs.Variable:
+        """``(clip(round(x / s + z), 0, 2^b − 1) − z) · s`` for a scale ``s`` and float zero ``z`` (constants or
+        tensors that broadcast against ``x``)."""
+        p, levels = self.name, float(2 ** self.options.bits - 1)
+        shifted = graph.make_node("Add", [graph.make_node("Div", [x, s], f"{base}_steps", p, out_dtype=np.float32), z],
+                                  f"{base}_shifted", p, out_dtype=np.float32)
+        q = graph.make_node("Clip", [graph.make_node("Round", [shifted], f"{base}_round", p, out_dtype=np.float32),
+                                     graph.make_constant(f"{base}_qmin", np.asarray(0, np.float32), p),
+                                     graph.make_constant(f"{base}_qmax", np.asarray(levels, np.float32), p)],
+                            f"{base}_codes", p, out_dtype=np.float32)
+        return graph.make_node("Mul", [graph.make_node("Sub", [q, z], f"{base}_centred", p, out_dtype=np.float32), s],
+                               out, p, out_dtype=np.float32, out_shape=out_shape)
+
+    def _keep_first(self, graph: Graph, x: gs.Tensor, dq: gs.Tensor, token_axis: int, base: str) -> gs.Variable:
+        """``Where(position < keep_first, x, x̂)`` along ``token_axis`` (−1 or −2): the first tokens of the cache
+        pass through float."""
+        p = self.name
+        shape = graph.make_node("Shape", [x], f"{base}_shape_t", p, out_dtype=np.int64)
+        count = graph.make_node("Gather", [shape, graph.make_constant(f"{base}_token_axis", np.asarray(token_axis, np.int64), p)],
+                                f"{base}_tokens", p, {"axis": 0}, out_dtype=np.int64, out_shape=[])
+        positions = graph.make_node("Range", [graph.make_constant(f"{base}_start", np.asarray(0, np.int64), p), count,
+                                              graph.make_constant(f"{base}_step", np.asarray(1, np.int64), p)],
+                                    f"{base}_positions", p, out_dtype=np.int64)
+        first = graph.make_node("Less", [positions, graph.make_constant(f"{base}_keep_first", np.asarray(self.options.keep_first, np.int64), p)],
+                                f"{base}_first", p, out_dtype=np.bool_)
+        if token_axis == -2:  # [T] → [T, 1], to broadcast over the channels after the tokens
+            first = graph.make_node("Unsqueeze", [first, graph.make_constant(f"{base}_unsq", np.asarray([1], np.int64), p)],
+                                    f"{base}_first_col", p, out_dtype=np.bool_)
+        return graph.make_node("Where", [first, x, dq], f"{base}_kept", p, out_dtype=np.float32, out_shape=x.shape)
+
     def _dynamic(self, graph: Graph, x: gs.Tensor, axis: int, base: str, width: int = 0) -> gs.Variable:
         """Asymmetric fake quantization of ``x`` with a scale and a float zero per slice along ``axis`` (−2 or −1
         of a 4-D tensor); with ``width`` (the axis' size), per group of ``group_size`` along it: the axis is
@@ -168,15 +279,8 @@ class QuantizeKVCachePass(Pass):
                             f"{base}_scale", p, out_dtype=np.float32)
         z = graph.make_node("Neg", [graph.make_node("Div", [lo, s], f"{base}_min_steps", p, out_dtype=np.float32)],
                             f"{base}_zero", p, out_dtype=np.float32)
-        shifted = graph.make_node("Add", [graph.make_node("Div", [x, s], f"{base}_steps", p, out_dtype=np.float32), z],
-                                  f"{base}_shifted", p, out_dtype=np.float32)
-        q = graph.make_node("Clip", [graph.make_node("Round", [shifted], f"{base}_round", p, out_dtype=np.float32),
-                                     graph.make_constant(f"{base}_qmin", np.asarray(0, np.float32), p),
-                                     graph.make_constant(f"{base}_qmax", np.asarray(levels, np.float32), p)],
-                            f"{base}_codes", p, out_dtype=np.float32)
-        dq = graph.make_node("Mul", [graph.make_node("Sub", [q, z], f"{base}_centred", p, out_dtype=np.float32), s],
-                             f"{base}_dq_grouped" if width else f"{base}_dq", p, out_dtype=np.float32,
-                             out_shape=None if width else x.shape)
+        dq = self._codes_and_back(graph, x, s, z, base, f"{base}_dq_grouped" if width else f"{base}_dq",
+                                  None if width else x.shape)
         if not width:
             return dq
         shape = graph.make_node("Shape", [original], f"{base}_shape", p, out_dtype=np.int64)

@@ -262,6 +262,32 @@ def test_sensitivity_by_parts_keeps_the_asked_count_when_it_meets_the_budget(mod
     assert mine and len(mine) == len(set(mine))  # the excluded down projections: declined once each
 
 
+def test_awq_prefetches_only_what_it_uses(models, tmp_path, calib_text, monkeypatch):
+    """With ``--exclude`` naming a group's only linear, the block loop does not collect that group's Gram sums
+    in the advancing run (at 8B a down-proj's is 0.8 GB): every tensor prefetched is one AWQ smooths."""
+    import llmq.passes.awq as awq
+
+    asked, used = set(), set()
+    prefetch, stream = awq.ActivationAwareScalesPass.prefetch_inputs, awq.stream_inputs
+
+    def recorded(self, structure, ctx):
+        fetch = prefetch(self, structure, ctx)
+        asked.update(fetch[0] if fetch else ())
+        return fetch
+
+    def consumed(graph, ctx, names):
+        used.update(names)
+        return stream(graph, ctx, names)
+
+    monkeypatch.setattr(awq.ActivationAwareScalesPass, "prefetch_inputs", recorded)
+    monkeypatch.setattr(awq, "stream_inputs", consumed)
+    result = _compile(models["llama"], "w4a16", tmp_path / "x", calib_text, exclude=("*mlp.down",))
+    assert result.report["compile_mode"]["propagate"] == "float"
+    downs = {d["where"] for d in result.report["declined"] if d["pass"] == "awq"}
+    assert downs and all(w.endswith("mlp.down") for w in downs)
+    assert asked and asked == used, (asked - used, used - asked)
+
+
 @pytest.mark.parametrize("recipe,backend", [("w8a16", "qdq"), ("w4a16", "onnxruntime")])
 def test_verification_by_parts_equals_whole(models, recipe, backend, tmp_path, calib_text, monkeypatch):
     """Verifying one part at a time (large models) measures what the whole-model check measures, also on a
@@ -366,7 +392,7 @@ def test_awq_gram_sums_come_from_the_run_that_advances_the_block(models, name, t
     once = _compile(models[name], "w4a16", tmp_path / "once", calib_text)
     runs_once, runs[:] = list(runs), []
     mode[0] = "twice"
-    monkeypatch.setattr(awq.ActivationAwareScalesPass, "prefetch_inputs", lambda self, structure: [])
+    monkeypatch.setattr(awq.ActivationAwareScalesPass, "prefetch_inputs", lambda self, structure, ctx: None)
     twice = _compile(models[name], "w4a16", tmp_path / "twice", calib_text)
     assert once.report["compile_mode"]["propagate"] == "float"
     decoder = [i for i, b in enumerate(once.report["compile_mode"]["blocks"]) if b["linears"] and b["name"] != "head"]

@@ -146,15 +146,7 @@ def test_int4_per_token_head_in_groups_matches_the_formula(family, request):
     graph, ctx, record = _run(path, QuantizeKVCachePass(bits=4, granularity="per-token-head", group_size=group))
     assert record["stats"]["quantized_tensors"] == 4 and record["stats"]["group_size"] == group
     assert ctx.layers["layers.0.attn"]["kv_k_bits_per_value"] == 4 + 32 / group
-    nodes = graph.node_by_name()
-    outs = [nodes[block[k]].inputs[1].name for k in ("scores", "context")]
-    model = graph.to_model()
-    for name in outs:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": _ids()})))
+    outs, got = _kv_entering_attention(graph, block)
     for name, out, axis in zip(names, outs, (-2, -1)):
         x = np.moveaxis(values[name].astype(np.float64), axis, -1)
         xs = x.reshape(*x.shape[:-1], width // group, group)
@@ -171,3 +163,118 @@ def test_group_size_that_does_not_divide_the_head_is_declined(tiny_llama_onnx):
     graph, ctx, record = _run(tiny_llama_onnx, QuantizeKVCachePass(bits=4, granularity="per-token-head", group_size=7))
     assert record["stats"]["quantized_tensors"] == 0
     assert any("does not divide" in d["reason"] for d in ctx.declined)
+
+
+def _kv_entering_attention(graph: Graph, block: dict) -> tuple:
+    """The names and values (on ``_ids()``, ONNX Runtime unoptimized) of the keys and values entering ``block``'s
+    attention in ``graph``."""
+    import onnxruntime as ort
+
+    nodes = graph.node_by_name()
+    outs = [nodes[block[k]].inputs[1].name for k in ("scores", "context")]
+    model = graph.to_model()
+    for name in outs:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return outs, dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": _ids()})))
+
+
+def _float_kv(path: str, ids: np.ndarray) -> tuple:
+    """The float keys and values of layer 0 where attention reads them (Kᵀ ``[b, h, d, T]``, V ``[b, h, T, d]``)."""
+    import onnxruntime as ort
+
+    probe = load_graph(path)
+    block = _ctx().structure(probe).attention[0]
+    names = [probe.node_by_name()[block[k]].inputs[1].name for k in ("scores", "context")]
+    model = probe.to_model()
+    for name in names:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": ids})))
+    return block, [values[n].astype(np.float64) for n in names]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("granularity,keep_first", [("per-channel", 0), ("per-channel", 1), ("per-token-head", 2)])
+def test_int4_per_channel_and_float_first_tokens_match_the_formula(family, granularity, keep_first, request):
+    """``per-channel``: one static scale and float zero per head and channel from the calibration's min and max
+    (over the tokens after ``keep_first``); ``keep_first``: those first tokens enter attention exactly float. ONNX
+    Runtime's keys and values equal the formula on the float ones, on text other than the calibration's."""
+    from test_smooth_quant import TINY_VOCAB
+
+    path = request.getfixturevalue(f"tiny_{family}_onnx")
+    calib = np.random.default_rng(0).integers(0, TINY_VOCAB, (3, 1, 32), dtype=np.int64)[0]  # _ctx()'s sample
+    block, calib_kv = _float_kv(path, calib)
+    _, float_kv = _float_kv(path, _ids())
+    graph, ctx, record = _run(path, QuantizeKVCachePass(bits=4, granularity=granularity, keep_first=keep_first))
+    assert record["stats"]["quantized_tensors"] == 4 and record["stats"]["keep_first"] == keep_first
+    row = ctx.layers["layers.0.attn"]
+    assert row["kv_k_float_tokens"] == keep_first
+    head = float_kv[0].shape[-2]  # a scale and zero of 16 bits each per token and head, or nothing per token
+    assert row["kv_k_bits_per_value"] == (4 if granularity == "per-channel" else 4 + 32 / head)
+    outs, got = _kv_entering_attention(graph, block)
+    for out, x, c, (channel, token) in zip(outs, float_kv, calib_kv, ((-2, -1), (-1, -2))):
+        if granularity == "per-channel":
+            rest = np.take(c, np.arange(keep_first, c.shape[token]), axis=token)
+            lo = rest.min(axis=(0, c.ndim + token), keepdims=True)
+            hi = rest.max(axis=(0, c.ndim + token), keepdims=True)
+        else:
+            lo, hi = x.min(axis=channel, keepdims=True), x.max(axis=channel, keepdims=True)
+        s = (hi - lo) / 15
+        z = -lo / s
+        want = (np.clip(np.rint(x / s + z), 0, 15) - z) * s
+        first = np.arange(x.shape[token]) < keep_first
+        want = np.where(first if token == -1 else first[:, None], x, want)
+        np.testing.assert_allclose(got[out], want, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+        if keep_first:  # and quantized, those tokens would have differed: the check above tells them apart
+            quantized = np.take((np.clip(np.rint(x / s + z), 0, 15) - z) * s, np.arange(keep_first), axis=token)
+            assert np.abs(quantized - np.take(x, np.arange(keep_first), axis=token)).max() > 1e-3 * np.abs(x).max()
+    assert 0.0 < _rel_err(path, graph) < 0.3
+
+
+@pytest.mark.parametrize("options", [{"granularity": "per-tensor", "keep_first": 1},
+                                     {"granularity": "per-channel", "format": "fp8"},
+                                     {"bits": 4, "granularity": "per-channel", "keep_first": -1}])
+def test_bad_first_token_and_per_channel_options(options):
+    with pytest.raises(UsageError, match="quantize-kv-cache"):
+        QuantizeKVCachePass(**options)
+
+
+KV4_SINK = """name: kv4-sink
+opset: 21
+verify: {max_kl: 5, max_rel_error: 5}
+passes:
+  - quantize-kv-cache: {bits: 4, granularity: per-channel, keep_first: 1, tensors: [k]}
+  - quantize-kv-cache: {bits: 4, granularity: per-token-head, keep_first: 1, tensors: [v]}
+"""
+
+
+def test_per_channel_keys_and_float_first_token_quantize_the_cache(tiny_llama_onnx, tiny_llama_kv_onnx, tmp_path,
+                                                                   calib_text):
+    """The Q/DQ sits where attention reads the cache, so the KV-cache decoder quantizes each token as it enters
+    the cache: its logits at prefill and at every decode step equal the no-cache graph's at those positions
+    (the same static ranges from the same calibration; the first token float by its position in the cache, not
+    in the step's input)."""
+    from conftest import decode_logits
+
+    from llmq.driver import compile as llmq_compile
+
+    recipe = tmp_path / "kv4.yaml"
+    recipe.write_text(KV4_SINK)
+    kw = dict(calib=calib_text, calib_samples=3, calib_seq_len=48, quiet=True, sqnr=False)
+    plain = llmq_compile(tiny_llama_onnx, str(recipe), str(tmp_path / "plain"), **kw)
+    kv = llmq_compile(tiny_llama_kv_onnx, str(recipe), str(tmp_path / "kv"), **kw)
+    for result in (plain, kv):  # the recipe's two instances of the pass, reported one each over the blocks
+        stats = [p["stats"] for p in result.report["passes"] if p["pass"] == "quantize-kv-cache"]
+        assert [(st["granularity"], st["quantized_tensors"], st["keep_first"]) for st in stats] == \
+            [("per-channel", 2, 1), ("per-token-head", 2, 1)]
+    ids = np.random.default_rng(5).integers(0, 64, (1, 12), dtype=np.int64)
+    prompt, steps = ids[:, :7], list(ids[0, 7:])
+    whole = _logits(plain.paths["model"], ids)[0]
+    seen = decode_logits(kv.paths["model"], prompt, steps)
+    got = np.concatenate([seen[0][0]] + [s[0] for s in seen[1:]])
+    np.testing.assert_allclose(got, whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())
+    float_whole = _logits(tiny_llama_onnx, ids)[0]
+    assert np.abs(whole - float_whole).max() > 1e-3 * np.abs(float_whole).max()  # and the cache is quantized
