@@ -157,6 +157,15 @@ class PassContext:
         """One calibration batch of each tensor in ``names`` (float32 arrays), for searches and errors."""
         return _fill(self._sample, self.sample_provider, graph, names)
 
+    def stream(self, graph: Graph, names: list, each: Callable) -> None:
+        """``each(name, array)`` for each tensor in ``names`` and each calibration batch (arrays keep their
+        batch axis); where the driver gives no stream, once per tensor on the one-batch sample."""
+        if self.stream_provider is not None:
+            self.stream_provider(graph, names, each)
+            return
+        for name, value in self.activation_sample(graph, names).items():
+            each(name, value[None])  # the sample drops the batch axis: put it back
+
     def invalidate(self, activations: bool) -> None:
         self._structure = None
         if activations:

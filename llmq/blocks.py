@@ -244,8 +244,7 @@ def merge_records(per_part: list) -> list:
     merged: dict = {}
     for records in per_part:
         for r in records:
-            key = (r["pass"], repr(r["options"]))
-            m = merged.setdefault(key, {"pass": r["pass"], "options": r["options"], "modified": False,
+            m = merged.setdefault((r["pass"], repr(r["options"])), {"pass": r["pass"], "options": r["options"], "modified": False,
                                        "seconds": 0.0, "stats": {}, "_means": {}})
             m["modified"] |= r["modified"]
             m["seconds"] = round(m["seconds"] + r["seconds"], 3)

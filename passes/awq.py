@@ -148,11 +148,7 @@ def stream_inputs(graph: Graph, ctx: PassContext, names: list) -> dict:
     missing = [name for name in names if name not in out]
     if missing:
         each, finish = input_accumulator()
-        if ctx.stream_provider is not None:
-            ctx.stream_provider(graph, missing, each)
-        else:
-            for name, value in ctx.activation_sample(graph, missing).items():
-                each(name, value)
+        ctx.stream(graph, missing, each)
         out.update(finish())
     return out
 

@@ -50,8 +50,6 @@ DEFAULT_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 def hessians(graph: Graph, ctx: PassContext, names: list) -> dict:
     """``{tensor: (H_even, H_odd)}``: ``H = 2/n Σ xᵀx`` (float64 ``[K, K]``) over the even and the odd
     calibration batches, streamed; their mean (equal batch sizes) is the Hessian of all batches."""
-    if ctx.stream_provider is None:
-        raise ValueError("GPTQ needs calibration batches")
     acc: dict = {}
     seen: dict = {}
 
@@ -63,7 +61,7 @@ def hessians(graph: Graph, ctx: PassContext, names: list) -> dict:
         parts[half][0] = parts[half][0] + x.T @ x
         parts[half][1] += len(x)
 
-    ctx.stream_provider(graph, names, each)
+    ctx.stream(graph, names, each)
     out = {}
     for name, ((h0, n0), (h1, n1)) in acc.items():
         even = (2.0 / n0) * h0

@@ -208,12 +208,7 @@ class QuantizeKVCachePass(Pass):
                 lo, hi = np.minimum(acc[name][0], lo), np.maximum(acc[name][1], hi)
             acc[name] = (lo, hi)
 
-        names = sorted(token_axis)
-        if ctx.stream_provider is not None:
-            ctx.stream_provider(graph, names, each)
-        else:
-            for name, value in ctx.activation_sample(graph, names).items():
-                each(name, value[None])  # one batch, its batch axis dropped: put it back
+        ctx.stream(graph, sorted(token_axis), each)
         return acc
 
     def _static(self, graph: Graph, x: gs.Tensor, lo: np.ndarray, hi: np.ndarray, base: str) -> gs.Variable:
