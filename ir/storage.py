@@ -18,6 +18,8 @@ should never be in memory at once. So:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 
@@ -28,7 +30,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import external_data_helper as edh
 from onnx import numpy_helper
 
-__all__ = ["ExternalValues", "bytes_read", "INLINE_LIMIT", "attach_external", "detach", "release_memory", "spill", "spill_inline", "constant_nbytes", "fill_packed", "graph_arrays_session", "graph_session", "peek", "session_inputs", "session_threads",
+__all__ = ["COLLECT_OVER", "ExternalValues", "bytes_read", "collecting", "INLINE_LIMIT", "attach_external", "detach", "release_memory", "spill", "spill_inline", "constant_nbytes", "fill_packed", "graph_arrays_session", "graph_session", "peek", "session_inputs", "session_threads",
            "weights_as_inputs", "write_model"]
 
 logger = logging.getLogger(__name__)
@@ -171,13 +173,32 @@ def detach(graph: gs.Graph) -> None:
                 value._values = value._values.load()
 
 
+# a full garbage collection costs about 0.3 s in a process that imported torch and transformers: more than a
+# pass over a small model takes. A compile of weights under this size runs its release_memory calls without one
+COLLECT_OVER = 64 << 20
+_collect = contextvars.ContextVar("llmq_collect", default=True)
+
+
+@contextlib.contextmanager
+def collecting(enabled: bool):
+    """Within the block, :func:`release_memory` garbage-collects only if ``enabled`` (see ``COLLECT_OVER``)."""
+    token = _collect.set(enabled)
+    try:
+        yield
+    finally:
+        _collect.reset(token)
+
+
 def release_memory() -> None:
     """Give freed memory back to the system (garbage-collect, then glibc's ``malloc_trim``): the weights a
     pass replaced are freed, but the allocator would otherwise keep the pages for later, and the next phase
-    (a session over the whole model) would stack on top of them."""
+    (a session over the whole model) would stack on top of them. Inside ``collecting(False)`` (a small
+    model's compile) the collection is left to Python's own schedule."""
     import ctypes
     import gc
 
+    if not _collect.get():
+        return
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -37,7 +37,7 @@ from .frontends.onnx_loader import load_graph
 from .frontends.torch_export import calib_path_for, tokenizer_dir_for
 from .ir.errors import LlmqError
 from .ir.passes import PassContext, PassManager
-from .ir.storage import bytes_read, constant_nbytes, release_memory, write_model
+from .ir.storage import COLLECT_OVER, bytes_read, collecting, constant_nbytes, release_memory, write_model
 from .ir.structure import discover, lite_linears
 from .recipes import Recipe, load_recipe
 from .report import (attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, range_split_extra_mac_fraction,
@@ -127,88 +127,89 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
     logger.info("phase load")
     graph, structure = _load(model, recipe)
     input_bytes = sum(constant_nbytes(t) for t in graph.tensors().values() if isinstance(t, gs.Constant))
-    times["load_s"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    logger.info("phase calibration data")
-    calib = _calibration(model, recipe, opts, structure)
-    times["calib_data_s"] = time.perf_counter() - t
-    ctx = _context(recipe, opts, calib)
-    pipeline = PassManager(recipe.build(), verify=opts.verify, dump_dir=opts.dump_dir,
-                           progress=lambda name: logger.info("running %s", name))
-    plan = plan_blocks(graph, structure, pipeline, recipe.calib_propagate) if opts.blocks else \
-        BlockPlan(None, "block-by-block compile turned off (--no-blocks)")
-    logger.info("phase passes (%s)", "block by block" if plan.parts is not None else f"whole: {plan.why_whole}")
-    # what the rest needs of the input's structure; dropping it frees the original weights it references as
-    # the passes replace them (the layer table needs names and shapes only)
-    vocab_size, structure_summary, blocks = structure.vocab_size, structure.summary(), block_outputs(structure)
-    linear_names = {lin.name for lin in structure.linears}
-    linears = lite_linears(structure)
-    del structure
-    if plan.parts is not None:
-        os.makedirs(os.path.dirname(output), exist_ok=True)  # the scratch file lives beside the output
-        scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_owner()}-", dir=os.path.dirname(output))
-        weakref.finalize(graph, shutil.rmtree, scratch, True)  # the graph reads its finished blocks from there
+    with collecting(input_bytes >= COLLECT_OVER):  # a small model: no full garbage collections
+        times["load_s"] = time.perf_counter() - t0
         t = time.perf_counter()
-        records, sqnr_values = run_blocks(graph, plan, pipeline, ctx, calib.batches, opts.sqnr and calib.batches is not None,
-                                          scratch, ctx.progress)
-        times["passes_s"] = time.perf_counter() - t
-        rows = layer_table(linears, ctx.layers, sqnr_values, ctx.declined)
-    else:
-        rows, sqnr_values, records = _transform_and_quantize(graph, linears, pipeline, ctx, calib, opts, times)
-    ctx.invalidate(activations=True)
-    ctx.output_probe = ctx.stats_provider = ctx.sample_provider = ctx.stream_provider = None
-    release_memory()
-
-    _stamp(graph, recipe, pipeline, backend, model, vocab_size)
-    violations = check_tensorrt_rules(graph)
-    t = time.perf_counter()
-    logger.info("phase lowering")
-    ctx.spill_to = os.path.join(scratch, "llmq-lowered.data") if plan.parts is not None else None
-    lowering = PassManager(backend.lowering_passes(opts), verify=opts.verify,
-                           dump_dir=os.path.join(opts.dump_dir, "backend") if opts.dump_dir else None).run(graph, ctx)
-    times["lowering_s"] = time.perf_counter() - t
-
-    with _staging(output) as tmp:
-        t = time.perf_counter()
-        model_path = os.path.join(tmp, "model.onnx")
-        logger.info("phase write")
-        files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
-        plugins = any(is_plugin(n.op, n.domain) for n in graph.gs.nodes)
-        origin = graph.origin  # the input's weights, moved out of its file at load: verification runs on them
-        del graph
+        logger.info("phase calibration data")
+        calib = _calibration(model, recipe, opts, structure)
+        times["calib_data_s"] = time.perf_counter() - t
+        ctx = _context(recipe, opts, calib)
+        pipeline = PassManager(recipe.build(), verify=opts.verify, dump_dir=opts.dump_dir,
+                               progress=lambda name: logger.info("running %s", name))
+        plan = plan_blocks(graph, structure, pipeline, recipe.calib_propagate) if opts.blocks else \
+            BlockPlan(None, "block-by-block compile turned off (--no-blocks)")
+        logger.info("phase passes (%s)", "block by block" if plan.parts is not None else f"whole: {plan.why_whole}")
+        # what the rest needs of the input's structure; dropping it frees the original weights it references as
+        # the passes replace them (the layer table needs names and shapes only)
+        vocab_size, structure_summary, blocks = structure.vocab_size, structure.summary(), block_outputs(structure)
+        linear_names = {lin.name for lin in structure.linears}
+        linears = lite_linears(structure)
+        del structure
+        if plan.parts is not None:
+            os.makedirs(os.path.dirname(output), exist_ok=True)  # the scratch file lives beside the output
+            scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_owner()}-", dir=os.path.dirname(output))
+            weakref.finalize(graph, shutil.rmtree, scratch, True)  # the graph reads its finished blocks from there
+            t = time.perf_counter()
+            records, sqnr_values = run_blocks(graph, plan, pipeline, ctx, calib.batches, opts.sqnr and calib.batches is not None,
+                                              scratch, ctx.progress)
+            times["passes_s"] = time.perf_counter() - t
+            rows = layer_table(linears, ctx.layers, sqnr_values, ctx.declined)
+        else:
+            rows, sqnr_values, records = _transform_and_quantize(graph, linears, pipeline, ctx, calib, opts, times)
+        ctx.invalidate(activations=True)
+        ctx.output_probe = ctx.stats_provider = ctx.sample_provider = ctx.stream_provider = None
         release_memory()
-        by_parts = plan.parts if plan.parts is not None and input_bytes > VERIFY_BY_PARTS_OVER else None
-        backend_info = {"name": backend.name, "tensorrt_rule_violations": violations, "lowering": lowering,
-                        **_build(backend, model_path, tmp, opts, by_parts, recipe.opset)}
-        _write_side_files(tmp, rows, recipe, calib)
-        times["write_s"] = time.perf_counter() - t
+
+        _stamp(graph, recipe, pipeline, backend, model, vocab_size)
+        violations = check_tensorrt_rules(graph)
         t = time.perf_counter()
-        logger.info("phase verify")
-        # plugin nodes (TensorRT only) are checked through their ONNX definition, decoded from their own inputs
-        checked, scratch_files = expanded_copy(model_path, tmp, recipe.opset, plugins)
-        verification = _verify_output(model, checked, recipe, opts, calib, vocab_size, blocks,
-                                      backend.accuracy_level(opts), ctx.progress, by_parts,
-                                      getattr(origin, "reference", None))
-        for f in scratch_files:
-            os.remove(f)
-        if scratch_files:
-            verification["plugins_checked_as"] = "their ONNX definition (llmq.expand), decoded from the nodes' inputs"
-        del origin
-        times["verify_s"] = time.perf_counter() - t
-        times["total_s"] = time.perf_counter() - t0
-        report = _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows,
-                         linear_names, calib, sqnr_values, times, files, plan, bytes_read() - read0)
-        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=1, default=_json_default)
-        _publish(tmp, output)
-    paths = {"model": os.path.join(output, "model.onnx"), "report": os.path.join(output, "report.json"),
-             "recipe": os.path.join(output, "recipe.yaml")}
-    if len(files) > 1:
-        paths["external_data"] = os.path.join(output, os.path.basename(files[1]))
-    if calib.tokenizer_path:
-        paths["tokenizer"] = os.path.join(output, "model.tokenizer")
-    report["summary"] = summary_text(report)
-    return CompileResult(output, paths, report)
+        logger.info("phase lowering")
+        ctx.spill_to = os.path.join(scratch, "llmq-lowered.data") if plan.parts is not None else None
+        lowering = PassManager(backend.lowering_passes(opts), verify=opts.verify,
+                               dump_dir=os.path.join(opts.dump_dir, "backend") if opts.dump_dir else None).run(graph, ctx)
+        times["lowering_s"] = time.perf_counter() - t
+
+        with _staging(output) as tmp:
+            t = time.perf_counter()
+            model_path = os.path.join(tmp, "model.onnx")
+            logger.info("phase write")
+            files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
+            plugins = any(is_plugin(n.op, n.domain) for n in graph.gs.nodes)
+            origin = graph.origin  # the input's weights, moved out of its file at load: verification runs on them
+            del graph
+            release_memory()
+            by_parts = plan.parts if plan.parts is not None and input_bytes > VERIFY_BY_PARTS_OVER else None
+            backend_info = {"name": backend.name, "tensorrt_rule_violations": violations, "lowering": lowering,
+                            **_build(backend, model_path, tmp, opts, by_parts, recipe.opset)}
+            _write_side_files(tmp, rows, recipe, calib)
+            times["write_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            logger.info("phase verify")
+            # plugin nodes (TensorRT only) are checked through their ONNX definition, decoded from their own inputs
+            checked, scratch_files = expanded_copy(model_path, tmp, recipe.opset, plugins)
+            verification = _verify_output(model, checked, recipe, opts, calib, vocab_size, blocks,
+                                          backend.accuracy_level(opts), ctx.progress, by_parts,
+                                          getattr(origin, "reference", None))
+            for f in scratch_files:
+                os.remove(f)
+            if scratch_files:
+                verification["plugins_checked_as"] = "their ONNX definition (llmq.expand), decoded from the nodes' inputs"
+            del origin
+            times["verify_s"] = time.perf_counter() - t
+            times["total_s"] = time.perf_counter() - t0
+            report = _report(model, recipe, backend_info, verification, pipeline, structure_summary, records, ctx, rows,
+                             linear_names, calib, sqnr_values, times, files, plan, bytes_read() - read0)
+            with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=1, default=_json_default)
+            _publish(tmp, output)
+        paths = {"model": os.path.join(output, "model.onnx"), "report": os.path.join(output, "report.json"),
+                 "recipe": os.path.join(output, "recipe.yaml")}
+        if len(files) > 1:
+            paths["external_data"] = os.path.join(output, os.path.basename(files[1]))
+        if calib.tokenizer_path:
+            paths["tokenizer"] = os.path.join(output, "model.tokenizer")
+        report["summary"] = summary_text(report)
+        return CompileResult(output, paths, report)
 
 
 # ---------------------------------------------------------------- the steps

@@ -139,21 +139,27 @@ def test_w8a8_dynamic_bound(smollm2, windows, fp32_ppl, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def self_calib(smollm2, tmp_path_factory):
-    """4 windows of 512 tokens the model samples itself (what ``llmq-export --self-calib 4`` writes; 98 s)."""
+def self_calib(tmp_path_factory):
+    """4 windows of 512 tokens the model samples itself (what ``llmq-export --self-calib 4`` writes; 98 s). It
+    reads the GGUF, not the export, so the W4 worker samples while the W8 worker exports (first argument of
+    the test below: fixtures are made in the order asked for)."""
     import numpy as np
 
     from llmq.frontends.packaged import packaged_gguf
     from llmq.frontends.torch_export import load_hf, self_calibration
 
-    model, _ = load_hf(packaged_gguf())
+    try:
+        gguf = packaged_gguf()
+    except Exception as exc:  # pragma: no cover - make install provides it
+        pytest.skip(f"real model not installed: {exc}")
+    model, _ = load_hf(gguf)
     path = str(tmp_path_factory.mktemp("selfcalib") / "calib.npz")
     np.savez(path, input_ids=self_calibration(model, 4, 512))
     return path
 
 
 @W4
-def test_w4a16_awq_bound(smollm2, windows, fp32_ppl, self_calib, tmp_path):
+def test_w4a16_awq_bound(self_calib, smollm2, windows, fp32_ppl, tmp_path):
     """AWQ W4A16 (symmetric g128/64) on self-sampled calibration text: a regression bound at +26 % of fp32
     (measured on 4 self-sampled windows +22.7 %: 37.09 against 30.23; on 8, +19.8 %), at most 0.6 × RTN's loss
     (RTN 42.17, +39.5 %: measured 0.575 × on 4 windows, 0.50 × on 8); and ``w4a16-lr`` (the same plus rank-20
