@@ -29,7 +29,9 @@ quantization): the attention sink's keys lie far outside every other token's ran
 that took them in would coarsen the rest (they are left out of the calibration statistics too). ``N`` float
 tokens a head cost ``N · 16`` bits, nothing per further token. It counts positions in the cache as attention
 reads it: for a decoder whose cache starts at position 0 (not a sliding window that has moved on), the first
-tokens of the text.
+tokens of the text. ``observer: mse`` (per-channel) shrinks each channel's range about its centre to the
+factor of ``CLIP_GRID`` with the least squared error over the calibration tokens (a second stream): the few
+tokens beyond it are clipped, the many within it get finer steps.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from .qdq_math import FP8, FP8_MAX, qmax, representable_scale
 
-__all__ = ["QuantizeKVCachePass"]
+__all__ = ["CLIP_GRID", "QuantizeKVCachePass"]
+
+# observer: mse on a per-channel cache: the shrinks of each channel's calibrated range searched (1 = min/max)
+CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0, 0.95, …, 0.3
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ class QuantizeKVCachePass(Pass):
         bits: int = 8
         format: str = "int"  # int | fp8 (E4M3, 8 bits, per tensor)
         granularity: str = "per-tensor"
-        observer: str = "minmax"  # per-tensor only; per-head uses each head's max
+        observer: str = "minmax"  # per-tensor; per-channel: minmax or mse (a searched clip); per-head: each head's max
         tensors: tuple = ("k", "v")
         group_size: int = 0  # per-token-head only: a scale and zero per this many channels of a head (0: the head)
         keep_first: int = 0  # per-token-head, per-channel: the first N tokens of the cache stay float (attention sinks)
@@ -89,6 +94,8 @@ class QuantizeKVCachePass(Pass):
                 raise ValueError("4-bit KV cache needs granularity: per-head or per-token-head")
             if self.observer not in OBSERVERS:
                 raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}")
+            if self.granularity == "per-channel" and self.observer not in ("minmax", "mse"):
+                raise ValueError("a per-channel KV cache takes observer: minmax or mse")
             if self.group_size and (self.granularity != "per-token-head" or self.group_size < 2):
                 raise ValueError("group_size (≥ 2 channels) is for granularity: per-token-head")
             if self.keep_first < 0 or (self.keep_first and self.granularity not in ("per-token-head", "per-channel")):
@@ -158,10 +165,13 @@ class QuantizeKVCachePass(Pass):
                     ctx.decline(self.name, f"{where}.{which}", "per-channel needs a [batch, heads, ., .] tensor with "
                                 f"more than keep_first={o.keep_first} tokens in calibration")
                     continue
-                lo, hi = ranges[x.name]
+                lo, hi, *beta = ranges[x.name]
                 out = self._static(graph, x, lo, hi, base)
                 granularity, bits_per_value = "per-channel static asymmetric (calibrated min/max)", float(o.bits)
                 extra = {f"kv_{which}_channel_amax": float(np.maximum(np.abs(lo), np.abs(hi)).max())}
+                if beta:
+                    granularity = "per-channel static asymmetric (calibrated range, clip searched for least error)"
+                    extra[f"kv_{which}_mean_clip"] = round(float(np.mean(beta[0])), 4)
             else:
                 width = x.shape[channel_axis] if x.shape is not None else None
                 group = o.group_size or width
@@ -183,6 +193,8 @@ class QuantizeKVCachePass(Pass):
                                  f"kv_{which}_float_tokens": o.keep_first}, **extra)
             done += 1
         stats = {"quantized_tensors": done, "bits": o.bits, "granularity": o.granularity, "keep_first": o.keep_first}
+        if o.granularity == "per-channel":
+            stats["observer"] = o.observer
         if o.granularity == "per-token-head":
             stats["group_size"] = o.group_size or "head"
         return PassResult(done > 0, stats)
@@ -209,7 +221,48 @@ class QuantizeKVCachePass(Pass):
             acc[name] = (lo, hi)
 
         ctx.stream(graph, sorted(token_axis), each)
+        if self.options.observer == "mse" and acc:
+            acc = self._clip_search(graph, ctx, acc, token_axis)
         return acc
+
+    def _clip_search(self, graph: Graph, ctx: PassContext, ranges: dict, token_axis: dict) -> dict:
+        """``observer: mse``: per head and channel, the range ``[c − β·h, c + β·h]`` (``c``, ``h``: the calibrated
+        range's centre and half-width, ``β`` in ``CLIP_GRID``) whose quantization gives the least squared error
+        over the calibration tokens (a second stream), the rest clipped. The ranges' keys gain a third item,
+        ``β`` per channel. A channel's squared error adds to the attention logits' independently of the others'
+        (weighted by its query's mean square, a constant per channel), so each channel's best β is the logits'."""
+        levels = float(2 ** self.options.bits - 1)
+        keep = self.options.keep_first
+        grid = np.asarray(CLIP_GRID, np.float64)
+        errors: dict = {}
+
+        def each(name, value):
+            if name not in ranges or value.ndim < 3:
+                return
+            axis = value.ndim + token_axis[name]
+            value = np.take(value, np.arange(keep, value.shape[axis]), axis=axis).astype(np.float64)
+            if value.shape[axis] == 0:
+                return
+            lo, hi = ranges[name]
+            centre, half = (lo + hi) / 2, (hi - lo) / 2
+            sums = []
+            for beta in grid:
+                low, s = centre - beta * half, np.maximum(2 * beta * half, 1e-30) / levels
+                z = -low / s
+                diff = (np.clip(np.rint(value / s + z), 0, levels) - z) * s - value
+                sums.append(np.sum(diff * diff, axis=(0, axis), keepdims=True))
+            errors[name] = errors.get(name, 0.0) + np.stack(sums)
+
+        ctx.stream(graph, sorted(ranges), each)
+        out = {}
+        for name, (lo, hi) in ranges.items():
+            if name not in errors:
+                out[name] = (lo, hi, np.ones_like(lo))
+                continue
+            beta = grid[np.argmin(errors[name], axis=0)]
+            centre, half = (lo + hi) / 2, (hi - lo) / 2
+            out[name] = (centre - beta * half, centre + beta * half, beta)
+        return out
 
     def _static(self, graph: Graph, x: gs.Tensor, lo: np.ndarray, hi: np.ndarray, base: str) -> gs.Variable:
         """``x̂ = (clip(round(x / s + z), 0, 2^b − 1) − z) · s`` with a constant ``s`` and float ``z`` per channel

@@ -165,8 +165,8 @@ def test_group_size_that_does_not_divide_the_head_is_declined(tiny_llama_onnx):
     assert any("does not divide" in d["reason"] for d in ctx.declined)
 
 
-def _kv_entering_attention(graph: Graph, block: dict) -> tuple:
-    """The names and values (on ``_ids()``, ONNX Runtime unoptimized) of the keys and values entering ``block``'s
+def _kv_entering_attention(graph: Graph, block: dict, ids: np.ndarray | None = None) -> tuple:
+    """The names and values (on ``ids``, default ``_ids()``; ONNX Runtime unoptimized) of the keys and values entering ``block``'s
     attention in ``graph``."""
     import onnxruntime as ort
 
@@ -178,7 +178,8 @@ def _kv_entering_attention(graph: Graph, block: dict) -> tuple:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return outs, dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": _ids()})))
+    feeds = {"input_ids": _ids() if ids is None else ids}
+    return outs, dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
 def _float_kv(path: str, ids: np.ndarray) -> tuple:
@@ -278,3 +279,45 @@ def test_per_channel_keys_and_float_first_token_quantize_the_cache(tiny_llama_on
     np.testing.assert_allclose(got, whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())
     float_whole = _logits(tiny_llama_onnx, ids)[0]
     assert np.abs(whole - float_whole).max() > 1e-3 * np.abs(float_whole).max()  # and the cache is quantized
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_per_channel_clip_search_lowers_the_calibration_error_and_matches_the_formula(family, request):
+    """``observer: mse``: each head and channel's range is the calibrated one shrunk about its centre by the β of
+    ``CLIP_GRID`` with the least squared error on the calibration tokens; the graph computes the formula with that
+    range (ONNX Runtime against numpy, on the calibration tokens), and its error there is at most min/max's —
+    below it, on a channel set of 4 bits."""
+    from test_smooth_quant import TINY_VOCAB
+
+    from llmq.passes.quantize_kv_cache import CLIP_GRID
+
+    path = request.getfixturevalue(f"tiny_{family}_onnx")
+    calib = np.random.default_rng(0).integers(0, TINY_VOCAB, (3, 1, 32), dtype=np.int64)[0]  # _ctx()'s sample
+    block, calib_kv = _float_kv(path, calib)
+    graph, ctx, record = _run(path, QuantizeKVCachePass(bits=4, granularity="per-channel", observer="mse"))
+    assert record["stats"]["quantized_tensors"] == 4 and record["stats"]["observer"] == "mse"
+    assert 0.3 <= ctx.layers["layers.0.attn"]["kv_k_mean_clip"] < 1.0
+
+    def formula(x, lo, hi):
+        s = (hi - lo) / 15
+        z = -lo / s
+        return (np.clip(np.rint(x / s + z), 0, 15) - z) * s
+
+    for c, token in zip(calib_kv, (-1, -2)):
+        axes = (0, c.ndim + token)
+        lo, hi = c.min(axis=axes, keepdims=True), c.max(axis=axes, keepdims=True)
+        centre, half = (lo + hi) / 2, (hi - lo) / 2
+        errors = np.stack([np.sum((formula(c, centre - b * half, centre + b * half) - c) ** 2, axis=axes, keepdims=True)
+                           for b in CLIP_GRID])
+        beta = np.asarray(CLIP_GRID)[np.argmin(errors, axis=0)]
+        assert (beta < 1).any()
+        want = formula(c, centre - beta * half, centre + beta * half)
+        assert np.sum((want - c) ** 2) < np.sum((formula(c, lo, hi) - c) ** 2)
+        # the graph on the calibration text itself: that range, that formula
+        outs, got = _kv_entering_attention(graph, block, calib)
+        np.testing.assert_allclose(got[outs[0 if token == -1 else 1]], want, rtol=1e-5, atol=1e-5 * np.abs(c).max())
+
+
+def test_per_channel_takes_minmax_or_mse_only():
+    with pytest.raises(UsageError, match="minmax or mse"):
+        QuantizeKVCachePass(bits=4, granularity="per-channel", observer="percentile")
