@@ -150,17 +150,18 @@ class Graph:
         packed = {name: t for name, t in self.gs.tensors().items()
                   if isinstance(t, gs.Constant) and not isinstance(t._values, gs.ir.tensor.LazyValues)
                   and t.dtype in SUB_BYTE_DTYPES}
-        originals = {name: t.values for name, t in packed.items()}
+        originals = {name: (t.values, t._export_dtype) for name, t in packed.items()}
         try:
             for name, t in packed.items():
-                t.values = originals[name].astype(SUB_BYTE_DTYPES[t.dtype])
+                t.values, t._export_dtype = originals[name][0].astype(SUB_BYTE_DTYPES[t.dtype]), None
             model = gs.export_onnx(self.gs, do_type_check=True)
         finally:
             for name, t in packed.items():
-                t.values = originals[name]
+                t.values, t._export_dtype = originals[name]
         for i, init in enumerate(model.graph.initializer):
             if init.name in originals:
-                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(originals[init.name]), init.name))
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(originals[init.name][0]),
+                                                                            init.name))
         del model.opset_import[:]
         model.opset_import.append(onnx.helper.make_opsetid("", self.opset))
         for domain, version in sorted(self.other_opsets.items()):
@@ -180,7 +181,14 @@ class Graph:
     def snapshot(self) -> "Graph":
         """A copy to roll back to: nodes and tensors are copied, constant arrays shared (passes make new
         constants; none writes into an existing array)."""
-        return Graph(gs=self.gs.copy(), opset=self.opset, ir_version=self.ir_version,
+        copy = self.gs.copy()
+        # onnx-graphsurgeon's Constant.copy pins the export type to the values' type; keep it unset where it
+        # was, or a 4-bit constant (exported through its 8-bit carrier, see _export) would no longer export
+        originals = self.gs.tensors()
+        for name, t in copy.tensors().items():
+            if isinstance(t, gs.Constant):
+                t._export_dtype = getattr(originals.get(name), "_export_dtype", None)
+        return Graph(gs=copy, opset=self.opset, ir_version=self.ir_version,
                      model_metadata=dict(self.model_metadata),
                      node_metadata={k: dict(v) for k, v in self.node_metadata.items()},
                      other_opsets=dict(self.other_opsets), float_dtype=self.float_dtype)

@@ -13,7 +13,9 @@ activations) then exploit.
   projection's output columns; heads do not move (that would need q, k and v permuted together).
 
 Declines: producers it cannot permute (shared weights, an elementwise op other than the activation
-product between them, e.g. a split-outliers mask), excluded layers.
+product between them, e.g. a split-outliers mask), excluded layers, and ``o`` where the values are also a
+graph output (a KV-cache decoder's ``present`` values: the cache would change layout, and a cache written
+by the original model, or read by another program, would no longer fit).
 """
 
 from __future__ import annotations
@@ -112,6 +114,22 @@ def _downstream(tensor: gs.Tensor, on_path: set) -> list:
     return out
 
 
+def _reaches_output(tensor: gs.Tensor, outputs: set, stop: gs.Node, depth: int = 8) -> bool:
+    """Whether ``tensor``, or what nodes short of ``stop`` make of it within ``depth`` steps, is a graph output."""
+    frontier, seen = [tensor], set()
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            if t.name in outputs:
+                return True
+            for c in t.outputs:
+                if c is not stop and id(c) not in seen:
+                    seen.add(id(c))
+                    nxt.extend(c.outputs)
+        frontier = nxt
+    return any(t.name in outputs for t in frontier)
+
+
 def _groups_spanned(absmax: np.ndarray, order: np.ndarray, group: int, top: int) -> int:
     """How many ``group``-wide blocks of the input (in ``order``) hold the ``top`` largest channels."""
     rank = np.empty_like(order)
@@ -147,9 +165,10 @@ class ReorderChannelsPass(Pass):
         by_role_layer = {(lin.role, lin.layer): lin for lin in structure.linears}
         blocks = {b["layer"]: b for b in structure.attention}
         nodes = graph.node_by_name()
+        outputs = {t.name for t in graph.gs.outputs}
         plans = []
         for lin in selected_linears(structure, ctx, self.name, self.options.roles, "weight", rescales_input=True):
-            plan = self._plan(lin, by_output, by_role_layer, blocks, nodes)
+            plan = self._plan(lin, by_output, by_role_layer, blocks, nodes, outputs)
             if isinstance(plan, str):
                 ctx.decline(self.name, lin.name, plan)
             else:
@@ -181,7 +200,7 @@ class ReorderChannelsPass(Pass):
                        outlier_groups_after=_groups_spanned(absmax, order_in, g, top), outlier_channels=top)
         return PassResult(True, {"reordered": len(plans)})
 
-    def _plan(self, lin: Linear, by_output: dict, by_role_layer: dict, blocks: dict, nodes: dict):
+    def _plan(self, lin: Linear, by_output: dict, by_role_layer: dict, blocks: dict, nodes: dict, outputs: set):
         if lin.role == "o":
             v = by_role_layer.get(("v", lin.layer))
             if v is not None:
@@ -196,12 +215,15 @@ class ReorderChannelsPass(Pass):
                 return "no value projection found for this attention block"
             if not _private_weight(side[0]):
                 return "the value projection's weight is shared"
+            context = nodes[blocks[lin.layer]["context"]] if lin.layer in blocks else None
+            if _reaches_output(side[3], outputs, context):
+                return ("the values are a graph output (a KV cache): permuting their channels would change the "
+                        "cache's layout")
             width = side[2] - side[1]
             d = head_dim(side[3])
             if d is None or lin.in_features % width or width % d:
                 return "head layout of the attention context not found"
-            consts = _scalings_since(lin.act, nodes[blocks[lin.layer]["context"]], lin.in_features) \
-                if lin.layer in blocks else None
+            consts = _scalings_since(lin.act, context, lin.in_features) if context is not None else None
             if consts is None:
                 return "an op other than a head merge or a constant scaling between the context and o"
             return "o", [side] + consts, (lin.in_features // width, d)

@@ -48,3 +48,42 @@ def test_split_branch_is_declined_not_broken(tiny_llama_onnx):
     assert set(reasons) == {"layers.0.mlp.down", "layers.1.mlp.down"}
     assert all("outside the path" in r for r in reasons.values())
     _assert_same(tiny_llama_onnx, graph)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_kv_cache_layout_is_kept(family, request):
+    """On a KV-cache decoder the values are a graph output: o is declined (reordering its input would permute
+    the cache's channels), down / fc2 are still reordered, and every output, the cache included, is unchanged."""
+    path = request.getfixturevalue(f"tiny_{family}_kv_onnx")
+    graph = load_graph(path)
+    ctx = _ctx()
+    records = PassManager([ReorderChannelsPass(group_size=8)], verify=True).run(graph, ctx)
+    assert records[-1]["stats"]["reordered"] == 2
+    reasons = {d["where"]: d["reason"] for d in ctx.declined if d["pass"] == "reorder-channels"}
+    assert len(reasons) == 2 and all("KV cache" in r for r in reasons.values())
+    assert {v["reorder_kind"] for v in ctx.layers.values() if "reorder_kind" in v} == {"mlp"}
+    _assert_same_with_cache(path, graph)
+
+
+def _assert_same_with_cache(path, graph):
+    """Every output of the KV-cache decoder ``graph`` (logits and present keys and values) equals the original's
+    on a prompt with a non-empty past (ONNX Runtime, fp32 tolerance)."""
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    model = onnx.load(path)
+    feeds = {}
+    for i in model.graph.input:
+        dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        if i.name == "input_ids":
+            feeds[i.name] = rng.integers(0, 50, (1, 4), dtype=np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(5, 9, dtype=np.int64)[None]
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((1, 9), dtype=np.int64)
+        else:  # past keys / values: batch 1, heads and head size from the model, 5 past tokens
+            feeds[i.name] = rng.standard_normal((1, dims[1], 5, dims[3])).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(run(model), run(graph.to_model())):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())

@@ -155,6 +155,21 @@ def test_progressive_qdq_graph_matches_numpy(gemm):
     np.testing.assert_array_equal(w8, p1.int8().astype(np.float32))
 
 
+def test_four_bit_constants_export_after_a_rollback():
+    """A snapshot taken after 4-bit constants exist, then restored (an exact pass rolled back), still exports
+    them as UINT4 (onnx-graphsurgeon's copy pinned their export type to the values' own, which its exporter
+    cannot write)."""
+    from llmq.passes import QuantizeWeightsProgressivePass
+
+    graph = Graph.from_model(mlp_model(k=256, n=128, m=64))
+    QuantizeWeightsProgressivePass(roles=ALL, group_size=128).run(graph, PassContext())
+    before = graph.to_model()
+    graph.restore(graph.snapshot())
+    after = graph.to_model()
+    assert sum(i.data_type == onnx.TensorProto.UINT4 for i in after.graph.initializer) == 4
+    assert after.SerializeToString() == before.SerializeToString()
+
+
 def _logits(model, ids, optimize=True):
     import onnxruntime as ort
 
