@@ -78,19 +78,21 @@ def _guarded(prog: str, args, body) -> int:
         return 1
 
 
-def _freeze_imports() -> None:
+def _freeze_imports(tokenizer: bool) -> None:
     """Exempt what the libraries' imports made (about 400,000 objects with transformers and torch) from garbage
     collection for the rest of this process, so the compile's full collections (``release_memory``, after each
     block, to keep memory bounded) walk the model's objects only: 0.27 s each before, nothing after (measured).
-    Called before any model is loaded, so nothing a compile frees is ever frozen; not again once anything is
-    frozen (a second call in one process, or a host that froze its own). The CLI only: a library caller's
-    process is not ours to freeze."""
+    transformers is imported first only when the compile will load a ``tokenizer``: its import alone takes
+    seconds. Called before any model is loaded, so nothing a compile frees is ever frozen; not again once
+    anything is frozen (a second call in one process, or a host that froze its own). The CLI and the tests only:
+    a library caller's process is not ours to freeze."""
     import gc
 
     if gc.get_freeze_count():
         return
-    import transformers  # noqa: F401 - the tokenizer's import, which nearly every compile makes
-    from transformers import AutoTokenizer  # noqa: F401
+    if tokenizer:
+        import transformers  # noqa: F401
+        from transformers import AutoTokenizer  # noqa: F401
 
     gc.collect()
     gc.freeze()
@@ -216,7 +218,9 @@ def compile_main(argv=None) -> int:
         from .driver import CompileOptions
         from .driver import compile as run_compile
 
-        _freeze_imports()
+        from .frontends.torch_export import tokenizer_dir_for
+
+        _freeze_imports(bool(args.tokenizer) or os.path.isdir(tokenizer_dir_for(args.model)))  # as compile() decides
         options = CompileOptions(calib=args.calib_data, tokenizer=args.tokenizer, calib_samples=args.calib_samples,
                                  calib_seq_len=args.calib_seq_len, exclude=tuple(args.exclude), backend=args.backend,
                                  overwrite=args.overwrite, dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet,

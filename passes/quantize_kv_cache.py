@@ -56,6 +56,16 @@ CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0, 0.95, …
 logger = logging.getLogger(__name__)
 
 
+def _past_kept(value: np.ndarray, token_axis: int, keep: int):
+    """``(value without its first keep tokens along token_axis (−1 or −2), that axis as a non-negative index)``,
+    or None for a tensor of fewer than 3 axes or with no token left."""
+    if value.ndim < 3:
+        return None
+    axis = value.ndim + token_axis
+    value = value[(slice(None),) * axis + (slice(keep, None),)]
+    return (value, axis) if value.shape[axis] else None
+
+
 class QuantizeKVCachePass(Pass):
     """Fake-quantize (explicit Q/DQ) the key and value inputs of every attention block found.
 
@@ -208,12 +218,10 @@ class QuantizeKVCachePass(Pass):
         keep = self.options.keep_first
 
         def each(name, value):
-            if value.ndim < 3:
+            cut = _past_kept(value, token_axis[name], keep)
+            if cut is None:
                 return
-            axis = value.ndim + token_axis[name]
-            value = np.take(value, np.arange(keep, value.shape[axis]), axis=axis)
-            if value.shape[axis] == 0:
-                return
+            value, axis = cut
             lo = value.min(axis=(0, axis), keepdims=True).astype(np.float64)
             hi = value.max(axis=(0, axis), keepdims=True).astype(np.float64)
             if name in acc:
@@ -228,27 +236,28 @@ class QuantizeKVCachePass(Pass):
     def _clip_search(self, graph: Graph, ctx: PassContext, ranges: dict, token_axis: dict) -> dict:
         """``observer: mse``: per head and channel, the range ``[c − β·h, c + β·h]`` (``c``, ``h``: the calibrated
         range's centre and half-width, ``β`` in ``CLIP_GRID``) whose quantization gives the least squared error
-        over the calibration tokens (a second stream), the rest clipped. The ranges' keys gain a third item,
-        ``β`` per channel. A channel's squared error adds to the attention logits' independently of the others'
-        (weighted by its query's mean square, a constant per channel), so each channel's best β is the logits'."""
+        over the calibration tokens (a second stream), the rest clipped; each candidate is scored with the scale
+        and zero point the graph would hold (:meth:`_scale_zero`). The ranges' keys gain a third item, ``β`` per
+        channel. A channel's squared error adds to the attention logits' independently of the others' (weighted
+        by its query's mean square, a constant per channel), so each channel's best β is the logits'."""
         levels = float(2 ** self.options.bits - 1)
-        keep = self.options.keep_first
         grid = np.asarray(CLIP_GRID, np.float64)
+        candidates = {}
+        for name, (lo, hi) in ranges.items():
+            centre, half = (lo + hi) / 2, (hi - lo) / 2
+            candidates[name] = [tuple(a.astype(np.float64) for a in
+                                      self._scale_zero(graph, centre - beta * half, centre + beta * half))
+                                for beta in grid]
         errors: dict = {}
 
         def each(name, value):
-            if name not in ranges or value.ndim < 3:
+            cut = _past_kept(value, token_axis[name], self.options.keep_first)
+            if cut is None:
                 return
-            axis = value.ndim + token_axis[name]
-            value = np.take(value, np.arange(keep, value.shape[axis]), axis=axis).astype(np.float64)
-            if value.shape[axis] == 0:
-                return
-            lo, hi = ranges[name]
-            centre, half = (lo + hi) / 2, (hi - lo) / 2
+            value, axis = cut
+            value = value.astype(np.float64)
             sums = []
-            for beta in grid:
-                low, s = centre - beta * half, np.maximum(2 * beta * half, 1e-30) / levels
-                z = -low / s
+            for s, z in candidates[name]:
                 diff = (np.clip(np.rint(value / s + z), 0, levels) - z) * s - value
                 sums.append(np.sum(diff * diff, axis=(0, axis), keepdims=True))
             errors[name] = errors.get(name, 0.0) + np.stack(sums)
@@ -264,14 +273,20 @@ class QuantizeKVCachePass(Pass):
             out[name] = (centre - beta * half, centre + beta * half, beta)
         return out
 
+    def _scale_zero(self, graph: Graph, lo: np.ndarray, hi: np.ndarray) -> tuple:
+        """The scale (in the graph's float type, rounded up to a value it can hold) and float32 zero point of the
+        range ``[lo, hi]``, as :meth:`_static` writes them."""
+        levels = float(2 ** self.options.bits - 1)
+        tiny = float(np.finfo(np.float16).tiny) if graph.float_dtype == np.float16 else 1e-30
+        s = representable_scale((np.maximum(hi - lo, levels * tiny) / levels).astype(np.float32), graph.float_dtype)
+        return s, (-lo / s.astype(np.float64)).astype(np.float32)
+
     def _static(self, graph: Graph, x: gs.Tensor, lo: np.ndarray, hi: np.ndarray, base: str) -> gs.Variable:
         """``x̂ = (clip(round(x / s + z), 0, 2^b − 1) − z) · s`` with a constant ``s`` and float ``z`` per channel
         (shapes that broadcast against ``x``), from the calibrated ``[lo, hi]``."""
-        p, levels = self.name, float(2 ** self.options.bits - 1)
-        tiny = float(np.finfo(np.float16).tiny) if graph.float_dtype == np.float16 else 1e-30
-        s_values = representable_scale((np.maximum(hi - lo, levels * tiny) / levels).astype(np.float32), graph.float_dtype)
-        s = graph.make_constant(f"{base}_scale", s_values, p)
-        z = graph.make_constant(f"{base}_zero", (-lo / s_values.astype(np.float64)).astype(np.float32), p)
+        s_values, z_values = self._scale_zero(graph, lo, hi)
+        s = graph.make_constant(f"{base}_scale", s_values, self.name)
+        z = graph.make_constant(f"{base}_zero", z_values, self.name)
         return self._codes_and_back(graph, x, s, z, base, f"{base}_dq", x.shape)
 
     def _codes_and_back(self, graph: Graph, x, s, z, base: str, out: str, out_shape) -> gs.Variable:

@@ -216,13 +216,9 @@ def pytest_sessionstart(session):
     """What ``llmq-compile`` does before it loads a model (``cli._freeze_imports``): the libraries' objects are
     exempted from garbage collection, so each compile's full collections walk the test's objects only, not
     torch's and transformers' (0.27 s a collection otherwise, several per compile)."""
-    import gc
-
     import torch  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers import AutoTokenizer  # noqa: F401
 
     import llmq.driver  # noqa: F401
+    from llmq.cli import _freeze_imports
 
-    gc.collect()
-    gc.freeze()
+    _freeze_imports(tokenizer=True)
