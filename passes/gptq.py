@@ -19,6 +19,11 @@ ones' Hessian (``tr(ΔᵀHΔ)`` is the output error) and vice versa; where that 
 RTN's, the linear keeps RTN — GPTQ can fit its calibration text's input statistics at the expense of others
 (measured on SmolLM2's down projections). With one calibration batch both halves are that batch.
 
+``format: fp8``: the same column loop on FP8 E4M3 codes with one static scale per output channel,
+``s = max|W| / 448`` of the original weight (what ``quantize-weights format: fp8`` writes): ``q = fp8(w / s)``,
+the error fed forward as above. FP8's error is relative to each weight, so no scale search helps it; error
+feedback does (the rounding of one column is cancelled by the later ones through H).
+
 The quantized weight is written here (``DequantizeLinear`` of an int4/int8 initializer, blocked along K),
 not left to ``quantize-weights``: re-deriving scales from GPTQ's output would move it off its grid.
 Hessians come from the float model (the reference quantizes layers sequentially on the quantized model's
@@ -36,8 +41,8 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.structure import weight_matrix
-from .qdq_math import (QuantizedWeight, add_dequantize, block_size_for, output_error, quantize_weight, relative_error,
-                       sqnr_db, weight_code_range)
+from .qdq_math import (FP8, QuantizedWeight, add_dequantize, block_size_for, fp8_quantize, output_error, quantize_weight,
+                       quantize_weight_fp8, relative_error, sqnr_db, weight_code_range)
 from .select import selected_linears
 
 __all__ = ["GPTQPass", "gptq_quantize", "hessians"]
@@ -82,22 +87,28 @@ def _quantize_col(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, s
 
 
 def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                  damp: float = 0.01, block: int = 128, act_order: bool = True, scale_dtype=np.float32) -> QuantizedWeight:
-    """GPTQ on one weight ``[K, N]`` with input Hessian ``h [K, K]``; returns it blocked along K, its scales
+                  damp: float = 0.01, block: int = 128, act_order: bool = True, scale_dtype=np.float32,
+                  fmt: str = "int") -> QuantizedWeight:
+    """GPTQ on one weight ``[K, N]`` with input Hessian ``h [K, K]``; returns it blocked along K (``fmt`` int)
+    or FP8 E4M3 per output channel (``fmt`` fp8; ``bits``, ``group_size``, ``symmetric`` unused), its scales
     representable in ``scale_dtype`` (the model's float type)."""
     k, n = w_kn.shape
-    g = block_size_for(k, group_size)
+    fp8 = fmt == "fp8"
+    g = k if fp8 else block_size_for(k, group_size)
     W = w_kn.T.astype(np.float64).copy()  # [N, K]
     H = h.astype(np.float64).copy()
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    groups = [_group_params(W[:, j:j + g].T, bits, symmetric, scale_dtype) for j in range(0, k, g)] if act_order else None
+    if fp8:  # one static scale per output channel, from the (dead-zeroed) weight
+        fp8_scale = quantize_weight_fp8(W.T.astype(np.float32), 1, "per-channel", scale_dtype).scale
+    groups = [_group_params(W[:, j:j + g].T, bits, symmetric, scale_dtype) for j in range(0, k, g)] \
+        if act_order and not fp8 else None
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(k)
     W, H = W[:, perm], H[np.ix_(perm, perm)]
     H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
     U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper factor of H⁻¹
-    Q = np.zeros_like(W)  # integer codes, permuted order
+    Q = np.zeros((n, k), FP8 if fp8 else np.float64)  # codes, permuted order
     scales = np.zeros((k // g, n), np.float32)
     zps = np.zeros((k // g, n), np.float32)
     current = None
@@ -107,16 +118,20 @@ def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, bits: int = 4, group_size: in
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = perm[i1 + i]
-            if act_order:
-                scale, zp = groups[col // g]
+            if fp8:
+                q = fp8_quantize(W1[:, i], fp8_scale)
+                dq = q.astype(np.float64) * fp8_scale
             else:
-                if col % g == 0:  # columns in order: a group starts; find its range on the updated weight
+                if act_order:
+                    scale, zp = groups[col // g]
+                elif col % g == 0:  # columns in order: a group starts; find its range on the updated weight
                     current = _group_params(W1[:, i:i + g].T if i + g <= i2 - i1 else
-                                            np.concatenate([W1[:, i:], W[:, i2:i1 + i + g]], axis=1).T, bits, symmetric,
-                                            scale_dtype)
-                scale, zp = current
-            scales[col // g], zps[col // g] = scale, zp
-            q, dq = _quantize_col(W1[:, i], scale, zp, bits, symmetric)
+                                            np.concatenate([W1[:, i:], W[:, i2:i1 + i + g]], axis=1).T, bits,
+                                            symmetric, scale_dtype)
+                if not act_order:
+                    scale, zp = current
+                scales[col // g], zps[col // g] = scale, zp
+                q, dq = _quantize_col(W1[:, i], scale, zp, bits, symmetric)
             Q[:, i1 + i] = q
             err = (W1[:, i] - dq) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])
@@ -124,13 +139,15 @@ def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, bits: int = 4, group_size: in
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     inv = np.argsort(perm)
     codes = Q[:, inv].T  # [K, N] in the original channel order
+    if fp8:
+        return QuantizedWeight(np.ascontiguousarray(codes), fp8_scale, np.zeros(fp8_scale.shape, FP8), 1, 0)
     dtype = QuantizedWeight.storage(bits, symmetric)
     carrier = np.int8 if symmetric else np.uint8
     return QuantizedWeight(codes.astype(carrier).astype(dtype), scales, zps.astype(carrier).astype(dtype), 0, g)
 
 
 class GPTQPass(Pass):
-    """GPTQ-quantize the weights of selected linears (block Q/DQ along K)."""
+    """GPTQ-quantize the weights of selected linears (INT block Q/DQ along K, or FP8 per output channel)."""
 
     name = "gptq"
     phase = "quantize"
@@ -147,11 +164,16 @@ class GPTQPass(Pass):
         act_order: bool = True
         holdout_check: bool = True  # per linear, keep RTN where GPTQ loses on the other half of the batches
         roles: tuple = DEFAULT_ROLES
+        format: str = "int"  # int | fp8 (E4M3, 8 bits, symmetric, one scale per output channel)
 
         def __post_init__(self):
             object.__setattr__(self, "roles", tuple(self.roles))
             if self.bits not in (4, 8) or self.group_size < 2 or self.block < 1 or not 0 < self.damp < 1:
                 raise ValueError("bits 4 or 8, group_size ≥ 2, block ≥ 1, damp in (0, 1)")
+            if self.format not in ("int", "fp8"):
+                raise ValueError(f"format must be int or fp8, not {self.format!r}")
+            if self.format == "fp8" and (self.bits != 8 or not self.symmetric):
+                raise ValueError("fp8 weights are 8 bits and symmetric (one scale per output channel)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -161,16 +183,18 @@ class GPTQPass(Pass):
         names = sorted({lin.act.name for lin in linears})
         hs = hessians(graph, ctx, names)
         sample = ctx.activation_sample(graph, names) if ctx.sample_provider else {}
-        kind = f"{'int' if o.symmetric else 'uint'}{o.bits}"
+        fp8 = o.format == "fp8"
+        kind = "fp8e4m3" if fp8 else f"{'int' if o.symmetric else 'uint'}{o.bits}"
         gains, fallbacks = [], 0
         iterator = ctx.progress(linears, self.name) if ctx.progress else linears
         for lin in iterator:
             w = weight_matrix(lin).astype(np.float32)
             w_kn = w if lin.weight_axis == 1 else w.T
             h_even, h_odd = hs[lin.act.name]
-            args = (o.bits, o.group_size, o.symmetric, o.damp, o.block, o.act_order, graph.float_dtype)
+            args = (o.bits, o.group_size, o.symmetric, o.damp, o.block, o.act_order, graph.float_dtype, o.format)
             method, cv_ratio = "gptq", None
-            rtn = quantize_weight(w_kn, 1, o.bits, "per-group", o.group_size, o.symmetric, graph.float_dtype)
+            rtn = quantize_weight_fp8(w_kn, 1, "per-channel", graph.float_dtype) if fp8 else \
+                quantize_weight(w_kn, 1, o.bits, "per-group", o.group_size, o.symmetric, graph.float_dtype)
             if o.holdout_check:  # two-fold: fit on one half of the batches, measure on the other
                 w_rtn = rtn.dequantize()
                 # tr(ΔᵀHΔ): the output error on the held-out half's inputs
@@ -182,14 +206,17 @@ class GPTQPass(Pass):
                     method = "rtn"
                     fallbacks += 1
             qw = gptq_quantize(w_kn, (h_even + h_odd) / 2, *args) if method == "gptq" else rtn
-            if lin.weight_axis == 0:  # Gemm transB: stored [N, K], blocks along axis 1
-                qw = QuantizedWeight(qw.q.T.copy(), qw.scale.T.copy(), qw.zero_point.T.copy(), 1, qw.block_size)
+            if lin.weight_axis == 0:  # Gemm transB: stored [N, K]: blocks along axis 1, output channels on axis 0
+                qw = QuantizedWeight(qw.q.T.copy(), qw.scale.T.copy(), qw.zero_point.T.copy(), 0 if fp8 else 1,
+                                     qw.block_size)
             q = graph.make_constant(f"{lin.name}.weight_{kind}", qw.q, self.name)
             lin.node.inputs[1] = add_dequantize(graph, q, qw.scale, qw.axis, self.name, f"{lin.name}.weight",
                                                 zero_point=qw.zero_point, block_size=qw.block_size)
-            row = dict(weight_bits=o.bits, weight_granularity="per-group", weight_block_size=qw.block_size,
+            row = dict(weight_bits=o.bits, weight_format=kind, weight_granularity="per-channel" if fp8 else "per-group",
                        weight_symmetric=o.symmetric, weight_method=method, weight_axis=qw.axis,
                        weight_sqnr_db=round(sqnr_db(w, qw.dequantize()), 2), gptq_heldout_err_ratio=cv_ratio)
+            if qw.block_size:
+                row["weight_block_size"] = qw.block_size
             x = sample.get(lin.act.name)
             if x is not None:
                 x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)

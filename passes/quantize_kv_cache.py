@@ -32,6 +32,15 @@ reads it: for a decoder whose cache starts at position 0 (not a sliding window t
 tokens of the text. ``observer: mse`` (per-channel) shrinks each channel's range about its centre to the
 factor of ``CLIP_GRID`` with the least squared error over the calibration tokens (a second stream): the few
 tokens beyond it are clipped, the many within it get finer steps.
+
+``per-channel-group`` (KIVI's keys; ``tensors: [k]`` only): per head and channel, a scale and float zero over each
+run of ``token_group`` tokens (after the first ``keep_first``), dynamic — from the group's own min and max, no
+calibration. A cache quantizes a group once its last token has arrived and holds the newer tokens in float, so
+the query at position ``p`` sees key ``j`` quantized only if ``j``'s group is complete by ``p``: the scores are
+``Where(mask, Q·K̂ᵀ, Q·Kᵀ)``, two MatMuls, the mask from the positions (the queries are the last ``Tq`` of the
+``T`` keys). No group's range ever uses a token after the query, and a KV-cache decoder gives step by step the
+whole-sequence graph's logits. ``4 + 32 / token_group`` bits a key (a 16-bit scale and zero per channel and
+group), plus at most ``token_group − 1`` float tokens a head.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ __all__ = ["CLIP_GRID", "QuantizeKVCachePass"]
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0, 0.95, …, 0.3
 
 logger = logging.getLogger(__name__)
+
+_ARITHMETIC = ("per-token-head", "per-channel", "per-channel-group")  # written as arithmetic, asymmetric
 
 
 def _past_kept(value: np.ndarray, token_axis: int, keep: int):
@@ -86,15 +97,17 @@ class QuantizeKVCachePass(Pass):
         observer: str = "minmax"  # per-tensor; per-channel: minmax or mse (a searched clip); per-head: each head's max
         tensors: tuple = ("k", "v")
         group_size: int = 0  # per-token-head only: a scale and zero per this many channels of a head (0: the head)
-        keep_first: int = 0  # per-token-head, per-channel: the first N tokens of the cache stay float (attention sinks)
+        keep_first: int = 0  # per-token-head, per-channel(-group): the first N tokens of the cache stay float (sinks)
+        token_group: int = 32  # per-channel-group: the tokens a channel's scale and zero cover (KIVI's group)
 
         def __post_init__(self):
             object.__setattr__(self, "tensors", tuple(self.tensors))
             if self.bits not in (4, 8):
                 raise ValueError("KV-cache bits must be 8 or 4")
-            if self.granularity not in ("per-tensor", "per-head", "per-token-head", "per-channel"):
-                raise ValueError("KV-cache granularity must be per-tensor, per-head, per-token-head or per-channel")
-            if self.granularity in ("per-token-head", "per-channel") and self.format != "int":
+            if self.granularity not in ("per-tensor", "per-head", "per-token-head", "per-channel", "per-channel-group"):
+                raise ValueError("KV-cache granularity must be per-tensor, per-head, per-token-head, per-channel or "
+                                 "per-channel-group")
+            if self.granularity in _ARITHMETIC and self.format != "int":
                 raise ValueError(f"a {self.granularity} KV cache is integer (asymmetric)")
             if self.format not in ("int", "fp8"):
                 raise ValueError(f"format must be int or fp8, not {self.format!r}")
@@ -108,8 +121,14 @@ class QuantizeKVCachePass(Pass):
                 raise ValueError("a per-channel KV cache takes observer: minmax or mse")
             if self.group_size and (self.granularity != "per-token-head" or self.group_size < 2):
                 raise ValueError("group_size (≥ 2 channels) is for granularity: per-token-head")
-            if self.keep_first < 0 or (self.keep_first and self.granularity not in ("per-token-head", "per-channel")):
-                raise ValueError("keep_first (≥ 0 tokens) is for granularity: per-token-head or per-channel")
+            if self.keep_first < 0 or (self.keep_first and self.granularity not in _ARITHMETIC):
+                raise ValueError("keep_first (≥ 0 tokens) is for granularity: per-token-head, per-channel or "
+                                 "per-channel-group")
+            if self.token_group < 2:
+                raise ValueError("token_group must be ≥ 2 tokens")
+            if self.granularity == "per-channel-group" and self.tensors != ("k",):
+                raise ValueError("per-channel-group is for the keys (tensors: [k]); KIVI quantizes values per token "
+                                 "(per-token-head)")
             if not self.tensors or set(self.tensors) - {"k", "v"}:
                 raise ValueError("tensors must be a subset of [k, v]")
 
@@ -133,7 +152,7 @@ class QuantizeKVCachePass(Pass):
                 targets.append((where, which, mm))
         if not targets:
             return PassResult(False, {"quantized_tensors": 0})
-        if o.granularity in ("per-token-head", "per-channel"):
+        if o.granularity in _ARITHMETIC:
             return self._arithmetic(graph, ctx, targets)
         stats = ctx.activation_stats(graph, sorted({mm.inputs[1].name for _, _, mm in targets}))
         done = 0
@@ -182,6 +201,16 @@ class QuantizeKVCachePass(Pass):
                 if beta:
                     granularity = "per-channel static asymmetric (calibrated range, clip searched for least error)"
                     extra[f"kv_{which}_mean_clip"] = round(float(np.mean(beta[0])), 4)
+            elif o.granularity == "per-channel-group":
+                self._causal_token_groups(graph, mm, base)
+                first = f", first {o.keep_first} token(s) float" if o.keep_first else ""
+                ctx.record(where, **{f"kv_{which}_bits": o.bits, f"kv_{which}_format": "int",
+                                     f"kv_{which}_granularity": f"per-channel dynamic asymmetric over groups of "
+                                     f"{o.token_group} tokens (KIVI), an incomplete last group float{first}",
+                                     f"kv_{which}_bits_per_value": o.bits + 2 * 16 / o.token_group,
+                                     f"kv_{which}_float_tokens": o.keep_first})
+                done += 1
+                continue
             else:
                 width = x.shape[channel_axis] if x.shape is not None else None
                 group = o.group_size or width
@@ -323,14 +352,80 @@ class QuantizeKVCachePass(Pass):
         """Asymmetric fake quantization of ``x`` with a scale and a float zero per slice along ``axis`` (−2 or −1
         of a 4-D tensor); with ``width`` (the axis' size), per group of ``group_size`` along it: the axis is
         split in two (a Reshape), reduced over the inner one, and the result reshaped back."""
+        if not width:
+            return self._min_max_fake_quant(graph, x, axis, base, f"{base}_dq", x.shape)
+        g = self.options.group_size
+        # Reshape's 0 copies the input's dimension: [b, h, d, T] → [b, h, d/g, g, T]; [b, h, T, d] → [b, h, T, d/g, g]
+        split = [0, 0, width // g, g, -1] if axis == -2 else [0, 0, 0, width // g, g]
+        return self._grouped(graph, x, graph.make_constant(f"{base}_groups", np.asarray(split, np.int64), self.name),
+                             axis, base)
+
+    def _causal_token_groups(self, graph: Graph, mm: gs.Node, base: str) -> None:
+        """KIVI's keys at the score MatMul ``Q·Kᵀ`` (``Kᵀ`` ``[b, h, d, T]``): per head and channel, a scale and
+        float zero over each run of ``token_group`` tokens after the first ``keep_first``; a cache quantizes a
+        group once it is full and holds the newer tokens (and the kept first ones) in float. So the query at
+        position ``p`` (the last ``Tq`` of the ``T`` keys) sees key ``j`` quantized iff ``keep_first ≤ j <
+        keep_first + ⌊(p + 1 − keep_first) / g⌋·g``: the scores are ``Where(that, Q·K̂ᵀ, Q·Kᵀ)``, two MatMuls. A
+        group's range never uses a token after the query, and a KV-cache decoder gives, step by step, the
+        logits the whole-sequence graph gives (tested)."""
+        p, g, kf = self.name, self.options.token_group, self.options.keep_first
+        q_in, kt = mm.inputs[0], mm.inputs[1]
+        i64 = lambda name, v: graph.make_constant(f"{base}_{name}", np.asarray(v, np.int64), p)  # noqa: E731
+        node = lambda op, ins, name, attrs=None, dtype=np.int64: graph.make_node(  # noqa: E731
+            op, ins, f"{base}_{name}", p, attrs, out_dtype=dtype)
+        shape = node("Shape", [kt], "k_shape")
+        keys = node("Slice", [shape, i64("t0", [3]), i64("t1", [4])], "keys")  # [1]: T
+        grouped_n = node("Mul", [node("Div", [node("Max", [node("Sub", [keys, i64("kf", [kf])], "after_kept"),
+                                                            i64("nil", [0])], "after_kept_pos"),
+                                              i64("g", [g])], "groups"), i64("g_m", [g])], "grouped_n")
+        axes = i64("axes", [3])
+        kept = node("Slice", [kt, i64("zero", [0]), i64("kf_end", [kf]), axes], "kept", dtype=np.float32)
+        start = i64("kf_start", [kf])
+        end = node("Add", [start, grouped_n], "grouped_end")
+        middle = node("Slice", [kt, start, end, axes], "grouped_part", dtype=np.float32)
+        rest = node("Slice", [kt, end, i64("end", [np.iinfo(np.int64).max]), axes], "residual", dtype=np.float32)
+        split = node("Concat", [node("Slice", [shape, i64("pre_s", [0]), i64("pre_e", [3])], "pre"), i64("split", [-1, g])],
+                     "split_shape", {"axis": 0})
+        dq = node("Concat", [kept, self._grouped(graph, middle, split, -1, base), rest], "dq", {"axis": 3},
+                  dtype=np.float32)
+        scores_f = mm.outputs[0]
+        scores_q = graph.make_node("MatMul", [q_in, dq], f"{base}_scores_q", p, out_dtype=np.float32)
+        # the mask [Tq, T]: key j quantized for the query at position p = T − Tq + i
+        queries = node("Slice", [node("Shape", [q_in], "q_shape"), i64("q0", [-2]), i64("q1", [-1])], "queries")
+        scalar = lambda t, name: node("Squeeze", [t, i64(f"{name}_ax", [0])], name)  # noqa: E731
+        t_all, t_q = scalar(keys, "keys_s"), scalar(queries, "queries_s")
+        one = i64("one", 1)
+        positions = node("Range", [node("Sub", [t_all, t_q], "first_query"), t_all, one], "q_positions")
+        seen = node("Sub", [node("Add", [positions, one], "q_seen"), i64("kf_s", kf)], "q_after_kept")
+        limit = node("Add", [node("Mul", [node("Div", [node("Max", [seen, i64("nil_s", 0)], "q_after_kept_pos"),
+                                                       i64("g_s", g)], "q_groups"), i64("g_ms", g)], "q_grouped"),
+                             i64("kf_a", kf)], "q_limit")
+        key_pos = node("Range", [i64("k0", 0), t_all, one], "k_positions")
+        below = node("Less", [node("Unsqueeze", [key_pos, i64("k_ax", [0])], "k_row"),
+                              node("Unsqueeze", [limit, i64("q_ax", [1])], "q_col")], "below_limit", dtype=np.bool_)
+        mask = node("And", [below, node("GreaterOrEqual", [key_pos, i64("kf_g", kf)], "past_kept", dtype=np.bool_)],
+                    "quantized", dtype=np.bool_) if kf else below
+        consumers = list(scores_f.outputs)
+        out = graph.make_node("Where", [mask, scores_q, scores_f], f"{base}_scores", p, out_dtype=np.float32,
+                              out_shape=scores_f.shape)
+        for c in consumers:
+            for i, t in enumerate(c.inputs):
+                if t is scores_f:
+                    c.inputs[i] = out
+
+    def _grouped(self, graph: Graph, x: gs.Tensor, split, axis: int, base: str) -> gs.Variable:
+        """``x`` reshaped to ``split`` (a constant or tensor shape), fake-quantized per slice along ``axis`` of
+        that shape, and reshaped back."""
+        p = self.name
+        grouped = graph.make_node("Reshape", [x, split], f"{base}_grouped", p, out_dtype=np.float32)
+        dq = self._min_max_fake_quant(graph, grouped, axis, base, f"{base}_dq_grouped", None)
+        shape = graph.make_node("Shape", [x], f"{base}_shape", p, out_dtype=np.int64)
+        return graph.make_node("Reshape", [dq, shape], f"{base}_dq_full", p, out_dtype=np.float32, out_shape=x.shape)
+
+    def _min_max_fake_quant(self, graph: Graph, x: gs.Tensor, axis: int, base: str, out: str, out_shape) -> gs.Variable:
+        """``(clip(round(x / s + z), 0, 2^b − 1) − z) · s`` with ``s = (max − min) / (2^b − 1)``, ``z = −min / s``
+        over ``axis`` (kept), computed in the graph."""
         p, levels = self.name, float(2 ** self.options.bits - 1)
-        original = x
-        if width:
-            g = self.options.group_size
-            # Reshape's 0 copies the input's dimension: [b, h, d, T] → [b, h, d/g, g, T]; [b, h, T, d] → [b, h, T, d/g, g]
-            split = [0, 0, width // g, g, -1] if axis == -2 else [0, 0, 0, width // g, g]
-            x = graph.make_node("Reshape", [x, graph.make_constant(f"{base}_groups", np.asarray(split, np.int64), p)],
-                                f"{base}_grouped", p, out_dtype=np.float32)
         axes = graph.make_constant(f"{base}_axes", np.asarray([axis], np.int64), p)
         lo = graph.make_node("ReduceMin", [x, axes], f"{base}_min", p, {"keepdims": 1}, out_dtype=np.float32)
         hi = graph.make_node("ReduceMax", [x, axes], f"{base}_max", p, {"keepdims": 1}, out_dtype=np.float32)
@@ -342,12 +437,7 @@ class QuantizeKVCachePass(Pass):
                             f"{base}_scale", p, out_dtype=np.float32)
         z = graph.make_node("Neg", [graph.make_node("Div", [lo, s], f"{base}_min_steps", p, out_dtype=np.float32)],
                             f"{base}_zero", p, out_dtype=np.float32)
-        dq = self._codes_and_back(graph, x, s, z, base, f"{base}_dq_grouped" if width else f"{base}_dq",
-                                  None if width else x.shape)
-        if not width:
-            return dq
-        shape = graph.make_node("Shape", [original], f"{base}_shape", p, out_dtype=np.int64)
-        return graph.make_node("Reshape", [dq, shape], f"{base}_dq", p, out_dtype=np.float32, out_shape=original.shape)
+        return self._codes_and_back(graph, x, s, z, base, out, out_shape)
 
     def _qdq(self, graph: Graph, x: gs.Tensor, scale: np.ndarray, base: str) -> gs.Variable:
         bits = self.options.bits

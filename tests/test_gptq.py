@@ -107,3 +107,55 @@ def test_heldout_error_is_the_output_error():
     # exact identity: tr(ΔᵀHΔ) is the mean squared output error times 2
     d = w - rtn
     assert heldout_error(w, rtn, good_odd) == pytest.approx(2.0 * np.sum((x[1::2] @ d) ** 2) / len(x[1::2]), rel=1e-6)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_fp8_beats_rtn_and_stays_on_the_fp8_grid(act_order):
+    """format fp8: E4M3 codes with the per-channel scale RTN-FP8 uses (max|W| / 448), lower output error."""
+    from llmq.passes.qdq_math import FP8, quantize_weight_fp8
+
+    x, w = _layer_problem(1)
+    h = 2.0 / len(x) * (x.astype(np.float64).T @ x)
+    qw = gptq_quantize(w, h, 8, act_order=act_order, fmt="fp8")
+    rtn = quantize_weight_fp8(w, 1)
+    assert qw.q.dtype == FP8 and qw.q.shape == w.shape and qw.axis == 1 and qw.block_size == 0
+    np.testing.assert_array_equal(qw.scale, rtn.scale)
+    assert np.all(np.abs(qw.q.astype(np.float32)) <= 448)
+    ref = x @ w
+    err_gptq = np.sum((ref - x @ qw.dequantize()) ** 2)
+    err_rtn = np.sum((ref - x @ rtn.dequantize()) ** 2)
+    assert err_gptq < 0.7 * err_rtn
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gptq_fp8_pass_runs_in_onnxruntime(family, request):
+    """The pass writes FP8 E4M3 DequantizeLinear weights per output channel that ONNX Runtime reads as numpy
+    dequantizes them (q · s, exactly), on Llama's and GPT-2's layouts; the logits stay near the float model's."""
+    import onnx
+    from conftest import run_ort
+    from onnx import numpy_helper
+    from test_smooth_quant import _logits
+
+    path = request.getfixturevalue(f"tiny_{family}_onnx")
+    graph = load_graph(path)
+    ctx = _ctx()
+    records = PassManager([GPTQPass(bits=8, format="fp8")], verify=True).run(graph, ctx)
+    assert records[0]["stats"]["format"] == "fp8e4m3" and records[0]["stats"]["quantized"] > 0
+    rows = [r for r in ctx.layers.values() if r.get("weight_format") == "fp8e4m3"]
+    assert len(rows) == records[0]["stats"]["quantized"]
+    assert all(r["weight_granularity"] == "per-channel" for r in rows)
+    model = graph.to_model()
+    inits = {i.name: i for i in model.graph.initializer}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+           and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(dqs) == len(rows)
+    for dq in dqs[:3]:
+        probe = onnx.helper.make_model(onnx.helper.make_graph(
+            [dq], "g", [], [onnx.helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None)],
+            [inits[n] for n in dq.input]), opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+        (got,) = run_ort(probe, {})
+        q, s = (numpy_helper.to_array(inits[n]) for n in dq.input[:2])
+        axis = next(a.i for a in dq.attribute if a.name == "axis")
+        np.testing.assert_array_equal(got, q.astype(np.float32) * np.expand_dims(s, 1 - axis))
+    ref, out = _logits(path, _ids()), _logits(model, _ids())
+    assert np.sqrt(np.mean((out - ref) ** 2) / np.mean(ref ** 2)) < 0.05

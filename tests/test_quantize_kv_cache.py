@@ -321,3 +321,95 @@ def test_per_channel_clip_search_lowers_the_calibration_error_and_matches_the_fo
 def test_per_channel_takes_minmax_or_mse_only():
     with pytest.raises(UsageError, match="minmax or mse"):
         QuantizeKVCachePass(bits=4, granularity="per-channel", observer="percentile")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("keep_first", [0, 1])
+def test_key_token_groups_match_the_causal_formula(family, keep_first, request):
+    """``per-channel-group`` (KIVI's keys): the query at position p scores key j with k̂_j — quantized per head and
+    channel over its group of ``token_group`` tokens after the first ``keep_first`` — iff j's group is complete by
+    p, else with the float k_j (ONNX Runtime's scores against numpy on the graph's own float Q and K)."""
+    import onnxruntime as ort
+
+    g = 8
+    path = request.getfixturevalue(f"tiny_{family}_onnx")
+    graph, ctx, record = _run(path, QuantizeKVCachePass(bits=4, granularity="per-channel-group", token_group=g,
+                                                        keep_first=keep_first, tensors=["k"]))
+    assert record["stats"]["quantized_tensors"] == 2
+    assert ctx.layers["layers.0.attn"]["kv_k_bits_per_value"] == 4 + 32 / g
+    wheres = [n for n in graph.gs.nodes if n.op == "Where" and n.name.startswith("quantize-kv-cache/")]
+    assert len(wheres) == 2  # one per layer: Where(quantized, Q·K̂ᵀ, Q·Kᵀ)
+    where = next(w for w in wheres if w.outputs[0].name.startswith("layers.0."))
+    mm = Graph.producer(where.inputs[2])  # the float score MatMul, as the model had it
+    assert mm.op == "MatMul" and Graph.producer(where.inputs[1]).inputs[0] is mm.inputs[0]
+    names = [mm.inputs[0].name, mm.inputs[1].name, where.outputs[0].name]
+    model = graph.to_model()
+    for name in names:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": _ids()})))
+    q, kt, scores = (got[n].astype(np.float64) for n in names)
+    t = kt.shape[-1]
+    full = (t - keep_first) // g * g
+    mid = kt[..., keep_first:keep_first + full]
+    groups = mid.reshape(*mid.shape[:-1], full // g, g)
+    lo, hi = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+    s = (hi - lo) / 15
+    z = -lo / s
+    khat = kt.copy()
+    khat[..., keep_first:keep_first + full] = ((np.clip(np.rint(groups / s + z), 0, 15) - z) * s).reshape(mid.shape)
+    pos = np.arange(t)
+    limit = keep_first + np.maximum(pos + 1 - keep_first, 0) // g * g
+    quantized = (pos[None, :] >= keep_first) & (pos[None, :] < limit[:, None])
+    want = np.where(quantized, q @ khat, q @ kt)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5 * scale)
+    assert np.abs(q @ khat - q @ kt)[..., quantized].max() > 1e-3 * scale  # the quantized entries differ
+    assert 0.0 < _rel_err(path, graph) < 0.3
+
+
+KIVI = """name: kivi
+opset: 21
+verify: {max_kl: 5, max_rel_error: 5}
+passes:
+  - quantize-kv-cache: {bits: 4, granularity: per-channel-group, token_group: 4, keep_first: 1, tensors: [k]}
+  - quantize-kv-cache: {bits: 4, granularity: per-token-head, keep_first: 1, tensors: [v]}
+"""
+
+
+def test_key_token_groups_decode_as_the_whole_sequence(tiny_llama_onnx, tiny_llama_kv_onnx, tmp_path, calib_text):
+    """The KV-cache decoder with KIVI keys gives, at prefill and at every decode step, the logits the no-cache
+    graph gives at those positions: a group quantized once complete, never with a later token's range."""
+    from conftest import decode_logits
+
+    from llmq.driver import compile as llmq_compile
+
+    recipe = tmp_path / "kivi.yaml"
+    recipe.write_text(KIVI)
+    kw = dict(calib=calib_text, calib_samples=3, calib_seq_len=48, quiet=True, sqnr=False)
+    plain = llmq_compile(tiny_llama_onnx, str(recipe), str(tmp_path / "plain"), **kw)
+    kv = llmq_compile(tiny_llama_kv_onnx, str(recipe), str(tmp_path / "kv"), **kw)
+    for result in (plain, kv):
+        stats = [p["stats"] for p in result.report["passes"] if p["pass"] == "quantize-kv-cache"]
+        assert [(st["granularity"], st["quantized_tensors"]) for st in stats] == \
+            [("per-channel-group", 2), ("per-token-head", 2)]
+    ids = np.random.default_rng(5).integers(0, 64, (1, 14), dtype=np.int64)
+    prompt, steps = ids[:, :6], list(ids[0, 6:])  # groups [1, 5), [5, 9), [9, 13) complete along the way
+    # the onnxruntime backend too: its attention fusion must leave these blocks alone (it cannot round K)
+    ort_kv = llmq_compile(tiny_llama_kv_onnx, str(recipe), str(tmp_path / "kv_ort"), backend="onnxruntime", **kw)
+    whole = _logits(plain.paths["model"], ids)[0]
+    for model in (kv.paths["model"], ort_kv.paths["model"]):
+        seen = decode_logits(model, prompt, steps)
+        got = np.concatenate([seen[0][0]] + [s[0] for s in seen[1:]])
+        np.testing.assert_allclose(got, whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())
+    float_whole = _logits(tiny_llama_onnx, ids)[0]
+    assert np.abs(whole - float_whole).max() > 1e-3 * np.abs(float_whole).max()  # and the keys are quantized
+
+
+@pytest.mark.parametrize("options", [{"granularity": "per-channel-group", "bits": 4},
+                                     {"granularity": "per-channel-group", "bits": 4, "tensors": ["k"], "token_group": 1}])
+def test_bad_token_group_options(options):
+    with pytest.raises(UsageError, match="quantize-kv-cache"):
+        QuantizeKVCachePass(**options)

@@ -67,6 +67,23 @@ def qchan(x, bits, lo, hi, sink):
     return q
 
 
+def qkivi(x, bits, g, sink):
+    """KIVI's keys: asymmetric per channel over each group of g tokens (min/max along the token axis), the
+    tokens of an incomplete last group float (the streaming residual); x [b,h,T,d]"""
+    b, h, T, d = x.shape
+    full = T // g * g
+    xs = x[:, :, :full].reshape(b, h, full // g, g, d)
+    lo, hi = xs.amin(3, keepdim=True), xs.amax(3, keepdim=True)
+    L = 2 ** bits - 1
+    s = (hi - lo).clamp_min(1e-8) / L
+    z = -lo / s
+    q = x.clone()
+    q[:, :, :full] = (((torch.round(xs / s + z).clamp(0, L)) - z) * s).reshape(b, h, full, d)
+    if sink:
+        q[:, :, :sink] = x[:, :, :sink]
+    return q
+
+
 def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
     li = module.layer_idx
     if MODE.get("collect"):
@@ -91,7 +108,9 @@ def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **k
             lam = torch.cat([tied, tied], -1).clamp_min(1e-5) ** cfg.get("alpha", 0.5)  # [h, d]
             lam = lam[None, :, None, :]
             t = t / lam
-        if cfg["kind"] == "tok":
+        if cfg["kind"] == "kivi":
+            t = qkivi(t, cfg.get("bits", 4), cfg.get("g", 32), cfg.get("sink", 0))
+        elif cfg["kind"] == "tok":
             t = qtok(t, cfg.get("bits", 4), cfg.get("g", t.shape[-1]), cfg.get("sink", 0))
         else:
             st = STATS[li]
@@ -144,6 +163,9 @@ configs = {
 for a in (0.75, 1.0):
     configs[f"k tok g64 smooth a{a}"] = dict(k=dict(kind="tok", smooth=True, alpha=a))
     configs[f"k tok g32 smooth a{a}"] = dict(k=dict(kind="tok", g=32, smooth=True, alpha=a))
+for g in (16, 32, 64, 128):
+    configs[f"k kivi g{g} + v tok sink1"] = dict(k=dict(kind="kivi", g=g), v=dict(kind="tok", sink=1))
+    configs[f"k kivi g{g} sink1 + v tok sink1"] = dict(k=dict(kind="kivi", g=g, sink=1), v=dict(kind="tok", sink=1))
 configs["k tok g32 smooth"] = dict(k=dict(kind="tok", g=32, **S))
 configs["k tok g64 smooth sink1"] = dict(k=dict(kind="tok", sink=1, **S))
 only = args.only
