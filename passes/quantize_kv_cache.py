@@ -202,6 +202,10 @@ class QuantizeKVCachePass(Pass):
                     granularity = "per-channel static asymmetric (calibrated range, clip searched for least error)"
                     extra[f"kv_{which}_mean_clip"] = round(float(np.mean(beta[0])), 4)
             elif o.granularity == "per-channel-group":
+                if x.shape is None or len(x.shape) != 4:
+                    ctx.decline(self.name, f"{where}.{which}", "per-channel-group needs a 4-D [batch, heads, "
+                                "channels, tokens] key tensor")
+                    continue
                 self._causal_token_groups(graph, mm, base)
                 first = f", first {o.keep_first} token(s) float" if o.keep_first else ""
                 ctx.record(where, **{f"kv_{which}_bits": o.bits, f"kv_{which}_format": "int",
