@@ -69,7 +69,9 @@ def qchan(x, bits, lo, hi, sink):
 
 def qkivi(x, bits, g, sink):
     """KIVI's keys: asymmetric per channel over each group of g tokens (min/max along the token axis), the
-    tokens of an incomplete last group float (the streaming residual); x [b,h,T,d]"""
+    tokens of an incomplete last group float (the streaming residual); x [b,h,T,d]. Not causal, unlike the
+    compiled pass (quantize-kv-cache per-channel-group): every query sees every complete group quantized, its
+    range taken over tokens that may come after the query — a proxy for choosing g."""
     b, h, T, d = x.shape
     full = T // g * g
     xs = x[:, :, :full].reshape(b, h, full // g, g, d)
