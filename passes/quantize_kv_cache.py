@@ -53,7 +53,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..calib.observers import OBSERVERS, amax
-from ..ir.graph import Graph
+from ..ir.graph import PROVENANCE_KEY, Graph
 from ..ir.passes import Pass, PassContext, PassResult
 from .qdq_math import FP8, FP8_MAX, qmax, representable_scale
 
@@ -80,7 +80,8 @@ def _past_kept(value: np.ndarray, token_axis: int, keep: int):
 class QuantizeKVCachePass(Pass):
     """Fake-quantize (explicit Q/DQ) the key and value inputs of every attention block found.
 
-    Declines: blocks whose key/value input is already quantized, excluded layers (``layers.N.attn``),
+    Declines: blocks whose key/value input is already quantized (Q/DQ, or this pass's own arithmetic, known by
+    its provenance — also in a compiled model loaded again), excluded layers (``layers.N.attn``),
     tensors with a zero calibrated range, per-head on a tensor that is not 4-D.
     """
 
@@ -146,7 +147,10 @@ class QuantizeKVCachePass(Pass):
                     continue
                 mm = nodes[block[key]]
                 producer = Graph.producer(mm.inputs[1])
-                if producer is not None and producer.op == "DequantizeLinear":
+                # a Q/DQ, or this pass's own arithmetic (by provenance, which a compiled model keeps): a model
+                # compiled once and compiled again must not have its cache rounded twice
+                if producer is not None and producer.op == "DequantizeLinear" or self._made_here(graph, producer) \
+                        or self._made_here(graph, mm):
                     ctx.decline(self.name, f"{where}.{which}", "already quantized")
                     continue
                 targets.append((where, which, mm))
@@ -178,6 +182,9 @@ class QuantizeKVCachePass(Pass):
                                  if st.head_absmax is not None else None})
             done += 1
         return PassResult(done > 0, {"quantized_tensors": done, "bits": o.bits, "granularity": o.granularity})
+
+    def _made_here(self, graph: Graph, node: gs.Node | None) -> bool:
+        return node is not None and graph.node_metadata.get(node.name, {}).get(PROVENANCE_KEY) == self.name
 
     def _arithmetic(self, graph: Graph, ctx: PassContext, targets: list) -> PassResult:
         """per-token-head (dynamic) and per-channel (static, calibrated): asymmetric with a float zero, written

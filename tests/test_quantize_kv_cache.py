@@ -413,3 +413,21 @@ def test_key_token_groups_decode_as_the_whole_sequence(tiny_llama_onnx, tiny_lla
 def test_bad_token_group_options(options):
     with pytest.raises(UsageError, match="quantize-kv-cache"):
         QuantizeKVCachePass(**options)
+
+
+@pytest.mark.parametrize("options", [dict(granularity="per-channel-group", token_group=8, keep_first=1, tensors=["k"]),
+                                     dict(granularity="per-token-head", keep_first=1),
+                                     dict(granularity="per-channel")])
+def test_a_cache_quantized_once_is_not_quantized_again(options, tiny_llama_onnx, tmp_path):
+    """The pass run again — on the graph, or on the compiled model loaded from disk (a model compiled twice) —
+    declines every block as already quantized and leaves the outputs as they were."""
+    graph, _, _ = _run(tiny_llama_onnx, QuantizeKVCachePass(bits=4, **options))
+    path = str(tmp_path / "once.onnx")
+    onnx.save(graph.to_model(), path)
+    for again in (graph, load_graph(path)):
+        ctx = _ctx()
+        records = PassManager([QuantizeKVCachePass(bits=4, **options)]).run(again, ctx)
+        assert records[0]["stats"]["quantized_tensors"] == 0
+        reasons = [d["reason"] for d in ctx.declined if d["pass"] == "quantize-kv-cache"]
+        assert len(reasons) == 2 * len(options.get("tensors", ["k", "v"])) and set(reasons) == {"already quantized"}
+        np.testing.assert_array_equal(_logits(again.to_model(), _ids()), _logits(path, _ids()))
