@@ -88,8 +88,6 @@ def test_int4_per_token_head_matches_the_formula(family, request):
     """QServe's KV4: per token and head, asymmetric, dynamic. ONNX Runtime's values entering attention equal the
     formula applied to the float keys/values (reduced over the head's channels: axis −2 of Kᵀ, −1 of V), a token
     whose range is huge does not coarsen its neighbours, and the model stays close to the float one."""
-    import onnxruntime as ort
-
     path = request.getfixturevalue(f"tiny_{family}_onnx")
     graph, ctx, record = _run(path, QuantizeKVCachePass(bits=4, granularity="per-token-head"))
     assert record["stats"]["quantized_tensors"] == 4
@@ -104,14 +102,7 @@ def test_int4_per_token_head_matches_the_formula(family, request):
         clip = Graph.producer(sub.inputs[0])
         x = Graph.producer(Graph.producer(Graph.producer(clip.inputs[0]).inputs[0]).inputs[0]).inputs[0]  # Round ← Add ← Div(x, s)
         pairs.append((x.name, out.name, axis))
-    model = graph.to_model()
-    for name in [n for p in pairs for n in p[:2]]:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(None, {"input_ids": _ids()})))
+    values = _tensor_values(graph, [n for p in pairs for n in p[:2]], _ids())
     for x_name, out_name, axis in pairs:
         x = values[x_name].astype(np.float64)
         lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
@@ -127,8 +118,6 @@ def test_int4_per_token_head_matches_the_formula(family, request):
 def test_int4_per_token_head_in_groups_matches_the_formula(family, request):
     """``group_size``: one scale and zero per token, head and group of channels. ONNX Runtime's keys and values
     entering attention equal the grouped formula on the float ones, and the error is no larger than per head."""
-    import onnxruntime as ort
-
     path = request.getfixturevalue(f"tiny_{family}_onnx")
     probe = load_graph(path)
     block = _ctx().structure(probe).attention[0]
@@ -136,12 +125,8 @@ def test_int4_per_token_head_in_groups_matches_the_formula(family, request):
     group = width // 2
     assert isinstance(width, int) and group >= 2
     # the float keys/values: the model with the MatMuls' inputs as outputs
-    model = probe.to_model()
     names = [probe.node_by_name()[block[k]].inputs[1].name for k in ("scores", "context")]
-    for name in names:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": _ids()})))
+    values = _tensor_values(probe, names, _ids(), optimize=True)
 
     graph, ctx, record = _run(path, QuantizeKVCachePass(bits=4, granularity="per-token-head", group_size=group))
     assert record["stats"]["quantized_tensors"] == 4 and record["stats"]["group_size"] == group
@@ -165,35 +150,35 @@ def test_group_size_that_does_not_divide_the_head_is_declined(tiny_llama_onnx):
     assert any("does not divide" in d["reason"] for d in ctx.declined)
 
 
+def _tensor_values(graph: Graph, names: list, ids: np.ndarray, optimize: bool = False) -> dict:
+    """``{name: value}`` of the float tensors ``names`` of ``graph`` on ``ids``: the model with them as extra
+    outputs, run by ONNX Runtime (graph optimizations off unless ``optimize``)."""
+    import onnxruntime as ort
+
+    model = graph.to_model()
+    for name in names:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": ids})))
+
+
 def _kv_entering_attention(graph: Graph, block: dict, ids: np.ndarray | None = None) -> tuple:
     """The names and values (on ``ids``, default ``_ids()``; ONNX Runtime unoptimized) of the keys and values entering ``block``'s
     attention in ``graph``."""
-    import onnxruntime as ort
-
     nodes = graph.node_by_name()
     outs = [nodes[block[k]].inputs[1].name for k in ("scores", "context")]
-    model = graph.to_model()
-    for name in outs:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": _ids() if ids is None else ids}
-    return outs, dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    return outs, _tensor_values(graph, outs, _ids() if ids is None else ids)
 
 
 def _float_kv(path: str, ids: np.ndarray) -> tuple:
     """The float keys and values of layer 0 where attention reads them (Kᵀ ``[b, h, d, T]``, V ``[b, h, T, d]``)."""
-    import onnxruntime as ort
-
     probe = load_graph(path)
     block = _ctx().structure(probe).attention[0]
     names = [probe.node_by_name()[block[k]].inputs[1].name for k in ("scores", "context")]
-    model = probe.to_model()
-    for name in names:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": ids})))
+    values = _tensor_values(probe, names, ids, optimize=True)
     return block, [values[n].astype(np.float64) for n in names]
 
 
@@ -329,8 +314,6 @@ def test_key_token_groups_match_the_causal_formula(family, keep_first, request):
     """``per-channel-group`` (KIVI's keys): the query at position p scores key j with k̂_j — quantized per head and
     channel over its group of ``token_group`` tokens after the first ``keep_first`` — iff j's group is complete by
     p, else with the float k_j (ONNX Runtime's scores against numpy on the graph's own float Q and K)."""
-    import onnxruntime as ort
-
     g = 8
     path = request.getfixturevalue(f"tiny_{family}_onnx")
     graph, ctx, record = _run(path, QuantizeKVCachePass(bits=4, granularity="per-channel-group", token_group=g,
@@ -343,13 +326,7 @@ def test_key_token_groups_match_the_causal_formula(family, keep_first, request):
     mm = Graph.producer(where.inputs[2])  # the float score MatMul, as the model had it
     assert mm.op == "MatMul" and Graph.producer(where.inputs[1]).inputs[0] is mm.inputs[0]
     names = [mm.inputs[0].name, mm.inputs[1].name, where.outputs[0].name]
-    model = graph.to_model()
-    for name in names:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": _ids()})))
+    got = _tensor_values(graph, names, _ids())
     q, kt, scores = (got[n].astype(np.float64) for n in names)
     t = kt.shape[-1]
     full = (t - keep_first) // g * g
