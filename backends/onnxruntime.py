@@ -15,7 +15,7 @@ import tempfile
 
 import onnx
 
-from ..ir.precision import cpu_session
+from ..ir.precision import cpu_session, quant_precision_entries
 from ..ir.storage import session_threads
 
 __all__ = ["make_session", "session_options", "fused_ops", "check_with_onnxruntime"]
@@ -23,13 +23,6 @@ __all__ = ["make_session", "session_options", "fused_ops", "check_with_onnxrunti
 logger = logging.getLogger(__name__)
 
 DEFAULT_ACCURACY_LEVEL = 0
-
-# ONNX Runtime's fast u8 × s8 integer GEMM saturates its 16-bit pair sums on x86 CPUs without VNNI (AVX2,
-# AVX-512 without VNNI): measured here (AVX2) on a 576 × 256 INT8 layer with full-range weights, 17 % relative
-# error in MatMulIntegerToFloat, in MatMulInteger and in ONNX Runtime's own fusion of a Q/DQ MatMul. This session
-# option makes it use u8 × u8 instead where that would happen (a no-op on VNNI CPUs and elsewhere): set on every
-# session llmq opens; a deployment running INT8 models on such CPUs needs it too (the README says so).
-X64_QUANT_PRECISION = ("session.x64quantprecision", "1")
 
 
 def _options(accuracy_level: int, optimized_path: str | None = None, threads: int | None = None,
@@ -39,7 +32,8 @@ def _options(accuracy_level: int, optimized_path: str | None = None, threads: in
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-    opts.add_session_config_entry(*X64_QUANT_PRECISION)
+    for entry in quant_precision_entries():  # exact INT8 GEMMs on x86 CPUs without VNNI (ir.precision)
+        opts.add_session_config_entry(*entry)
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path:

@@ -5,15 +5,17 @@ only when every DequantizeLinear feeds a single node; its common-subexpression e
 per-consumer DQs of a tensor read by several linears (q/k/v, gate/up), so those stay unfused float MatMuls
 (measured on SmolLM2-135M: 60 of 210 linears fused). This pass writes the fused form explicitly:
 
-    Y = MatMulIntegerToFloat(Q(X, s_a, 128 as uint8), W_q + 128 as uint8, s_a, s_w, 128, 128)
+    Y = MatMulIntegerToFloat(Q(X, s_a, 128 as uint8), W_q, s_a, s_w, 128)
 
 which is exact: ``clip(round(X/s_a), −128, 127) + 128 = clip(round(X/s_a) + 128, 0, 255)`` and the kernel
-subtracts the zero points before its int32 accumulation. The uint8 activation is what ONNX Runtime's CPU
-kernels prefer (its own S8→U8 rewrite does the same). The weights are stored + 128 as uint8 too: ONNX Runtime's
-u8 × s8 kernel sums pairs of products in 16 bits with saturation on x86 CPUs without VNNI (AVX2, AVX-512
-without VNNI) — measured on this machine's AVX2, 17 % relative error on a 576 × 256 layer with full-range
-weights — while u8 × u8 is exact on every CPU (as fast here; a VNNI CPU runs u8 × s8 faster, correct there
-only). One uint8 Quantize is shared by all linears that read the same tensor with the same scale.
+subtracts the zero point before its int32 accumulation. The uint8 activation is what ONNX Runtime's CPU
+kernels prefer (its own S8→U8 rewrite does the same). The weights stay int8: u8 × s8 is ONNX Runtime's fast
+integer GEMM (VNNI dot products on x86, measured 2.4× the u8 × u8 GEMM on an AVX-512 VNNI CPU). On x86 CPUs
+without VNNI that kernel sums pairs of products in 16 bits with saturation: there a session needs
+``session.x64quantprecision=1`` (llmq's sessions set it on such CPUs, see ``ir.precision``), or the model is
+compiled with ``--int8-weights unsigned`` (:class:`UnsignedInt8WeightsPass`: weights + 128 as uint8, u8 × u8,
+exact everywhere without any option, at the u8 × u8 speed). One uint8 Quantize is shared by all linears that
+read the same tensor with the same scale.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from ..ir.passes import Pass, PassContext, PassResult
 from ..ir.storage import peek, spill
 
 __all__ = ["LowerToIntegerMatMulPass", "LowerBlockInt4ToMatMulNBitsPass", "LowerProgressiveW4A8Pass", "MergeMatMulNBitsPass", "DropBranchPadPass",
+           "UnsignedInt8WeightsPass", "MergeIntegerMatMulPass",
            "pack_matmulnbits", "unpack_matmulnbits", "unsigned_int8", "pack_nibbles", "unpack_nibbles",
-           "widen_progressive", "lower_each_matmul"]
+           "widen_progressive", "lower_each_matmul", "merge_siblings"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +132,47 @@ def widen_progressive(q: np.ndarray, z: np.ndarray, s2: np.ndarray, block: int) 
         * np.repeat(np.asarray(s2).astype(np.int16), block, axis=0)
 
 
+class UnsignedInt8WeightsPass(Pass):
+    """Store the int8 weights of ``MatMulInteger`` / ``MatMulIntegerToFloat`` + 128 as uint8 with zero point 128
+    (``--int8-weights unsigned``): the same products, computed u8 × u8, which ONNX Runtime gets exactly right on
+    every CPU with any session options — for a deployment on x86 CPUs without VNNI that cannot set
+    ``session.x64quantprecision=1`` (ONNX Runtime's own rewrite to the same form). On VNNI CPUs the u8 × u8 GEMM
+    is slower (measured 314 against 743 GOP/s). Declines a weight with a zero point of its own or an activation
+    that is not uint8 with an explicit zero point (u8 × u8 needs both)."""
+
+    name = "unsigned-int8-weights"
+    phase = "lower"
+    changes_activations = False
+
+    SLOTS = {"MatMulInteger": (2, 3), "MatMulIntegerToFloat": (4, 5)}  # (a_zero_point, b_zero_point) inputs
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        done = {}
+        for node in graph.gs.nodes:
+            if node.op not in self.SLOTS or (node.domain or "") not in ("", "ai.onnx", "com.microsoft"):
+                continue
+            a_zp, b_zp = self.SLOTS[node.op]
+            w = node.inputs[1]
+            if not isinstance(w, gs.Constant) or dtype_name(w) != "int8":
+                continue
+            has = lambda i: len(node.inputs) > i and bool(node.inputs[i].name)  # noqa: E731
+            if has(b_zp) or not has(a_zp) or not isinstance(node.inputs[a_zp], gs.Constant) \
+                    or dtype_name(node.inputs[a_zp]) != "uint8":
+                ctx.decline(self.name, node.name, "the weight has a zero point, or the activation is not uint8 with a zero point")
+                continue
+            if w.name not in done:
+                done[w.name] = graph.make_constant(f"{w.name}_u8", unsigned_int8(peek(w)), self.name)
+            columns = node.inputs[3].shape if node.op == "MatMulIntegerToFloat" and node.inputs[3].shape else ()
+            zp = graph.make_constant("b_zero_point_u8", np.full(tuple(columns), 128, np.uint8), self.name)
+            while len(node.inputs) <= b_zp:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs[1], node.inputs[b_zp] = done[w.name], zp
+            graph.touch()
+        if done:
+            graph.gs.cleanup()
+        return PassResult(bool(done), {"weights": len(done)})
+
+
 class LowerToIntegerMatMulPass(Pass):
     """Rewrite ``MatMul(DQ(Q(x)), DQ(W_int8))`` into ``com.microsoft.MatMulIntegerToFloat``.
 
@@ -153,20 +197,18 @@ class LowerToIntegerMatMulPass(Pass):
             if act is None or weight is None:
                 return None
             x, a_scale = act
-            w, w_scale = weight
-            w = graph.make_constant(f"{w.name}_u8", unsigned_int8(peek(w)), self.name)  # peek: not kept in the graph
+            w, w_scale = weight  # the int8 weight as it is (no zero point: u8 × s8)
             key = (x.name, float(a_scale.values.reshape(-1)[0]))
             if key not in shared:
                 zp = graph.make_constant("a_zero_point_u8", np.asarray(128, np.uint8), self.name)
                 q = graph.make_node("QuantizeLinear", [x, a_scale, zp], f"{x.name}_u8", self.name, out_dtype=np.uint8)
                 shared[key] = (q, zp)
             q, zp = shared[key]
-            b_zp = graph.make_constant("b_zero_point", np.full(w_scale.values.shape, 128, np.uint8), self.name)
-            _replace_with_contrib_op(graph, node, "MatMulIntegerToFloat", [q, w, a_scale, w_scale, zp, b_zp], {}, self.name)
-            return int(np.prod(w.shape))
+            _replace_with_contrib_op(graph, node, "MatMulIntegerToFloat", [q, w, a_scale, w_scale, zp], {}, self.name)
+            return 0  # no new weights
 
         stats = lower_each_matmul(graph, ctx, lower)
-        return PassResult(stats["lowered"] > 0, {**stats, "weights": "uint8 (int8 + 128)"})
+        return PassResult(stats["lowered"] > 0, {**stats, "weights": "int8"})
 
 
 def unsigned_int8(w: np.ndarray) -> np.ndarray:
@@ -247,6 +289,36 @@ class LowerBlockInt4ToMatMulNBitsPass(Pass):
         return PassResult(stats["lowered"] > 0, {**stats, "accuracy_level": self.options.accuracy_level})
 
 
+def merge_siblings(graph: Graph, ctx: PassContext, siblings: dict, merge, pass_name: str) -> dict:
+    """For each group of two or more sibling nodes (``{key: [nodes]}``), ``merge(key, nodes)`` makes the wide node
+    and returns ``(its output, the nodes' widths, the tensors the Split writes, bytes of new weights)``; a
+    ``Split`` along the last axis then writes those tensors and the siblings go. New weights move to the
+    compile's scratch file every ``SPILL_EVERY`` bytes, as :func:`lower_each_matmul` does. Returns the stats."""
+    merged = groups = made = spilled = 0
+    for key, nodes in siblings.items():
+        if len(nodes) < 2:
+            continue
+        out, widths, targets, nbytes = merge(key, nodes)
+        split = gs.Node("Split", name=graph.unique_name(f"{pass_name}/Split"), attrs={"axis": -1},
+                        inputs=[out, graph.make_constant(f"{nodes[0].name}_merged_split", np.asarray(widths, np.int64), pass_name)],
+                        outputs=targets)
+        for n in nodes:
+            n.outputs.clear()
+            n.inputs.clear()
+        graph.gs.nodes.append(split)
+        graph.tag(split.name, pass_name)
+        merged += len(nodes)
+        groups += 1
+        made += nbytes
+        if ctx.spill_to and made >= SPILL_EVERY:  # a slice of the new weights in memory, not the model's
+            spilled += spill(graph.gs, ctx.spill_to)
+            made = 0
+    if groups:
+        graph.gs.cleanup()
+        graph.touch()
+    return {"merged": merged, "into": groups, **({"spilled_bytes": spilled} if spilled else {})}
+
+
 class MergeMatMulNBitsPass(Pass):
     """Merge the MatMulNBits nodes that read the same tensor (q/k/v, gate/up) into one whose columns are
     theirs side by side, followed by a ``Split`` — exact: each output column is computed on its own, from the
@@ -269,39 +341,83 @@ class MergeMatMulNBitsPass(Pass):
             key = (node.inputs[0].name, a["K"], a.get("bits", 4), a["block_size"], a.get("accuracy_level", 0),
                    len(node.inputs))
             siblings.setdefault(key, []).append(node)
-        merged = groups = made = spilled = 0
-        for (_, k, bits, block, level, _), nodes in siblings.items():
-            if len(nodes) < 2:
-                continue
+        def merge(key, nodes):
+            _, k, bits, block, level, _ = key
             widths = [int(n.attrs["N"]) for n in nodes]
             first = nodes[0]
             cat = [np.concatenate([np.asarray(peek(n.inputs[i])) for n in nodes], axis=0)  # peek: not kept in the graph
                    for i in range(1, len(first.inputs))]
-            made += sum(v.nbytes for v in cat)
             inputs = [first.inputs[0]] + [graph.make_constant(f"{first.name}_merged_{i}", v, self.name)
                                           for i, v in enumerate(cat)]
             out = graph.make_node("MatMulNBits", inputs, f"{first.name}_merged_out", self.name,
                                   {"K": k, "N": sum(widths), "bits": bits, "block_size": block, "accuracy_level": level},
                                   out_dtype=np.float32, domain="com.microsoft")
-            split = gs.Node("Split", name=graph.unique_name(f"{self.name}/Split"), attrs={"axis": -1},
-                            inputs=[out, graph.make_constant(f"{first.name}_merged_split", np.asarray(widths, np.int64),
-                                                             self.name)],
-                            outputs=[n.outputs[0] for n in nodes])
-            for n in nodes:
-                n.outputs.clear()
-                n.inputs.clear()
-            graph.gs.nodes.append(split)
-            graph.tag(split.name, self.name)
-            merged += len(nodes)
-            groups += 1
-            del cat, inputs
-            if ctx.spill_to and made >= SPILL_EVERY:  # as the lowering: a slice of the new weights in memory
-                spilled += spill(graph.gs, ctx.spill_to)
-                made = 0
-        if groups:
-            graph.gs.cleanup()
-            graph.touch()
-        return PassResult(groups > 0, {"merged": merged, "into": groups, **({"spilled_bytes": spilled} if spilled else {})})
+            return out, widths, [n.outputs[0] for n in nodes], sum(v.nbytes for v in cat)
+
+        stats = merge_siblings(graph, ctx, siblings, merge, self.name)
+        return PassResult(stats["into"] > 0, stats)
+
+
+class MergeIntegerMatMulPass(Pass):
+    """Merge the ``MatMulIntegerToFloat`` nodes that read the same codes with the same activation scale and zero
+    point (q/k/v, gate/up) into one whose weight columns and weight scales are theirs side by side, then a
+    ``Split`` — exact: each output column is its own int32 sum times its own scales. When each of them feeds
+    only a ``Mul`` by one and the same tensor (the W4A8 kernel's per-token scale), that ``Mul`` is applied once,
+    before the split. At batch-1 decode the small k/v GEMMs and their ``Mul`` cost more in dispatch than in
+    arithmetic (as for MatMulNBits, :class:`MergeMatMulNBitsPass`). Merges only int8 weights without zero points
+    or bias, with per-column or scalar weight scales."""
+
+    name = "merge-integer-matmul"
+    phase = "lower"
+    changes_activations = False
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        siblings: dict = {}
+        for node in graph.gs.nodes:
+            if node.op != "MatMulIntegerToFloat" or node.domain != "com.microsoft" or len(node.inputs) != 5:
+                continue
+            a, w, a_scale, w_scale, a_zp = node.inputs
+            if not all(isinstance(t, gs.Constant) for t in (w, a_scale, w_scale, a_zp)) or dtype_name(w) != "int8" \
+                    or len(w.shape) != 2 or int(np.prod(w_scale.shape)) not in (1, w.shape[1]):
+                continue
+            if a_scale.values.size != 1 or a_zp.values.size != 1:
+                continue
+            key = (a.name, int(a_zp.values.reshape(-1)[0]), float(a_scale.values.reshape(-1)[0]), w.shape[0], dtype_name(w_scale))
+            siblings.setdefault(key, []).append(node)
+        def merge(key, nodes):
+            first = nodes[0]
+            widths = [int(n.inputs[1].shape[1]) for n in nodes]
+            w = np.concatenate([np.asarray(peek(n.inputs[1])) for n in nodes], axis=1)  # peek: not kept in the graph
+            scales = np.concatenate([np.broadcast_to(np.asarray(peek(n.inputs[3])).reshape(-1), (c,))
+                                     for n, c in zip(nodes, widths)])
+            out = graph.make_node("MatMulIntegerToFloat", [first.inputs[0], graph.make_constant(f"{first.name}_merged_w", w, self.name),
+                                                           first.inputs[2], graph.make_constant(f"{first.name}_merged_scale", scales, self.name),
+                                                           first.inputs[4]], f"{first.name}_merged_out", self.name,
+                                  out_dtype=first.outputs[0].dtype, domain="com.microsoft")
+            muls = [self._sole_scaling(graph, n) for n in nodes]
+            targets = [n.outputs[0] for n in nodes]
+            if all(muls) and len({m[1].name for m in muls}) == 1:  # one Mul by the per-token scale, before the split
+                out = graph.make_node("Mul", [out, muls[0][1]], f"{first.name}_merged_scaled", self.name, out_dtype=out.dtype)
+                targets = [m[0].outputs[0] for m in muls]
+                for m, _ in muls:
+                    m.outputs.clear()
+                    m.inputs.clear()
+            return out, widths, targets, w.nbytes
+
+        stats = merge_siblings(graph, ctx, siblings, merge, self.name)
+        return PassResult(stats["into"] > 0, stats)
+
+    @staticmethod
+    def _sole_scaling(graph: Graph, node: gs.Node):
+        """(the Mul, its other input) if ``node``'s output feeds exactly one node, a Mul by a computed tensor."""
+        y = node.outputs[0]
+        if len(y.outputs) != 1 or any(o is y for o in graph.gs.outputs):
+            return None
+        mul = y.outputs[0]
+        if mul.op != "Mul" or len(mul.inputs) != 2:
+            return None
+        other = mul.inputs[1] if mul.inputs[0] is y else mul.inputs[0]
+        return None if isinstance(other, gs.Constant) else (mul, other)
 
 
 class DropBranchPadPass(Pass):
@@ -398,11 +514,11 @@ class LowerProgressiveW4A8Pass(Pass):
     """Lower ``MatMul(per-token INT8 Q/DQ(x), Mul(DQ(uint4, s2, z), s1))`` — the ``w4a8`` recipe's linears —
     to ONNX Runtime kernels. Two kernels:
 
-    * ``int8`` (exact): the INT8 weight ``(q − z)·s2`` and ``MatMulInteger`` of the per-token activation codes
-      with int32 accumulation, then ``· s_token · s1``: the Q/DQ graph's arithmetic, in integers. Both operands
-      are stored + 128 as uint8 with zero point 128 (u8 × u8: exact on CPUs without VNNI, where ONNX Runtime's
-      u8 × s8 kernel saturates). Weights take 8 bits (the widening done ahead of time, as QServe's kernel does
-      in registers).
+    * ``int8`` (exact): the INT8 weight ``(q − z)·s2`` and ``MatMulIntegerToFloat`` of the per-token activation
+      codes (uint8, zero point 128) with int32 accumulation, times ``s1``, then ``· s_token``: the Q/DQ graph's
+      arithmetic, in integers. u8 × s8: ONNX Runtime's fast integer GEMM (see the module's docstring for CPUs
+      without VNNI). Weights take 8 bits (the widening done ahead of time, as QServe's kernel does in
+      registers).
     * ``nbits``: ONNX Runtime's own W4A8, ``MatMulNBits`` (4-bit codes, zero points, scales ``s2·s1``) with
       ``accuracy_level`` 4: the kernel quantizes the activations to INT8 itself, per block of ``block_size``
       input channels of each token (finer than the recipe's one scale per token, so it is not the Q/DQ
@@ -416,7 +532,7 @@ class LowerProgressiveW4A8Pass(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        kernel: str = "nbits"  # nbits (MatMulNBits, accuracy level 4; 4-bit weights) | int8 (MatMulInteger, exact)
+        kernel: str = "nbits"  # nbits (MatMulNBits, accuracy level 4; 4-bit weights) | int8 (MatMulIntegerToFloat, exact)
 
         def __post_init__(self):
             if self.kernel not in ("nbits", "int8"):
@@ -444,20 +560,25 @@ class LowerProgressiveW4A8Pass(Pass):
                 _replace_with_contrib_op(graph, node, "MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": block,
                                                                         "accuracy_level": 4}, self.name)
                 return packed.nbytes + scales.nbytes
-            # the INT8 weight + 128 as uint8 against zero point 128: u8 × u8, which ONNX Runtime computes exactly
-            # on every CPU (its u8 × s8 kernel saturates without VNNI; see backends.onnxruntime), same speed here
-            w8 = unsigned_int8(widen_progressive(q, zv, s2v, block))
+            # the INT8 weight (q − z)·s2, int8 against the per-token uint8 codes: u8 × s8, ONNX Runtime's fast GEMM
+            w16 = widen_progressive(q, zv, s2v, block)
+            if np.abs(w16).max(initial=0) > 127:
+                ctx.decline(self.name, node.name, "its INT8 weight leaves ±127 (not the progressive quantizer's protective range)")
+                return None
+            w8 = w16.astype(np.int8)
             if x.name not in shared:
                 shared[x.name] = self._token_codes(graph, Graph.producer(node.inputs[0]).inputs[0])
             zp = graph.make_constant("zero_point_u8", np.asarray(128, np.uint8), self.name)
-            acc = graph.make_node("MatMulInteger", [shared[x.name], graph.make_constant(f"{node.name}_int8_u8", w8, self.name),
-                                                    zp, zp], f"{node.name}_acc", self.name, out_dtype=np.int32)
-            acc_f = graph.make_node("Cast", [acc], f"{node.name}_acc_f", self.name, {"to": graph.float_onnx_type},
-                                    out_dtype=np.float32)
-            scaled = graph.make_node("Mul", [acc_f, s_token], f"{node.name}_acc_token", self.name, out_dtype=np.float32)
+            s1_dtype = np.asarray(peek(s1)).dtype
+            one = graph.make_constant("unit_scale", np.asarray(1, s1_dtype), self.name)
+            channel = graph.make_constant(f"{node.name}_channel_scale", s1v.astype(s1_dtype), self.name)  # [N]
             out = node.outputs[0]
             node.outputs.clear()
-            last = Graph.producer(graph.make_node("Mul", [scaled, s1], f"{node.name}_out", self.name, out_dtype=np.float32))
+            graph.other_opsets.setdefault("com.microsoft", 1)
+            acc = graph.make_node("MatMulIntegerToFloat", [shared[x.name], graph.make_constant(f"{node.name}_int8", w8, self.name),
+                                                           one, channel, zp], f"{node.name}_acc", self.name,
+                                  out_dtype=s1_dtype, domain="com.microsoft")
+            last = Graph.producer(graph.make_node("Mul", [acc, s_token], f"{node.name}_out", self.name, out_dtype=s1_dtype))
             last.outputs[0] = out
             return w8.nbytes
 

@@ -14,7 +14,7 @@ The driver asks :data:`BACKENDS` by name and iterates; it never branches on a ba
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 __all__ = ["Backend", "BACKENDS", "backend_named"]
@@ -41,6 +41,11 @@ class Backend:
         """The ``MatMulNBits`` accuracy level the written model runs with (0: float activations)."""
         return 0
 
+    def prefill_lowering_passes(self, options) -> list | None:
+        """The passes of a second lowering of the same graph that the written model runs for prompts while
+        :meth:`lowering_passes`' runs each decode step (see :mod:`llmq.backends.ort_hybrid`), or None."""
+        return None
+
 
 @dataclass(frozen=True)
 class QDQBackend(Backend):
@@ -62,12 +67,16 @@ class OnnxRuntimeBackend(Backend):
     def lowering_passes(self, options) -> list:
         from .ort_attention import FuseAttentionPass
         from .ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerProgressiveW4A8Pass,
-                                   LowerToIntegerMatMulPass, MergeMatMulNBitsPass)
+                                   LowerToIntegerMatMulPass, MergeIntegerMatMulPass, MergeMatMulNBitsPass)
 
-        passes = [LowerToIntegerMatMulPass(), LowerProgressiveW4A8Pass(kernel=options.w4a8_kernel),
+        kernel = "nbits" if options.w4a8_kernel == "hybrid" else options.w4a8_kernel  # hybrid: nbits decodes
+        passes = [LowerToIntegerMatMulPass(), LowerProgressiveW4A8Pass(kernel=kernel),
                   LowerBlockInt4ToMatMulNBitsPass(accuracy_level=options.accuracy_level), MergeMatMulNBitsPass(),
-                  DropBranchPadPass()]
+                  MergeIntegerMatMulPass(), DropBranchPadPass()]
         return passes + ([FuseAttentionPass()] if options.fuse_attention else [])
+
+    def prefill_lowering_passes(self, options) -> list | None:
+        return self.lowering_passes(replace(options, w4a8_kernel="int8")) if options.w4a8_kernel == "hybrid" else None
 
     def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
         from .onnxruntime import check_with_onnxruntime

@@ -375,7 +375,7 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False, views:
     cut adds (it may fill the dict as it cuts): their array is ``fn(array of source)``, e.g. a slice."""
     import onnxruntime as ort
 
-    from .precision import upcast_bfloat16
+    from .precision import quant_precision_entries, upcast_bfloat16
 
     upcast = graph.float_dtype.name == "bfloat16"
     model, names, arrays, packed = session_inputs(graph.to_model, graph.gs, upcast)
@@ -394,7 +394,8 @@ def graph_arrays_session(graph, cut, options=None, prepack: bool = False, views:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        options.add_session_config_entry("session.x64quantprecision", "1")  # exact INT8 GEMMs without VNNI (backends.onnxruntime)
+        for entry in quant_precision_entries():  # exact INT8 GEMMs on x86 CPUs without VNNI
+            options.add_session_config_entry(*entry)
         if session_threads():
             options.intra_op_num_threads = session_threads()
     pairs = _map_from_files(model, pairs, options, len(pairs) - len(views or ()))

@@ -182,10 +182,17 @@ def compile_main(argv=None) -> int:
     p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
                    help="onnxruntime backend: MatMulNBits compute for 4-bit linears (0: float activations, "
                         "4: int8 activations, faster and approximate)")
-    p.add_argument("--w4a8-kernel", default="nbits", choices=["nbits", "int8"],
+    p.add_argument("--w4a8-kernel", default="nbits", choices=["nbits", "int8", "hybrid"],
                    help="onnxruntime backend, w4a8 recipes: nbits (MatMulNBits with int8 activation compute: 4-bit "
-                        "weights, activations quantized per block of 128 channels) or int8 (MatMulInteger on the "
-                        "exact INT8 weights and per-token codes: the Q/DQ arithmetic, 8-bit weights)")
+                        "weights, activations quantized per block of 128 channels; fastest decode), int8 "
+                        "(MatMulIntegerToFloat on the exact INT8 weights and per-token codes: the Q/DQ arithmetic, "
+                        "8-bit weights; fastest prompts) or hybrid (both in one model, int8 for prompts and nbits "
+                        "for each decode step; both weight sets, models under 2 GB)")
+    p.add_argument("--int8-weights", default="signed", choices=["signed", "unsigned"],
+                   help="integer MatMuls (w8a8 and w8a8-dynamic on onnxruntime, --w4a8-kernel int8): signed (int8, "
+                        "u8 × s8: ONNX Runtime's fast GEMM; on x86 CPUs without VNNI it saturates unless the session "
+                        "sets session.x64quantprecision=1) or unsigned (+ 128 as uint8, u8 × u8: exact everywhere "
+                        "without options, slower on VNNI CPUs)")
     p.add_argument("--max-loss", type=_loss, metavar="LOSS",
                    help="accuracy budget for the recipe's sensitivity pass: '2%%' (perplexity increase, as "
                         "ln 1.02) or a KL in nats/token; keeps the fewest activations float that meet it")
@@ -226,6 +233,7 @@ def compile_main(argv=None) -> int:
                                  overwrite=args.overwrite, dump_dir=args.dump_dir, verify=args.verify, quiet=args.quiet,
                                  max_loss=args.max_loss, accuracy_level=args.accuracy_level, asym=args.asym,
                                  fuse_attention=not args.no_fuse_attention, w4a8_kernel=args.w4a8_kernel,
+                                 int8_weights=args.int8_weights,
                                  allow_loss=args.allow_loss, blocks=not args.no_blocks)
         result = run_compile(args.model, args.recipe, args.output, options)
         if args.json:

@@ -22,9 +22,12 @@ import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
+from .backends.ort_hybrid import HYBRID_LIMIT, combine_prefill_decode
+from .backends.ort_lowering import UnsignedInt8WeightsPass
 from .backends.qdq import check_tensorrt_rules
 from .backends.registry import BACKENDS, backend_named
 from .backends.trt_plugin import is_plugin
@@ -36,8 +39,10 @@ from .expand import expanded_copy
 from .frontends.onnx_loader import load_graph
 from .frontends.torch_export import calib_path_for, tokenizer_dir_for
 from .ir.errors import LlmqError
+from .ir.graph import dtype_name
 from .ir.passes import PassContext, PassManager
-from .ir.storage import COLLECT_OVER, bytes_read, collecting, constant_nbytes, release_memory, write_model
+from .ir.storage import (COLLECT_OVER, INLINE_LIMIT, bytes_read, collecting, constant_nbytes, release_memory,
+                         write_model)
 from .ir.structure import discover, lite_linears
 from .recipes import Recipe, load_recipe
 from .report import (attention_table, int8_act_mac_fraction, layer_sqnr, layer_table, range_split_extra_mac_fraction,
@@ -62,7 +67,11 @@ class CompileOptions:
     linears (onnxruntime backend: 0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8)
     weights, on backends that take them; ``fuse_attention``: onnxruntime backend, write each attention block
     as GroupQueryAttention (probed); ``w4a8_kernel``: onnxruntime backend, how ``w4a8`` linears are lowered
-    (``nbits``: MatMulNBits at accuracy level 4; ``int8``: MatMulInteger, exact); ``allow_loss``: write the model even when the end-to-end check finds it
+    (``nbits``: MatMulNBits at accuracy level 4; ``int8``: MatMulIntegerToFloat, exact; ``hybrid``: both, int8
+    for prompts and nbits for decode steps, see :mod:`llmq.backends.ort_hybrid`); ``int8_weights``: how
+    the weights of integer MatMuls are stored (``signed``: int8, u8 × s8, ONNX Runtime's fast GEMM, which needs
+    ``session.x64quantprecision=1`` on x86 CPUs without VNNI; ``unsigned``: + 128 as uint8, u8 × u8, exact
+    everywhere without options); ``allow_loss``: write the model even when the end-to-end check finds it
     outside the recipe's bound (with a loud warning) instead of failing; ``verify``: check the graph after
     every pass; ``dump_dir``: write the graph after every pass that changed it; ``sqnr``: per-layer SQNR in
     the report; ``blocks``: run the passes block by block where the recipe and the graph allow (see
@@ -84,6 +93,7 @@ class CompileOptions:
     asym: bool = False
     fuse_attention: bool = True
     w4a8_kernel: str = "nbits"
+    int8_weights: str = "signed"
     allow_loss: bool = False
     blocks: bool = True
 
@@ -165,8 +175,15 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
         t = time.perf_counter()
         logger.info("phase lowering")
         ctx.spill_to = os.path.join(scratch, "llmq-lowered.data") if plan.parts is not None else None
-        lowering = PassManager(backend.lowering_passes(opts), verify=opts.verify,
+        unsigned = [UnsignedInt8WeightsPass()] if opts.int8_weights == "unsigned" else []
+        prefill_passes = backend.prefill_lowering_passes(opts)
+        prefill = graph.snapshot() if prefill_passes else None  # constants shared: a second lowering costs its new weights
+        lowering = PassManager(backend.lowering_passes(opts) + unsigned, verify=opts.verify,
                                dump_dir=os.path.join(opts.dump_dir, "backend") if opts.dump_dir else None).run(graph, ctx)
+        prefill_lowering = None
+        if prefill is not None:
+            prefill_lowering = PassManager(prefill_passes + unsigned, verify=opts.verify).run(prefill, ctx)
+            prefill = _hybrid_worth_it(graph, prefill, prefill_lowering)
         times["lowering_s"] = time.perf_counter() - t
 
         with _staging(output) as tmp:
@@ -175,12 +192,27 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
             logger.info("phase write")
             files = write_model(graph.to_model, graph.gs, model_path, adopt=True)  # weights streamed, one at a time
             plugins = any(is_plugin(n.op, n.domain) for n in graph.gs.nodes)
+            int8_weights = _int8_weights(graph, *([prefill] if prefill is not None else []))
+            # the prefill lowering in memory now: its unchanged weights may read from the scratch file of the
+            # finished blocks, which goes with the graph
+            prefill_model = prefill.to_model() if prefill is not None else None
+            del prefill
             origin = graph.origin  # the input's weights, moved out of its file at load: verification runs on them
             del graph
             release_memory()
             by_parts = plan.parts if plan.parts is not None and input_bytes > VERIFY_BY_PARTS_OVER else None
-            backend_info = {"name": backend.name, "tensorrt_rule_violations": violations, "lowering": lowering,
+            backend_info = {"name": backend.name, "tensorrt_rule_violations": violations, "lowering": lowering, **int8_weights,
                             **_build(backend, model_path, tmp, opts, by_parts, recipe.opset)}
+            decode_verification = None
+            if prefill_model is not None:  # --w4a8-kernel hybrid: the decode lowering is checked alone, then joined
+                logger.info("phase verify (decode kernel)")
+                decode_verification = _verify_output(model, model_path, recipe, opts, calib, vocab_size, blocks,
+                                                     backend.accuracy_level(opts), ctx.progress, by_parts,
+                                                     getattr(origin, "reference", None))
+                files = _write_hybrid(model_path, files, prefill_model)
+                backend_info["hybrid"] = {"prefill_lowering": prefill_lowering, "branches": HYBRID_BRANCHES}
+                del prefill_model
+                release_memory()
             _write_side_files(tmp, rows, recipe, calib)
             times["write_s"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -190,6 +222,8 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
             verification = _verify_output(model, checked, recipe, opts, calib, vocab_size, blocks,
                                           backend.accuracy_level(opts), ctx.progress, by_parts,
                                           getattr(origin, "reference", None))
+            if decode_verification is not None:
+                verification["decode_kernel"] = decode_verification
             for f in scratch_files:
                 os.remove(f)
             if scratch_files:
@@ -218,6 +252,8 @@ def _plan(recipe, opts: CompileOptions) -> tuple:
     """(recipe with the options applied, backend); refuses combinations the backend cannot take."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     backend = backend_named(opts.backend)
+    if opts.int8_weights not in ("signed", "unsigned"):
+        raise LlmqError(f"unknown int8 weight storage '{opts.int8_weights}'", "choose signed or unsigned")
     if opts.max_loss is not None:
         recipe = recipe.with_loss_budget(opts.max_loss)
     if opts.asym:
@@ -460,6 +496,60 @@ def _report(model, recipe, backend_info, verification, pipeline, structure_summa
 # whole-model check is faster (two sessions, not two per part). Tests lower it.
 VERIFY_BY_PARTS_OVER = 1 << 30
 PROBE_TOKENS = 256  # tokens of the first calibration window an exact pass is checked on
+
+
+HYBRID_BRANCHES = ("new tokens > 1 (a prompt, or a chunk of one): the prefill lowering (--w4a8-kernel int8); one new "
+                   "token: the decode lowering (nbits); verification.decode_kernel checks the decode lowering alone")
+
+
+def _hybrid_worth_it(graph, prefill, prefill_lowering: list):
+    """The prefill graph if a hybrid model is worth writing and can be written, else None (a single lowering)."""
+    lowered = sum(r["stats"].get("lowered", 0) for r in prefill_lowering if r["pass"] == "lower-w4a8")
+    if not lowered:
+        logger.warning("--w4a8-kernel hybrid: the recipe has no W4A8 linears, so one lowering is written")
+        return None
+    shared: dict = {}
+    for g in (graph, prefill):
+        for t in g.gs.tensors().values():
+            if isinstance(t, gs.Constant):
+                shared[id(t._values)] = constant_nbytes(t)
+    total = sum(shared.values())
+    if total > HYBRID_LIMIT:
+        raise LlmqError(f"--w4a8-kernel hybrid: the two lowerings of this model hold {total / 2**30:.1f} GB of weights, "
+                        "and llmq writes a hybrid model only under 2 GB for now",
+                        "use --w4a8-kernel nbits (fast decode, 4-bit weights) or int8 (fast prompts, 8-bit weights)")
+    return prefill
+
+
+def _write_hybrid(model_path: str, files: list, prefill: onnx.ModelProto) -> list:
+    """Replace the written decode lowering by the hybrid model (:mod:`llmq.backends.ort_hybrid`); returns its files."""
+    decode = onnx.load(model_path)
+    try:
+        combined = combine_prefill_decode(prefill, decode)
+    except ValueError as exc:
+        raise LlmqError(f"--w4a8-kernel hybrid cannot join this model's two lowerings: {exc}",
+                        "use --w4a8-kernel nbits (fast decode) or int8 (fast prompts)") from exc
+    del decode
+    for f in files:
+        os.remove(f)
+    location = os.path.basename(model_path) + ".data"
+    external = sum(len(t.raw_data) for t in combined.graph.initializer) >= INLINE_LIMIT  # as write_model decides
+    onnx.save_model(combined, model_path, save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=location, size_threshold=1024)
+    return [model_path] + ([os.path.join(os.path.dirname(model_path), location)] if external else [])
+
+
+def _int8_weights(*graphs) -> dict:
+    """How the written model's integer MatMuls store their weights, and what a session needs for them (report)."""
+    types = {dtype_name(n.inputs[1]) for g in graphs for n in g.gs.nodes
+             if n.op in UnsignedInt8WeightsPass.SLOTS and len(n.inputs) > 1}
+    if not types:
+        return {}
+    if types == {"uint8"}:
+        return {"int8_weights": "uint8 (int8 + 128): u8 × u8, exact on every CPU"}
+    return {"int8_weights": "int8: u8 × s8 (ONNX Runtime's fast integer GEMM); on x86 CPUs without VNNI run with the "
+                            "session option session.x64quantprecision=1 (llmq's sessions set it there) or compile "
+                            "with --int8-weights unsigned"}
 
 
 def _build(backend, model_path: str, folder: str, opts, parts, opset: int) -> dict:

@@ -7,9 +7,9 @@ For each token t (a row of X) the scale is taken at run time, weights are per ou
 
 Written with standard ops (ReduceMax, Div, Round, Add, Clip, Cast, MatMulInteger, Mul). The integer
 activation is stored as ``q + 128`` in uint8 with zero point 128 — the same values, in the u8 × s8 form
-ONNX Runtime's fast integer GEMM kernels take (its s8 × s8 path measured 3× slower here). The weights are
-stored + 128 as uint8 with zero point 128 as well: ONNX Runtime's u8 × s8 kernel saturates on x86 CPUs without
-VNNI (see ``backends.ort_lowering``), u8 × u8 is exact everywhere. TensorRT's parser
+ONNX Runtime's fast integer GEMM kernels take (its s8 × s8 path measured 3× slower here). The weights stay
+int8: u8 × s8 (on x86 CPUs without VNNI a session needs ``session.x64quantprecision=1`` or the model is compiled
+with ``--int8-weights unsigned``; see ``backends.ort_lowering``). TensorRT's parser
 rejects MatMulInteger and has no per-token Q/DQ form before 10.15, so recipes using this pass are for
 ONNX Runtime only. One per-token quantizer is shared by all linears reading the same tensor.
 """
@@ -72,8 +72,7 @@ class QuantizeActivationsPerTokenPass(Pass):
             if lin.act.name not in quantizers:
                 quantizers[lin.act.name] = self._token_quantizer(graph, lin)
             q, s, zp = quantizers[lin.act.name]
-            wu = (wq.astype(np.int16) + 128).astype(np.uint8)
-            acc = graph.make_node("MatMulInteger", [q, graph.make_constant(f"{lin.name}.weight_int8_u8", wu, self.name), zp, zp],
+            acc = graph.make_node("MatMulInteger", [q, graph.make_constant(f"{lin.name}.weight_int8", wq.astype(np.int8), self.name), zp],
                                   f"{lin.name}.acc", self.name, out_dtype=np.int32)
             acc_f = graph.make_node("Cast", [acc], f"{lin.name}.acc_f", self.name, {"to": graph.float_onnx_type},
                                     out_dtype=np.float32)

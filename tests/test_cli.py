@@ -89,6 +89,23 @@ def test_asym_is_onnxruntime_only(tmp_path, capsys, tiny_llama_onnx, calib_text)
     assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero points given
 
 
+def test_int8_weights_unsigned(tmp_path, capsys, tiny_llama_onnx, calib_text):
+    """--int8-weights unsigned: every integer GEMM's weight is written + 128 as uint8, and the report says so."""
+    import onnx
+
+    out = str(tmp_path / "ort")
+    argv = [tiny_llama_onnx, "--recipe", "w8a8-plain", "--calib-data", calib_text, "--calib-samples", "2",
+            "--calib-seq-len", "64", "--backend", "onnxruntime", "--int8-weights", "unsigned", "-o", out, "--json"]
+    assert compile_main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"]["int8_weights"].startswith("uint8")
+    model = onnx.load(os.path.join(out, "model.onnx"))
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    gemms = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    # 14 linears, q/k/v and gate/up merged: 4 GEMMs a layer
+    assert len(gemms) == 8 and all(types[n.input[1]] == onnx.TensorProto.UINT8 for n in gemms)
+
+
 def test_sigterm_leaves_no_partial_output(tmp_path, capsys):
     """A build system's timeout (SIGTERM) unwinds like an error: the staging folder beside the output is removed,
     one line says so, the exit code is 143."""

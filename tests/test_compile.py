@@ -31,6 +31,7 @@ def test_w8a8_end_to_end(family, request, tmp_path, calib_text):
     expected = {"llama": 14, "gpt2": 8}[family]  # every linear but the LM head
     assert report["totals"]["quantized_weights"] == report["totals"]["quantized_activations"] == expected
     assert report["backend"]["tensorrt_rule_violations"] == []
+    assert report["backend"]["int8_weights"].startswith("int8: u8 × s8")  # the default storage, and what it needs
     assert any("MatMulIntegerToFloat" in k or "QLinearMatMul" in k or "DynamicQuantize" in k or "MatMulInteger" in k
                for k in report["backend"]["fused_ops"]) or report["backend"]["fused_ops"]
     layers = {r["name"]: r for r in report["layers"]}

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from llmq.ir import Graph
 from llmq.ir.passes import PassContext
+from llmq.ir.precision import quant_precision_entries
 from llmq.passes import QuantizeActivationsPass
 
 ALL = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2", "lm_head", "unknown")
@@ -175,7 +176,8 @@ def _logits(model, ids, optimize=True):
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    opts.add_session_config_entry("session.x64quantprecision", "1")  # exact u8 × s8 GEMMs on CPUs without VNNI
+    for entry in quant_precision_entries():  # exact u8 × s8 GEMMs on CPUs without VNNI
+        opts.add_session_config_entry(*entry)
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
@@ -188,7 +190,7 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_lowered_w4a8_matches_the_qdq_model(family, tiny_llama_onnx, tiny_gpt2_onnx):
-    """The onnxruntime lowering of W4A8 linears, with optimizations on and off: ``int8`` (MatMulInteger on the
+    """The onnxruntime lowering of W4A8 linears, with optimizations on and off: ``int8`` (MatMulIntegerToFloat on the
     exact INT8 weights and the Q/DQ graph's own codes) gives the Q/DQ model's logits at fp32 tolerance on ≥ 95 %
     of the tokens, and within 1 % of the quantization's own error overall; ``nbits`` (MatMulNBits, accuracy level
     4: activations quantized per block inside the kernel, not per token) within 25 % of it (measured: 0.5 %
@@ -215,9 +217,9 @@ def test_lowered_w4a8_matches_the_qdq_model(family, tiny_llama_onnx, tiny_gpt2_o
         assert n >= 8 and records[0]["stats"]["lowered"] == n  # every decoder linear
         lowered = graph.to_model()
         ops = [node.op_type for node in lowered.graph.node]
-        assert "DequantizeLinear" not in ops  # int8 keeps the per-token QuantizeLinear: its codes feed MatMulInteger
+        assert "DequantizeLinear" not in ops  # int8 keeps the per-token QuantizeLinear: its codes feed the integer GEMM
         assert ("QuantizeLinear" in ops) == (kernel == "int8")
-        assert ops.count("MatMulNBits" if kernel == "nbits" else "MatMulInteger") == n
+        assert ops.count("MatMulNBits" if kernel == "nbits" else "MatMulIntegerToFloat") == n
         want = _logits(qdq, ids, optimize=False)
         for optimize in (False, True):
             results[kernel, optimize] = _logits(lowered, ids, optimize)
@@ -263,3 +265,54 @@ def test_recipe_compiles_and_its_lowered_model_matches_the_qdq_one(family, recip
     if recipe == "fp8-kv8":
         kv = result.report["attention"]
         assert kv and all(a.get("kv_k_format") == "fp8e4m3" and a.get("kv_v_format") == "fp8e4m3" for a in kv)
+
+
+def _runs(model_path: str, prompt: np.ndarray, past_from: str | None = None) -> dict:
+    """Prefill ``prompt`` with ``model_path``, then one step on token 5 after the cache that ``past_from`` (or
+    the same model) wrote at the prefill: {"prefill": logits, "step": logits}."""
+    from llmq.backends.onnxruntime import make_session
+    from llmq.ir.feeds import prompt_feeds
+
+    def session(path):
+        s = make_session(path)
+        return s, [o.name for o in s.get_outputs()], [(i.name, i.shape) for i in s.get_inputs()]
+
+    sess, names, inputs = session(model_path)
+    prefill = dict(zip(names, sess.run(None, prompt_feeds(inputs, prompt))))
+    if past_from is not None:
+        other, other_names, other_inputs = session(past_from)
+        source = dict(zip(other_names, other.run(None, prompt_feeds(other_inputs, prompt))))
+    else:
+        source = prefill
+    past = {f"past_key_values.{n[len('present.'):]}": source[n] for n in names if n.startswith("present.")}
+    step = dict(zip(names, sess.run(None, prompt_feeds(inputs, np.asarray([[5]]), past))))
+    return {"prefill": prefill["logits"], "step": step["logits"]}
+
+
+def test_hybrid_kernel_runs_int8_for_prompts_and_nbits_for_decode_steps(tiny_llama_kv_onnx, tmp_path, calib_text):
+    """``--w4a8-kernel hybrid`` on a KV-cache decoder: one model whose prompt logits are the ``int8`` lowering's
+    and whose decode step (after the same cache) is the ``nbits`` lowering's, at fp32 tolerance; shared weights
+    stored once (smaller than the two lowerings together); both branches verified; deterministic bytes."""
+    from llmq.driver import compile as llmq_compile
+
+    common = dict(calib=calib_text, calib_samples=2, calib_seq_len=64, backend="onnxruntime", quiet=True)
+    results = {k: llmq_compile(tiny_llama_kv_onnx, "w4a8", str(tmp_path / k), w4a8_kernel=k, **common)
+               for k in ("hybrid", "int8", "nbits")}
+    hybrid = results["hybrid"]
+    model = onnx.load(hybrid.paths["model"])
+    assert [n.op_type for n in model.graph.node] == ["Shape", "Greater", "Squeeze", "If"]
+    report = hybrid.report
+    assert report["verification"]["within_bound"] and report["verification"]["decode_kernel"]["within_bound"]
+    assert report["backend"]["hybrid"]["prefill_lowering"] and report["backend"]["int8_weights"].startswith("int8")
+    size = lambda r: r.report["io"]["output_bytes"]  # noqa: E731
+    assert max(size(results["int8"]), size(results["nbits"])) < size(hybrid) < size(results["int8"]) + size(results["nbits"])
+    prompt = np.random.default_rng(3).integers(0, 384, (1, 9))
+    got = _runs(hybrid.paths["model"], prompt)
+    int8 = _runs(results["int8"].paths["model"], prompt)
+    nbits = _runs(results["nbits"].paths["model"], prompt, past_from=results["int8"].paths["model"])
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())  # noqa: E731
+    close(got["prefill"], int8["prefill"])
+    close(got["step"], nbits["step"])  # the hybrid's cache after its prompt is the int8 lowering's
+    assert np.abs(got["step"] - int8["step"]).max() > 1e-3 * np.abs(int8["step"]).max()  # a different kernel ran
+    again = llmq_compile(tiny_llama_kv_onnx, "w4a8", str(tmp_path / "again"), w4a8_kernel="hybrid", **common)
+    assert open(again.paths["model"], "rb").read() == open(hybrid.paths["model"], "rb").read()
