@@ -69,7 +69,6 @@ def combine_prefill_decode(prefill: onnx.ModelProto, decode: onnx.ModelProto, to
         raise ValueError("a lowering has nodes with subgraphs of their own")
     graph_inputs = set(names)
     kept = {_content(t): t.name for t in prefill.graph.initializer}
-    taken = {t.name for t in prefill.graph.initializer}
     initializers = list(prefill.graph.initializer)
     rename = {}
     for t in decode.graph.initializer:
@@ -82,7 +81,6 @@ def combine_prefill_decode(prefill: onnx.ModelProto, decode: onnx.ModelProto, to
         copy.CopyFrom(t)
         copy.name = rename[t.name]
         initializers.append(copy)
-        taken.add(copy.name)
     for n in decode.graph.node:
         for o in n.output:
             if o and o not in graph_inputs:

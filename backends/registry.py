@@ -4,7 +4,8 @@
   engines from it; ONNX Runtime runs it as it is.
 * ``onnxruntime`` — the Q/DQ graph lowered to ONNX Runtime's integer kernels (``MatMulIntegerToFloat``,
   ``MatMulNBits``) and, optionally, fused attention (``GroupQueryAttention``); built by opening a session and
-  reporting what it fused.
+  reporting what it fused. With ``--w4a8-kernel hybrid`` it also lowers the graph a second time for prompts
+  (:meth:`Backend.prefill_lowering_passes`; the driver joins both, see ``backends.ort_hybrid``).
 * ``tensorrt`` — the portable graph, built into an engine with TensorRT when it is installed (never on the
   machines llmq is developed on; see the README).
 

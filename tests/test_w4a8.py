@@ -3,6 +3,8 @@ recipes built on them."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -316,3 +318,30 @@ def test_hybrid_kernel_runs_int8_for_prompts_and_nbits_for_decode_steps(tiny_lla
     assert np.abs(got["step"] - int8["step"]).max() > 1e-3 * np.abs(int8["step"]).max()  # a different kernel ran
     again = llmq_compile(tiny_llama_kv_onnx, "w4a8", str(tmp_path / "again"), w4a8_kernel="hybrid", **common)
     assert open(again.paths["model"], "rb").read() == open(hybrid.paths["model"], "rb").read()
+
+
+def test_hybrid_refusals(tiny_llama_kv_onnx, tmp_path, calib_text, monkeypatch):
+    """A hybrid that cannot be written is refused with the reason and nothing is written (over the size limit,
+    simulated by lowering it); lowerings that do not match cannot be joined; a recipe without W4A8 linears gets
+    one lowering."""
+    import llmq.driver as driver
+    from llmq.backends.ort_hybrid import combine_prefill_decode
+    from llmq.ir.errors import LlmqError
+
+    common = dict(calib=calib_text, calib_samples=2, calib_seq_len=64, backend="onnxruntime", quiet=True,
+                  w4a8_kernel="hybrid")
+    monkeypatch.setattr(driver, "HYBRID_LIMIT", 1 << 10)  # the tiny model: about 100 KB
+    with pytest.raises(LlmqError, match="under 2 GB"):
+        driver.compile(tiny_llama_kv_onnx, "w4a8", str(tmp_path / "big"), **common)
+    assert not os.path.exists(tmp_path / "big")
+    monkeypatch.undo()
+    single = driver.compile(tiny_llama_kv_onnx, "w8a8-dynamic", str(tmp_path / "w8"), **common)
+    assert "hybrid" not in single.report["backend"]
+    assert "If" not in {n.op_type for n in onnx.load(single.paths["model"]).graph.node}
+    plain = mlp_model()
+    with pytest.raises(ValueError, match="no 'input_ids' input"):
+        combine_prefill_decode(plain, plain)
+    other = mlp_model()
+    other.graph.output[0].name = "z"
+    with pytest.raises(ValueError, match="same inputs and outputs"):
+        combine_prefill_decode(plain, other)
