@@ -67,12 +67,14 @@ class OnnxRuntimeBackend(Backend):
 
     def lowering_passes(self, options) -> list:
         from .ort_attention import FuseAttentionPass
-        from .ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerProgressiveW4A8Pass,
-                                   LowerToIntegerMatMulPass, MergeIntegerMatMulPass, MergeMatMulNBitsPass)
+        from .ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerInt8WeightOnlyPass,
+                                   LowerProgressiveW4A8Pass, LowerToIntegerMatMulPass, MergeIntegerMatMulPass,
+                                   MergeMatMulNBitsPass)
 
         kernel = "nbits" if options.w4a8_kernel == "hybrid" else options.w4a8_kernel  # hybrid: nbits decodes
         passes = [LowerToIntegerMatMulPass(), LowerProgressiveW4A8Pass(kernel=kernel),
-                  LowerBlockInt4ToMatMulNBitsPass(accuracy_level=options.accuracy_level), MergeMatMulNBitsPass(),
+                  LowerBlockInt4ToMatMulNBitsPass(accuracy_level=options.accuracy_level or 0),
+                  LowerInt8WeightOnlyPass(accuracy_level=_int8_level(options)), MergeMatMulNBitsPass(),
                   MergeIntegerMatMulPass(), DropBranchPadPass()]
         return passes + ([FuseAttentionPass()] if options.fuse_attention else [])
 
@@ -82,10 +84,10 @@ class OnnxRuntimeBackend(Backend):
     def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
         from .onnxruntime import check_with_onnxruntime
 
-        return check_with_onnxruntime(model_path, options.accuracy_level, pieces)
+        return check_with_onnxruntime(model_path, options.accuracy_level or 0, pieces)
 
     def accuracy_level(self, options) -> int:
-        return options.accuracy_level
+        return options.accuracy_level or 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,12 @@ class TensorRTBackend(Backend):
 
         facts = write_trtexec(model_path, folder)
         return {**facts, **build_engine(model_path, os.path.join(folder, "model.engine"))}
+
+
+def _int8_level(options) -> int:
+    """The accuracy level of 8-bit weight-only linears (the driver resolves it from the recipe; see CompileOptions)."""
+    level = getattr(options, "int8_weight_only_level", None)
+    return level if level is not None else options.accuracy_level or 0
 
 
 BACKENDS = {b.name: b for b in (QDQBackend(), OnnxRuntimeBackend(), TensorRTBackend())}

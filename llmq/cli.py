@@ -179,9 +179,10 @@ def compile_main(argv=None) -> int:
                    help="keep matching layers in float (glob over names like layers.0.mlp.down or node names; repeatable)")
     p.add_argument("--backend", default="qdq", choices=list(BACKENDS),
                    help="; ".join(f"{b.name}: {b.description}" for b in BACKENDS.values()))
-    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
-                   help="onnxruntime backend: MatMulNBits compute for 4-bit linears (0: float activations, "
-                        "4: int8 activations, faster and approximate)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="onnxruntime backend: MatMulNBits compute for weight-only linears (0: float activations, "
+                        "the Q/DQ arithmetic; 4: int8 activations per block, faster and approximate). Default: 0, "
+                        "except 4 for the 8-bit weight-only linears of recipes with INT8 activations")
     p.add_argument("--w4a8-kernel", default="nbits", choices=["nbits", "int8", "hybrid"],
                    help="onnxruntime backend, w4a8 recipes: nbits (MatMulNBits with int8 activation compute: 4-bit "
                         "weights, activations quantized per block of 128 channels; fastest decode), int8 "

@@ -63,8 +63,13 @@ class CompileOptions:
     --self-calib`` wrote one, else the built-in text); ``tokenizer``: a HF tokenizer folder (default:
     ``<model>.tokenizer`` beside the model); ``exclude``: glob patterns over layer or node names; ``max_loss``:
     the sensitivity budget as a KL in nats/token (≈ ln of the perplexity ratio), replacing the recipe's count;
-    ``backend``: a name in :data:`BACKENDS`; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for 4-bit
-    linears (onnxruntime backend: 0 float activations, 4 int8 activations); ``asym``: zero-point (UINT4/UINT8)
+    ``backend``: a name in :data:`BACKENDS`; ``accuracy_level``: ONNX Runtime's MatMulNBits compute for the
+    weight-only linears, 4- and 8-bit (onnxruntime backend: 0 float activations, the Q/DQ arithmetic; 4 INT8
+    activations per block, faster and approximate; None: 0, except ``int8_weight_only_level``'s default);
+    ``int8_weight_only_level``: the level of the 8-bit weight-only linears alone (None: ``accuracy_level`` if
+    given, else 4 when the recipe quantizes activations to INT8 — its linears that a budget keeps float then
+    get INT8 activations per block of 32 at run time, ONNX Runtime having no fast float-activation 8-bit
+    kernel on x86 — and 0 for weight-only recipes); ``asym``: zero-point (UINT4/UINT8)
     weights, on backends that take them; ``fuse_attention``: onnxruntime backend, write each attention block
     as GroupQueryAttention (probed); ``w4a8_kernel``: onnxruntime backend, how ``w4a8`` linears are lowered
     (``nbits``: MatMulNBits at accuracy level 4; ``int8``: MatMulIntegerToFloat, exact; ``hybrid``: both, int8
@@ -89,7 +94,8 @@ class CompileOptions:
     quiet: bool = False
     sqnr: bool = True
     max_loss: float | None = None
-    accuracy_level: int = 0
+    accuracy_level: int | None = None
+    int8_weight_only_level: int | None = None
     asym: bool = False
     fuse_attention: bool = True
     w4a8_kernel: str = "nbits"
@@ -128,7 +134,7 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
     opts = replace(options or CompileOptions(), **overrides)
     t0, read0 = time.perf_counter(), bytes_read()
     times: dict = {}
-    recipe, backend = _plan(recipe, opts)
+    recipe, backend, opts = _plan(recipe, opts)
     output = os.path.abspath(output)
     if os.path.exists(output) and not opts.overwrite:
         raise LlmqError(f"output folder {output} already exists", "pass --overwrite to replace it, or choose another -o")
@@ -249,9 +255,17 @@ def compile(model: str, recipe: str | Recipe = "w8a8", output: str = "out", opti
 # ---------------------------------------------------------------- the steps
 
 def _plan(recipe, opts: CompileOptions) -> tuple:
-    """(recipe with the options applied, backend); refuses combinations the backend cannot take."""
+    """(recipe with the options applied, backend, options with the accuracy levels resolved); refuses combinations
+    the backend cannot take."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     backend = backend_named(opts.backend)
+    for level in (opts.accuracy_level, opts.int8_weight_only_level):
+        if level is not None and level not in (0, 1, 2, 3, 4):
+            raise LlmqError(f"unknown accuracy level {level}", "choose 0 (float activations) to 4 (INT8 activations)")
+    int8_level = opts.int8_weight_only_level
+    if int8_level is None:  # INT8 activations per block where the recipe's are INT8 anyway (measured: see the docstring)
+        int8_level = opts.accuracy_level if opts.accuracy_level is not None else (4 if recipe.int8_activations else 0)
+    opts = replace(opts, accuracy_level=opts.accuracy_level or 0, int8_weight_only_level=int8_level)
     if opts.int8_weights not in ("signed", "unsigned"):
         raise LlmqError(f"unknown int8 weight storage '{opts.int8_weights}'", "choose signed or unsigned")
     if opts.max_loss is not None:
@@ -264,7 +278,7 @@ def _plan(recipe, opts: CompileOptions) -> tuple:
     if backend.name not in recipe.backends:
         raise LlmqError(f"recipe '{recipe.name}' cannot target the {backend.name} backend: {recipe.description}",
                         f"use --backend {' or '.join(recipe.backends)}")
-    return recipe, backend
+    return recipe, backend, opts
 
 
 def _load(model: str, recipe: Recipe) -> tuple:

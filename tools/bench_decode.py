@@ -36,7 +36,9 @@ def main() -> int:
                          "lowering alone (attention fused), the float baseline on equal terms; w4a8@int8 lowers "
                          "the w4a8 linears with --w4a8-kernel int8")
     ap.add_argument("--no-fuse-attention", action="store_true", help="compile without the attention fusion")
-    ap.add_argument("--accuracy-level", type=int, default=0)
+    ap.add_argument("--accuracy-level", type=int, default=None,
+                    help="MatMulNBits accuracy level of the compiles and of the sessions' own QDQ fusion (default: "
+                         "llmq-compile's default; sessions 0)")
     ap.add_argument("--calib-data", default=None)
     ap.add_argument("--self-calib", type=int, default=16, help="calibration windows sampled at export (0: llmq's built-in text)")
     ap.add_argument("--reuse", action="store_true", help="keep an already compiled model in --artifacts (no compile time reported)")
@@ -60,7 +62,7 @@ def main() -> int:
             continue
         print(f"compiling {recipe} on the KV-cache decoder ...", flush=True)
         secs, rss = compile_recipe(fp32, recipe, "onnxruntime", out, args.calib_data,
-                                   "--accuracy-level", str(args.accuracy_level),
+                                   *(["--accuracy-level", str(args.accuracy_level)] if args.accuracy_level is not None else []),
                                    *(["--no-fuse-attention"] if args.no_fuse_attention else []),
                                    *(["--w4a8-kernel", kernel] if kernel else []))
         models.append((label, os.path.join(out, "model.onnx"), (secs, rss)))
@@ -76,7 +78,7 @@ def main() -> int:
     # spinning (a spinning idle session steals a core from the one running)
     runs = {name: [] for name, _, _ in models}
     for _ in range(args.repeats):
-        decoders = {name: Decoder(path, args.accuracy_level, spinning=False) for name, path, _ in models}
+        decoders = {name: Decoder(path, args.accuracy_level or 0, spinning=False) for name, path, _ in models}
         prefill = {name: d.prefill(prompt) for name, d in decoders.items()}
         decode = dict.fromkeys(decoders, 0.0)
         for _ in range(args.new_tokens - 1):
@@ -104,7 +106,7 @@ def main() -> int:
         r["x_export"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["x_fp32_lowered"] = r["decode_tokens_per_s"] / lowered["decode_tokens_per_s"]
     print(f"\nSmolLM2-135M KV-cache decoder, ONNX Runtime CPU, batch 1, prompt {prompt.shape[1]} tokens, "
-          f"{args.new_tokens} new tokens (greedy), accuracy level {args.accuracy_level}, lockstep, median of {args.repeats}")
+          f"{args.new_tokens} new tokens (greedy), accuracy level {'default' if args.accuracy_level is None else args.accuracy_level}, lockstep, median of {args.repeats}")
     print("'export' is the fp32 export as written; 'fp32' the same through llmq's onnxruntime lowering")
     print(f"{'model':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'× export':>9} {'× fp32':>7} {'best':>6} "
           f"{'MB':>7} {'same tokens':>12}")

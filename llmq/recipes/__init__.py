@@ -56,6 +56,13 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return any(getattr(REGISTRY[name], "requires_stats", False) for name, _ in self.passes)
 
+    @property
+    def int8_activations(self) -> bool:
+        """Whether the recipe quantizes activations to INT8 (static or dynamic; FP8 activations are not)."""
+        return any(name == "quantize-activations-dynamic"
+                   or name == "quantize-activations" and dict(options).get("format", "int") == "int"
+                   for name, options in self.passes)
+
     def with_loss_budget(self, max_kl: float) -> "Recipe":
         """This recipe with its sensitivity pass budgeted by ``max_kl`` (joint KL, nats/token) instead of a
         count; the YAML text is rewritten to match, so ``recipe.yaml`` reproduces the compile."""
