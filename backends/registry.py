@@ -65,7 +65,7 @@ class OnnxRuntimeBackend(Backend):
     description: ClassVar[str] = "ONNX Runtime integer kernels (MatMulIntegerToFloat, MatMulNBits), fused attention"
     symmetric_weights_only: ClassVar[bool] = False
 
-    def lowering_passes(self, options) -> list:
+    def lowering_passes(self, options) -> list:  # options as the driver resolved them (accuracy levels set)
         from .ort_attention import FuseAttentionPass
         from .ort_lowering import (DropBranchPadPass, LowerBlockInt4ToMatMulNBitsPass, LowerInt8WeightOnlyPass,
                                    LowerProgressiveW4A8Pass, LowerToIntegerMatMulPass, MergeIntegerMatMulPass,
@@ -73,8 +73,8 @@ class OnnxRuntimeBackend(Backend):
 
         kernel = "nbits" if options.w4a8_kernel == "hybrid" else options.w4a8_kernel  # hybrid: nbits decodes
         passes = [LowerToIntegerMatMulPass(), LowerProgressiveW4A8Pass(kernel=kernel),
-                  LowerBlockInt4ToMatMulNBitsPass(accuracy_level=options.accuracy_level or 0),
-                  LowerInt8WeightOnlyPass(accuracy_level=_int8_level(options)), MergeMatMulNBitsPass(),
+                  LowerBlockInt4ToMatMulNBitsPass(accuracy_level=options.accuracy_level),
+                  LowerInt8WeightOnlyPass(accuracy_level=options.int8_weight_only_level), MergeMatMulNBitsPass(),
                   MergeIntegerMatMulPass(), DropBranchPadPass()]
         return passes + ([FuseAttentionPass()] if options.fuse_attention else [])
 
@@ -84,10 +84,10 @@ class OnnxRuntimeBackend(Backend):
     def build(self, model_path: str, folder: str, options, pieces=None) -> dict:
         from .onnxruntime import check_with_onnxruntime
 
-        return check_with_onnxruntime(model_path, options.accuracy_level or 0, pieces)
+        return check_with_onnxruntime(model_path, options.accuracy_level, pieces)
 
     def accuracy_level(self, options) -> int:
-        return options.accuracy_level or 0
+        return options.accuracy_level
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,6 @@ class TensorRTBackend(Backend):
 
         facts = write_trtexec(model_path, folder)
         return {**facts, **build_engine(model_path, os.path.join(folder, "model.engine"))}
-
-
-def _int8_level(options) -> int:
-    """The accuracy level of 8-bit weight-only linears (the driver resolves it from the recipe; see CompileOptions)."""
-    level = getattr(options, "int8_weight_only_level", None)
-    return level if level is not None else options.accuracy_level or 0
 
 
 BACKENDS = {b.name: b for b in (QDQBackend(), OnnxRuntimeBackend(), TensorRTBackend())}
