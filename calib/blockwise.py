@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from ..ir.feeds import input_specs, prompt_feeds
 from ..ir.graph import SUB_BYTE_DTYPES, Graph
 from ..ir.partition import Part, Partition
-from ..ir.storage import graph_arrays_session
+from ..ir.storage import graph_arrays_session, weightless_export
 from .observers import TensorStats
 
 __all__ = ["BlockwiseRunner", "PartSweep", "WideMatMul", "part_model", "part_openers", "slice_columns", "wide_matmul"]
@@ -251,8 +251,11 @@ class BlockwiseRunner:
     """Calibration batches through the parts of a partitioned graph, one part at a time (see the module)."""
 
     def __init__(self, graph: Graph, parts: Partition, batches: list, workdir: str | None = None, progress=None,
-                 options_factory=None):
+                 options_factory=None, frozen: bool = False):
         self.graph, self.parts, self.batches = graph, parts, list(batches)
+        # frozen: the graph does not change while this runner lives (verification), so one weightless export
+        # serves every part's session (it holds no arrays: each session reads its own part's)
+        self._prepared = weightless_export(graph) if frozen else None
         self.progress = progress
         self.options_factory = options_factory  # () -> onnxruntime.SessionOptions for each part's session
         self._own = workdir is None
@@ -289,7 +292,7 @@ class BlockwiseRunner:
         outputs = list(dict.fromkeys(outputs))
         options = self.options_factory() if self.options_factory else None
         return graph_arrays_session(self.graph, lambda model: part_model(model, part, outputs, self._graph_inputs),
-                                    options), outputs
+                                    options, prepared=self._prepared), outputs
 
     def run(self, index: int, names: list, each, batches=None) -> None:
         """Run part ``index`` on every batch (or those in ``batches``); ``each(name, array)`` per requested

@@ -509,7 +509,7 @@ def _report(model, recipe, backend_info, verification, pipeline, structure_summa
 # bounded by a block; ONNX Runtime's CPU holds float32 copies of a float16 model's weights). Below it, the
 # whole-model check is faster (two sessions, not two per part). SmolLM2-135M in fp32 (540 MB) is over it:
 # `w8a8` peaked at 1.66 GB checked whole (the input model's session on top of what the compile still held),
-# 1.31 GB by parts, the same figures to the digit, 35 s instead of 16. Tests lower it.
+# 1.31 GB by parts, the same figures to the digit, 21 s instead of 16. Tests lower it.
 VERIFY_BY_PARTS_OVER = 256 << 20
 PROBE_TOKENS = 256  # tokens of the first calibration window an exact pass is checked on
 

@@ -177,7 +177,7 @@ def verify_by_parts(input_path: str, output_path: str, windows: np.ndarray, voca
                 return None
             outputs = compared_outputs([t.name for t in graph.gs.outputs])
             runner = BlockwiseRunner(graph, own, [w[None] for w in windows], os.path.join(scratch, role),
-                                     options_factory=lambda level=level: session_options(level))
+                                     options_factory=lambda level=level: session_options(level), frozen=True)
             os.makedirs(runner.workdir)
             names = saved.setdefault(role, [])
             try:
